@@ -1,0 +1,776 @@
+//! The application: clients built once per process, and every action (collect, create,
+//! update, restart, delete, status, health, list) behind one entry point shared by the
+//! Lambda handler and the command line.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use secrecy::SecretString;
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use tokio::time::Instant;
+
+use crate::collector::{RunReport, collect_source};
+use crate::config::{ValidationOptions, parse_source_value};
+use crate::error::{Error, HealthKind, Result};
+use crate::event::EventTime;
+use crate::quota::utc_day;
+use crate::secrets::SourceSecrets;
+use crate::sink::{Destination, DestinationConfig, Format};
+use crate::state::{HealthEvent, Lifecycle, SecretRef, SourceRecord, SourceState, Transition};
+use crate::store::StateStore;
+use crate::store::file::{DEFAULT_STATE_FILE, FileStore};
+use crate::store::secrets_manager::SecretsManagerVault;
+
+/// Tunables read from the environment once per process.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Stop this long before the invocation deadline (`DEADLINE_MARGIN_SECS`, default 20).
+    pub deadline_margin: Duration,
+    /// How often the schedule runs (`SCHEDULE_INTERVAL_SECS`, default 300), for quota
+    /// planning.
+    pub schedule_interval_secs: u64,
+    /// Sources collected at once by a scheduled run (`COLLECT_CONCURRENCY`, default 4).
+    pub concurrency: usize,
+    /// Longest run outside Lambda (`RUN_TIMEOUT_SECS`, default 840, like a 15-minute
+    /// Lambda minus margin).
+    pub cli_run_timeout: Duration,
+    /// Validation switches (`KNOWBE4_ALLOW_CUSTOM_BASE_URL`).
+    pub validation: ValidationOptions,
+    /// Prefix of per-source Secrets Manager secrets (`SECRET_PREFIX`).
+    pub secret_prefix: String,
+}
+
+fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(default)
+}
+
+impl Settings {
+    /// From the environment, with the documented defaults.
+    pub fn from_env() -> Self {
+        Settings {
+            deadline_margin: Duration::from_secs(env_u64("DEADLINE_MARGIN_SECS", 20)),
+            schedule_interval_secs: env_u64("SCHEDULE_INTERVAL_SECS", 300).max(1),
+            concurrency: env_u64("COLLECT_CONCURRENCY", 4).clamp(1, 64) as usize,
+            cli_run_timeout: Duration::from_secs(env_u64("RUN_TIMEOUT_SECS", 840)),
+            validation: ValidationOptions::from_env(),
+            secret_prefix: std::env::var("SECRET_PREFIX")
+                .unwrap_or_else(|_| "knowbe4-source/".into()),
+        }
+    }
+}
+
+/// Where source secrets are kept: Secrets Manager in AWS, the state file locally.
+pub enum Vault {
+    /// Deployed mode.
+    SecretsManager(SecretsManagerVault),
+    /// Local mode (`STATE_TABLE` unset).
+    Local(FileStore),
+}
+
+/// Everything an action needs, built once per process (cold start) and shared.
+pub struct App {
+    /// The state store.
+    pub store: Arc<dyn StateStore>,
+    /// The secret store.
+    pub vault: Vault,
+    /// One HTTP client (connection pools) for KnowBe4 and destinations.
+    pub http: reqwest::Client,
+    /// The deployment's destination (from `FORWARD_*`), for sources without their own.
+    pub default_destination: DestinationConfig,
+    /// Tunables.
+    pub settings: Settings,
+    /// Secrets read this process, by source id: read once per cold start.
+    secrets_cache: Mutex<HashMap<String, SourceSecrets>>,
+    /// Test hook: `KNOWBE4_SOURCE_FAILPOINT=name:n` aborts the process at the n-th hit.
+    failpoint: Option<(String, u64, std::sync::atomic::AtomicU64)>,
+}
+
+/// A management or collection request: the Lambda payload and what the CLI builds.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "action", rename_all = "lowercase", deny_unknown_fields)]
+pub enum Action {
+    /// Collect one source, or every source when `sourceId` is absent.
+    Collect {
+        /// The source to collect.
+        #[serde(rename = "sourceId")]
+        source_id: Option<String>,
+    },
+    /// Create a source from the hosted JSON.
+    Create {
+        /// The hosted source JSON (`{"api.version":"v1","source":{...}}` or `source`).
+        source: serde_json::Value,
+        /// The id to use (default: derived from the name).
+        #[serde(default)]
+        id: Option<String>,
+    },
+    /// Replace a source's configuration (the API key may be omitted to keep it).
+    Update {
+        /// The source.
+        #[serde(rename = "sourceId")]
+        source_id: String,
+        /// The new hosted JSON.
+        source: serde_json::Value,
+    },
+    /// Clear `Error` and the retry streak; the next run starts at `Started`.
+    Restart {
+        /// The source.
+        #[serde(rename = "sourceId")]
+        source_id: String,
+    },
+    /// Stop and remove a source and its secret.
+    Delete {
+        /// The source.
+        #[serde(rename = "sourceId")]
+        source_id: String,
+    },
+    /// Status of one source, or all.
+    Status {
+        /// The source.
+        #[serde(rename = "sourceId")]
+        source_id: Option<String>,
+    },
+    /// Health events of a source.
+    Health {
+        /// The source.
+        #[serde(rename = "sourceId")]
+        source_id: String,
+    },
+    /// All sources, one line each.
+    List {},
+}
+
+impl Action {
+    /// Parses a Lambda payload: an EventBridge scheduled event (collect every source) or
+    /// an `{"action": ...}` object.
+    pub fn from_payload(payload: serde_json::Value) -> Result<Action> {
+        let is_scheduled = payload.get("detail-type").and_then(|v| v.as_str())
+            == Some("Scheduled Event")
+            || matches!(
+                payload.get("source").and_then(|v| v.as_str()),
+                Some("aws.events" | "aws.scheduler")
+            );
+        if is_scheduled && payload.get("action").is_none() {
+            return Ok(Action::Collect { source_id: None });
+        }
+        if !payload.is_object() {
+            return Err(Error::config("payload", "must be a JSON object"));
+        }
+        if payload.get("action").is_none() {
+            return Err(Error::config(
+                "action",
+                "is required (collect, create, update, restart, delete, status, health, list) unless the payload is an EventBridge Scheduled Event",
+            ));
+        }
+        serde_path_to_error::deserialize(payload).map_err(|e| {
+            let path = e.path().to_string();
+            let field = if path == "." {
+                "action".to_string()
+            } else {
+                path
+            };
+            Error::config(field, e.inner().to_string())
+        })
+    }
+}
+
+/// What `status` shows for one source.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SourceStatus {
+    /// The source id.
+    pub id: String,
+    /// Its name.
+    pub name: String,
+    /// Lifecycle state.
+    pub state: Lifecycle,
+    /// When the state was entered (RFC 3339).
+    pub since: Option<String>,
+    /// Last run that completed without error.
+    pub last_success: Option<String>,
+    /// Newest occurred_date covered (the checkpoint's high-water mark).
+    pub checkpoint: Option<String>,
+    /// Unfinished ranges still to collect (a backlog).
+    pub backlog_ranges: usize,
+    /// Whether the dedupe window overflowed and narrowed (see the checkpoint docs).
+    pub lateness_window_narrowed: bool,
+    /// Requests used today (UTC).
+    pub quota_used_today: u32,
+    /// Requests left today for this source.
+    pub quota_left_today: u32,
+    /// The source's daily limit (after `quotaShare`).
+    pub daily_request_limit: u32,
+    /// Whether the daily quota is used up (not an error).
+    pub quota_reached: bool,
+    /// Events forwarded by the last run.
+    pub forwarded_last_run: u64,
+    /// Events forwarded today (UTC).
+    pub forwarded_today: u64,
+    /// Events forwarded since creation.
+    pub forwarded_total: u64,
+    /// Seconds between now and the newest forwarded event.
+    pub lag_seconds: Option<u64>,
+    /// Retry deadline of the current failure streak.
+    pub retry_deadline: Option<String>,
+    /// Blocked by a ThirdPartyConfigError until updated.
+    pub blocked_until_update: bool,
+    /// Recent lifecycle transitions.
+    pub history: Vec<Transition>,
+    /// The latest health events.
+    pub health: Vec<HealthEvent>,
+}
+
+fn rfc3339_ms(ms: i64) -> String {
+    EventTime(ms.saturating_mul(1_000_000)).to_rfc3339()
+}
+
+fn now_ms() -> i64 {
+    (OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
+}
+
+fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+impl App {
+    /// Builds the app from the environment: DynamoDB + Secrets Manager when
+    /// `STATE_TABLE` is set, the local state file (`STATE_FILE`) otherwise.
+    pub async fn from_env() -> Result<App> {
+        let settings = Settings::from_env();
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .pool_idle_timeout(Duration::from_secs(60))
+            .user_agent(concat!("knowbe4-source/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| Error::store("building the HTTP client", e))?;
+        let (store, vault): (Arc<dyn StateStore>, Vault) = match std::env::var("STATE_TABLE") {
+            Ok(table) if !table.is_empty() => {
+                let aws = aws_config::defaults(aws_config::BehaviorVersion::latest())
+                    .load()
+                    .await;
+                let dynamo = aws_sdk_dynamodb::Client::new(&aws);
+                let secrets = aws_sdk_secretsmanager::Client::new(&aws);
+                (
+                    Arc::new(crate::store::dynamo::DynamoStore::new(dynamo, table)),
+                    Vault::SecretsManager(SecretsManagerVault::new(
+                        secrets,
+                        settings.secret_prefix.clone(),
+                    )),
+                )
+            }
+            _ => {
+                let path =
+                    std::env::var("STATE_FILE").unwrap_or_else(|_| DEFAULT_STATE_FILE.into());
+                let file = FileStore::new(path);
+                (Arc::new(file.clone()), Vault::Local(file))
+            }
+        };
+        let default_destination = default_destination_from_env(&vault).await?;
+        Ok(App::new(store, vault, http, default_destination, settings))
+    }
+
+    /// Builds the app from parts (tests, embedding).
+    pub fn new(
+        store: Arc<dyn StateStore>,
+        vault: Vault,
+        http: reqwest::Client,
+        default_destination: DestinationConfig,
+        settings: Settings,
+    ) -> App {
+        let failpoint = std::env::var("KNOWBE4_SOURCE_FAILPOINT")
+            .ok()
+            .and_then(|v| {
+                let (name, n) = v.split_once(':')?;
+                Some((
+                    name.to_string(),
+                    n.parse().ok()?,
+                    std::sync::atomic::AtomicU64::new(0),
+                ))
+            });
+        App {
+            store,
+            vault,
+            http,
+            default_destination,
+            settings,
+            secrets_cache: Mutex::new(HashMap::new()),
+            failpoint,
+        }
+    }
+
+    /// Crash-test hook: aborts the process at the configured hit of `name`.
+    pub fn failpoint(&self, name: &str) {
+        if let Some((point, n, hits)) = &self.failpoint
+            && point == name
+            && hits.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 == *n
+        {
+            eprintln!("failpoint {name} hit {n} times: aborting");
+            std::process::abort();
+        }
+    }
+
+    /// A source's secrets, from the cache unless `force`.
+    pub async fn source_secrets(
+        &self,
+        record: &SourceRecord,
+        force: bool,
+    ) -> Result<SourceSecrets> {
+        if !force
+            && let Some(cached) = self
+                .secrets_cache
+                .lock()
+                .expect("not poisoned")
+                .get(&record.id)
+        {
+            return Ok(cached.clone());
+        }
+        let secrets = match (&record.secret_ref, &self.vault) {
+            (SecretRef::SecretsManager { secret_id }, Vault::SecretsManager(vault)) => {
+                vault.get(secret_id).await?
+            }
+            (SecretRef::LocalFile, Vault::Local(file)) => file.get_secrets(&record.id).await?,
+            _ => {
+                return Err(Error::Secret {
+                    name: record.id.clone(),
+                    message: "the source's secret is kept in a store this deployment does not use"
+                        .into(),
+                    config: true,
+                });
+            }
+        };
+        self.secrets_cache
+            .lock()
+            .expect("not poisoned")
+            .insert(record.id.clone(), secrets.clone());
+        Ok(secrets)
+    }
+
+    /// The destination for a source: its own, or the deployment's default.
+    pub fn destination_for(
+        &self,
+        record: &SourceRecord,
+        secrets: &SourceSecrets,
+    ) -> Result<Destination> {
+        let config = match &record.spec.destination {
+            Some(spec) => DestinationConfig {
+                format: spec.format,
+                url: secrets.destination_url.clone(),
+                token: secrets.destination_token.clone(),
+            },
+            None => self.default_destination.clone(),
+        };
+        Destination::new(config, self.http.clone())
+    }
+
+    /// Stores and logs a health event (one JSON line). Failing to store it is logged,
+    /// not raised: the run's own outcome matters more.
+    pub async fn record_health(&self, event: &HealthEvent, ttl_secs: i64) {
+        tracing::warn!(
+            health_event = %serde_json::to_string(event).unwrap_or_default(),
+            source_id = %event.source_id,
+            kind = event.kind.as_str(),
+            count = event.count,
+            "Health event recorded."
+        );
+        let expires = event.last_seen / 1000 + ttl_secs;
+        if let Err(err) = self.store.put_health(event, expires).await {
+            tracing::error!(source_id = %event.source_id, error = %err, "Could not store a health event.");
+        }
+    }
+
+    /// Runs an action until `deadline`; returns its JSON result.
+    pub async fn handle(&self, action: Action, deadline: Instant) -> Result<serde_json::Value> {
+        let json = |v: &dyn erased::Json| v.to_json();
+        match action {
+            Action::Collect { source_id } => {
+                let reports = self.collect(source_id.as_deref(), deadline).await?;
+                Ok(serde_json::json!({ "runs": reports }))
+            }
+            Action::Create { source, id } => {
+                let id = self.create(source, id).await?;
+                Ok(serde_json::json!({ "sourceId": id, "state": Lifecycle::Pending }))
+            }
+            Action::Update { source_id, source } => {
+                self.update(&source_id, source).await?;
+                Ok(serde_json::json!({ "sourceId": source_id, "updated": true }))
+            }
+            Action::Restart { source_id } => {
+                self.restart(&source_id).await?;
+                Ok(serde_json::json!({ "sourceId": source_id, "restarted": true }))
+            }
+            Action::Delete { source_id } => {
+                self.delete(&source_id).await?;
+                Ok(serde_json::json!({ "sourceId": source_id, "deleted": true }))
+            }
+            Action::Status { source_id } => Ok(json(&self.status(source_id.as_deref()).await?)),
+            Action::Health { source_id } => Ok(json(&self.health(&source_id).await?)),
+            Action::List {} => Ok(json(&self.status(None).await?)),
+        }
+    }
+
+    /// Collects one source, or every source with bounded concurrency. One failing source
+    /// never stops the others.
+    pub async fn collect(
+        &self,
+        source_id: Option<&str>,
+        deadline: Instant,
+    ) -> Result<Vec<RunReport>> {
+        let ids: Vec<String> = match source_id {
+            Some(id) => {
+                if self.store.get_source(id).await?.is_none() {
+                    return Err(Error::NotFound(id.to_string()));
+                }
+                vec![id.to_string()]
+            }
+            None => self
+                .store
+                .list_sources()
+                .await?
+                .into_iter()
+                .map(|r| r.id)
+                .collect(),
+        };
+        let reports: Vec<RunReport> = futures::stream::iter(ids)
+            .map(|id| async move {
+                let report = collect_source(self, &id, deadline).await;
+                log_run(&report);
+                report
+            })
+            .buffer_unordered(self.settings.concurrency)
+            .collect()
+            .await;
+        Ok(reports)
+    }
+
+    /// Validates and stores a new source (state `Pending`); returns its id.
+    pub async fn create(&self, source: serde_json::Value, id: Option<String>) -> Result<String> {
+        let parsed = parse_source_value(source, self.settings.validation)?;
+        let secrets = parsed.secrets.expect("the key is required on create");
+        let id = match id {
+            Some(id) if valid_id(&id) => id,
+            Some(_) => {
+                return Err(Error::config(
+                    "id",
+                    "must be 1 to 64 letters, digits, '-' or '_'",
+                ));
+            }
+            None => {
+                let slug: String = parsed
+                    .spec
+                    .name
+                    .chars()
+                    .map(|c| {
+                        if c.is_ascii_alphanumeric() {
+                            c.to_ascii_lowercase()
+                        } else {
+                            '-'
+                        }
+                    })
+                    .collect::<String>()
+                    .split('-')
+                    .filter(|p| !p.is_empty())
+                    .collect::<Vec<_>>()
+                    .join("-");
+                let slug: String = slug.chars().take(40).collect();
+                let suffix = &uuid::Uuid::new_v4().simple().to_string()[..8];
+                if slug.is_empty() {
+                    format!("src-{suffix}")
+                } else {
+                    format!("{slug}-{suffix}")
+                }
+            }
+        };
+        if self.store.get_source(&id).await?.is_some() {
+            return Err(Error::Conflict(format!("source {id} already exists")));
+        }
+        let secret_ref = self.put_secrets(&id, &secrets).await?;
+        let now = now_ms();
+        let record = SourceRecord {
+            id: id.clone(),
+            spec: parsed.spec,
+            secret_ref: secret_ref.clone(),
+            config_version: 1,
+            created_at: now,
+            updated_at: now,
+        };
+        if let Err(err) = self
+            .store
+            .create_source(&record, &SourceState::new(now))
+            .await
+        {
+            self.delete_secrets(&id, &secret_ref).await.ok();
+            return Err(err);
+        }
+        tracing::info!(source_id = %id, name = %record.spec.name, "Source created.");
+        Ok(id)
+    }
+
+    async fn put_secrets(&self, id: &str, secrets: &SourceSecrets) -> Result<SecretRef> {
+        match &self.vault {
+            Vault::SecretsManager(vault) => Ok(SecretRef::SecretsManager {
+                secret_id: vault.put(id, secrets).await?,
+            }),
+            Vault::Local(file) => {
+                file.put_secrets(id, secrets).await?;
+                Ok(SecretRef::LocalFile)
+            }
+        }
+    }
+
+    async fn delete_secrets(&self, id: &str, secret_ref: &SecretRef) -> Result<()> {
+        self.secrets_cache.lock().expect("not poisoned").remove(id);
+        match (secret_ref, &self.vault) {
+            (SecretRef::SecretsManager { secret_id }, Vault::SecretsManager(vault)) => {
+                vault.delete(secret_id).await
+            }
+            // The local secret goes with the source's items.
+            _ => Ok(()),
+        }
+    }
+
+    /// Replaces a source's configuration; clears a ThirdPartyConfigError block and an
+    /// `Error` state (the new configuration deserves a try).
+    pub async fn update(&self, id: &str, source: serde_json::Value) -> Result<()> {
+        let mut record = self
+            .store
+            .get_source(id)
+            .await?
+            .ok_or_else(|| Error::NotFound(id.to_string()))?;
+        let options = ValidationOptions {
+            key_optional: true,
+            ..self.settings.validation
+        };
+        let parsed = parse_source_value(source, options)?;
+        let secrets = match parsed.secrets {
+            Some(new) => Some(new),
+            // A kept key, but destination secrets may have changed: only when given.
+            None => None,
+        };
+        if let Some(secrets) = &secrets {
+            record.secret_ref = self.put_secrets(id, secrets).await?;
+            self.secrets_cache.lock().expect("not poisoned").remove(id);
+        }
+        record.spec = parsed.spec;
+        record.config_version += 1;
+        record.updated_at = now_ms();
+        self.store.update_source(&record).await?;
+        self.reset_state(id, "Source updated; the next run starts collecting again.")
+            .await?;
+        tracing::info!(source_id = %id, config_version = record.config_version, "Source updated.");
+        Ok(())
+    }
+
+    /// Clears `Error` and the retry streak; the next run starts at `Started`.
+    pub async fn restart(&self, id: &str) -> Result<()> {
+        if self.store.get_source(id).await?.is_none() {
+            return Err(Error::NotFound(id.to_string()));
+        }
+        self.reset_state(id, "Restarted; the next run starts collecting again.")
+            .await?;
+        tracing::info!(source_id = %id, "Source restarted.");
+        Ok(())
+    }
+
+    async fn reset_state(&self, id: &str, reason: &str) -> Result<()> {
+        for _ in 0..5 {
+            let Some(mut state) = self.store.load_state(id).await? else {
+                return Err(Error::NotFound(id.to_string()));
+            };
+            let s = &mut state.value;
+            s.streak = None;
+            s.blocked_config_version = None;
+            if matches!(
+                s.lifecycle,
+                Lifecycle::Error
+                    | Lifecycle::Collecting
+                    | Lifecycle::Authenticated
+                    | Lifecycle::Initialized
+            ) {
+                s.transition(Lifecycle::Pending, now_ms(), reason);
+            }
+            match self.store.save_state(id, s, state.version, None).await {
+                Err(Error::Conflict(_)) => continue,
+                other => return other.map(|_| ()),
+            }
+        }
+        Err(Error::Conflict(format!(
+            "state of {id} kept changing; try again"
+        )))
+    }
+
+    /// `Stopping`, then removes the source's items and its secret. A run in progress
+    /// finishes without writing new progress (its writes are conditioned on the state
+    /// version and on the source existing).
+    pub async fn delete(&self, id: &str) -> Result<()> {
+        let record = self
+            .store
+            .get_source(id)
+            .await?
+            .ok_or_else(|| Error::NotFound(id.to_string()))?;
+        if let Some(mut state) = self.store.load_state(id).await? {
+            state
+                .value
+                .transition(Lifecycle::Stopping, now_ms(), "Delete requested.");
+            // Best effort: the items go next whatever happens here.
+            let _ = self
+                .store
+                .save_state(id, &state.value, state.version, None)
+                .await;
+        }
+        self.delete_secrets(id, &record.secret_ref).await?;
+        self.store.delete_source(id).await?;
+        tracing::info!(source_id = %id, "Source deleted.");
+        Ok(())
+    }
+
+    /// Status of one source or all.
+    pub async fn status(&self, id: Option<&str>) -> Result<Vec<SourceStatus>> {
+        let records = match id {
+            Some(id) => vec![
+                self.store
+                    .get_source(id)
+                    .await?
+                    .ok_or_else(|| Error::NotFound(id.to_string()))?,
+            ],
+            None => self.store.list_sources().await?,
+        };
+        let mut out = Vec::with_capacity(records.len());
+        let now = OffsetDateTime::now_utc();
+        let today = utc_day(now);
+        for record in records {
+            let state = self.store.load_state(&record.id).await?.map(|s| s.value);
+            let state = state.unwrap_or_else(|| SourceState::new(record.created_at));
+            let used = self.store.quota_used(&record.id, &today).await?;
+            let health = self.store.list_health(&record.id, 5).await?;
+            let limit = record.spec.daily_request_limit;
+            let now_ns = EventTime::from_datetime(now);
+            out.push(SourceStatus {
+                id: record.id.clone(),
+                name: record.spec.name.clone(),
+                state: state.lifecycle,
+                since: state.since().map(rfc3339_ms),
+                last_success: state.last_success.map(rfc3339_ms),
+                checkpoint: state.checkpoint.high.map(EventTime::to_rfc3339),
+                backlog_ranges: state.checkpoint.gaps.len(),
+                lateness_window_narrowed: state.checkpoint.recent_floor.is_some(),
+                quota_used_today: used,
+                quota_left_today: limit.saturating_sub(used),
+                daily_request_limit: limit,
+                quota_reached: state.counters.quota_exhausted_day.as_deref()
+                    == Some(today.as_str())
+                    || used >= limit,
+                forwarded_last_run: state.counters.last_run_forwarded,
+                forwarded_today: if state.counters.day == today {
+                    state.counters.forwarded_today
+                } else {
+                    0
+                },
+                forwarded_total: state.counters.forwarded_total,
+                lag_seconds: state
+                    .counters
+                    .newest_forwarded
+                    .map(|n| EventTime(n).secs_until(now_ns)),
+                retry_deadline: state.streak.as_ref().map(|s| rfc3339_ms(s.deadline)),
+                blocked_until_update: state.blocked_config_version == Some(record.config_version),
+                history: state.history.iter().cloned().collect(),
+                health,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Health events of a source, newest first.
+    pub async fn health(&self, id: &str) -> Result<Vec<HealthEvent>> {
+        if self.store.get_source(id).await?.is_none() {
+            return Err(Error::NotFound(id.to_string()));
+        }
+        self.store.list_health(id, 100).await
+    }
+}
+
+/// Logs the one-line run summary.
+fn log_run(report: &RunReport) {
+    tracing::info!(
+        run_summary = %serde_json::to_string(report).unwrap_or_default(),
+        source_id = %report.source_id,
+        outcome = ?report.outcome,
+        fetched = report.fetched,
+        forwarded = report.forwarded,
+        duplicates_dropped = report.duplicates_dropped,
+        requests = report.requests,
+        quota_left = report.quota_left,
+        duration_ms = report.duration_ms,
+        "Run finished."
+    );
+}
+
+async fn default_destination_from_env(vault: &Vault) -> Result<DestinationConfig> {
+    async fn secret_env(vault: &Vault, plain: &str, secret: &str) -> Result<Option<SecretString>> {
+        if let Ok(v) = std::env::var(plain)
+            && !v.trim().is_empty()
+        {
+            return Ok(Some(SecretString::from(v.trim().to_string())));
+        }
+        match (std::env::var(secret), vault) {
+            (Ok(id), Vault::SecretsManager(vault)) if !id.trim().is_empty() => {
+                Ok(Some(vault.get_string(id.trim()).await?))
+            }
+            (Ok(id), Vault::Local(_)) if !id.trim().is_empty() => Err(Error::config(
+                secret,
+                "Secrets Manager ids need STATE_TABLE (deployed mode); set the plain variable locally",
+            )),
+            _ => Ok(None),
+        }
+    }
+    let url = secret_env(vault, "FORWARD_URL", "FORWARD_URL_SECRET").await?;
+    let token = secret_env(vault, "FORWARD_TOKEN", "FORWARD_TOKEN_SECRET").await?;
+    let format = match std::env::var("FORWARD_FORMAT") {
+        Ok(f) if !f.trim().is_empty() => f.parse::<Format>().map_err(|_| {
+            Error::config(
+                "FORWARD_FORMAT",
+                "must be one of sumo, splunk-hec, ndjson, stdout",
+            )
+        })?,
+        _ if url.is_some() => Format::Sumo,
+        _ => Format::Stdout,
+    };
+    let config = DestinationConfig { format, url, token };
+    config.validate().map_err(|e| match e {
+        Error::InvalidConfig { field, message } => Error::InvalidConfig {
+            field: format!(
+                "FORWARD_{}",
+                field
+                    .trim_start_matches("destination.")
+                    .to_ascii_uppercase()
+            ),
+            message,
+        },
+        other => other,
+    })?;
+    Ok(config)
+}
+
+/// Health kinds as strings for callers that print them.
+pub fn health_kind_name(kind: HealthKind) -> &'static str {
+    kind.as_str()
+}
+
+mod erased {
+    /// Serialises anything serialisable to a JSON value.
+    pub trait Json {
+        fn to_json(&self) -> serde_json::Value;
+    }
+    impl<T: serde::Serialize> Json for T {
+        fn to_json(&self) -> serde_json::Value {
+            serde_json::to_value(self).unwrap_or(serde_json::Value::Null)
+        }
+    }
+}

@@ -1,0 +1,606 @@
+//! One collection run for one source: lease, load, walk KnowBe4, forward, checkpoint,
+//! then record the outcome (lifecycle, retry streak, health event).
+//!
+//! Order of effects, which is what makes the run safe to kill at any point:
+//! 1. the lease is taken (another run of the same source exits here);
+//! 2. every KnowBe4 request is reserved in the quota ledger, then paced, then sent;
+//! 3. events are forwarded, and only after the destination accepted them is the
+//!    checkpoint that covers them saved — conditioned on the lease and state version.
+//!
+//! A kill between 2 and 3 repeats the unsaved batch on the next run; nothing is lost.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use tokio::time::Instant;
+
+use crate::app::App;
+use crate::checkpoint::{Step, Walker};
+use crate::error::{Error, HealthKind, Result};
+use crate::event::{EventTime, RawEvent};
+use crate::knowbe4::{ApiError, KnowBe4Client, REQUEST_TIMEOUT};
+use crate::quota::{run_budget, utc_day};
+use crate::state::{
+    HealthEvent, Lease, Lifecycle, RetryStreak, SourceRecord, SourceState, Versioned,
+};
+use crate::store::Reservation;
+
+/// Events buffered before they are forwarded and checkpointed together.
+pub const FLUSH_EVENTS: usize = 1000;
+/// Attempts per KnowBe4 page within one run for retriable failures.
+const PAGE_ATTEMPTS: u32 = 4;
+/// Health events are kept this long (DynamoDB TTL).
+const HEALTH_TTL_SECS: i64 = 30 * 86_400;
+
+/// How a run for one source ended.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// The walk ran (possibly cut short by budget or deadline) and progress was saved.
+    Collected,
+    /// Nothing to do or not allowed now; the reason says which.
+    Skipped,
+    /// The run failed; a health event was recorded.
+    Failed,
+}
+
+/// The one-line summary of a run, logged and returned to the caller.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RunReport {
+    /// The source.
+    pub source_id: String,
+    /// How it ended.
+    pub outcome: Outcome,
+    /// Why it was skipped or failed, or how the walk ended.
+    pub detail: String,
+    /// The health event type, when it failed.
+    pub health: Option<HealthKind>,
+    /// Events received from KnowBe4 (after dedupe: those forwarded or to forward).
+    pub fetched: u64,
+    /// Events the destination accepted.
+    pub forwarded: u64,
+    /// Events on fetched pages that were already delivered (dropped as duplicates).
+    pub duplicates_dropped: u64,
+    /// KnowBe4 requests sent by this run.
+    pub requests: u32,
+    /// Requests reserved today, after this run.
+    pub quota_used: u32,
+    /// Requests left today for this source.
+    pub quota_left: u32,
+    /// The checkpoint's high-water mark after the run.
+    pub checkpoint: Option<String>,
+    /// Whether a backlog (gaps) remains.
+    pub backlog: bool,
+    /// Wall time of the run.
+    pub duration_ms: u64,
+    /// Lifecycle state after the run.
+    pub state: Option<Lifecycle>,
+}
+
+impl RunReport {
+    fn new(source_id: &str) -> Self {
+        RunReport {
+            source_id: source_id.to_string(),
+            outcome: Outcome::Skipped,
+            detail: String::new(),
+            health: None,
+            fetched: 0,
+            forwarded: 0,
+            duplicates_dropped: 0,
+            requests: 0,
+            quota_used: 0,
+            quota_left: 0,
+            checkpoint: None,
+            backlog: false,
+            duration_ms: 0,
+            state: None,
+        }
+    }
+}
+
+fn now_ms() -> i64 {
+    (OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
+}
+
+/// Collects one source until done, out of budget, or `deadline` (minus the app's margin).
+pub async fn collect_source(app: &App, id: &str, deadline: Instant) -> RunReport {
+    let started = Instant::now();
+    let mut report = RunReport::new(id);
+    let run_id = uuid::Uuid::new_v4().to_string();
+    let record = match app.store.get_source(id).await {
+        Ok(Some(record)) => record,
+        Ok(None) => {
+            report.detail = "source not found".into();
+            return report;
+        }
+        Err(err) => return failed_without_state(report, err),
+    };
+    let lease_ttl = deadline
+        .saturating_duration_since(Instant::now())
+        .as_millis() as i64
+        + 30_000;
+    let lease = match app
+        .store
+        .acquire_lease(id, &run_id, now_ms(), lease_ttl)
+        .await
+    {
+        Ok(Some(lease)) => lease,
+        Ok(None) => {
+            report.detail = "another run holds the lease".into();
+            return report;
+        }
+        Err(err) => return failed_without_state(report, err),
+    };
+    let mut run = Run {
+        app,
+        record,
+        lease,
+        report,
+        run_id,
+        last_request_ms: 0,
+        state: None,
+    };
+    run.execute(deadline).await;
+    let quiet_until = run.last_request_ms + 1_050;
+    if let Err(err) = app.store.release_lease(&run.lease, quiet_until).await {
+        tracing::warn!(source_id = id, error = %err, "Could not release the lease; it will expire.");
+    }
+    run.report.duration_ms = started.elapsed().as_millis() as u64;
+    run.report.state = run.state.as_ref().map(|s| s.value.lifecycle);
+    run.report
+}
+
+fn failed_without_state(mut report: RunReport, err: Error) -> RunReport {
+    report.outcome = Outcome::Failed;
+    report.health = Some(err.health_kind());
+    report.detail = err.to_string();
+    report
+}
+
+struct Run<'a> {
+    app: &'a App,
+    record: SourceRecord,
+    lease: Lease,
+    report: RunReport,
+    run_id: String,
+    last_request_ms: i64,
+    state: Option<Versioned<SourceState>>,
+}
+
+/// Why the walk stopped early without an error.
+enum Stop {
+    Finished,
+    Budget,
+    Deadline,
+    QuotaExhausted,
+}
+
+impl Run<'_> {
+    async fn execute(&mut self, deadline: Instant) {
+        let id = self.record.id.clone();
+        let state = match self.app.store.load_state(&id).await {
+            Ok(Some(state)) => state,
+            Ok(None) => {
+                self.report.detail = "source has no state (being deleted?)".into();
+                return;
+            }
+            Err(err) => {
+                self.report = failed_without_state(
+                    std::mem::replace(&mut self.report, RunReport::new(&id)),
+                    err,
+                );
+                return;
+            }
+        };
+        self.state = Some(state);
+        if let Some(reason) = self.skip_reason() {
+            self.report.detail = reason;
+            self.fill_quota().await;
+            return;
+        }
+        match self.collect(deadline).await {
+            Ok(stop) => self.succeed(stop).await,
+            Err(err) => self.fail(err).await,
+        }
+        self.fill_quota().await;
+    }
+
+    fn state_mut(&mut self) -> &mut SourceState {
+        &mut self.state.as_mut().expect("state loaded").value
+    }
+
+    fn skip_reason(&self) -> Option<String> {
+        let state = &self.state.as_ref()?.value;
+        let today = utc_day(OffsetDateTime::now_utc());
+        match state.lifecycle {
+            Lifecycle::Error => return Some("source is in Error; restart or update it".into()),
+            Lifecycle::Stopping => return Some("source is being deleted".into()),
+            _ => {}
+        }
+        if state.blocked_config_version == Some(self.record.config_version) {
+            return Some("blocked by a ThirdPartyConfigError until the source is updated".into());
+        }
+        if state.counters.quota_exhausted_day.as_deref() == Some(today.as_str()) {
+            return Some("daily quota reached; collection resumes after 00:00 UTC".into());
+        }
+        None
+    }
+
+    async fn save(&mut self) -> Result<()> {
+        let id = self.record.id.clone();
+        let versioned = self.state.as_ref().expect("state loaded");
+        let version = self
+            .app
+            .store
+            .save_state(&id, &versioned.value, versioned.version, Some(&self.lease))
+            .await?;
+        self.state.as_mut().expect("state loaded").version = version;
+        Ok(())
+    }
+
+    async fn transition(&mut self, next: Lifecycle, reason: &str) -> Result<()> {
+        if self.state.as_ref().expect("state loaded").value.lifecycle == next {
+            return Ok(());
+        }
+        self.state_mut().transition(next, now_ms(), reason);
+        self.save().await
+    }
+
+    async fn collect(&mut self, deadline: Instant) -> Result<Stop> {
+        let margin = self.app.settings.deadline_margin;
+        if self.state.as_ref().expect("loaded").value.lifecycle == Lifecycle::Pending {
+            self.transition(Lifecycle::Started, "A scheduled run picked the source up.")
+                .await?;
+        }
+        let secrets = self.app.source_secrets(&self.record, false).await?;
+        let destination = self.app.destination_for(&self.record, &secrets)?;
+        let first_run =
+            self.state.as_ref().expect("loaded").value.lifecycle != Lifecycle::Collecting;
+        if first_run {
+            self.transition(Lifecycle::Initialized, "Configuration and secrets loaded.")
+                .await?;
+        }
+        let mut client = KnowBe4Client::new(
+            self.app.http.clone(),
+            &self.record.spec.api_base,
+            secrets.api_key.clone(),
+            &self.run_id,
+        );
+        // The previous holder's last requests may still be in the current rate window.
+        let wait = self.lease.quiet_until - now_ms();
+        if wait > 0 {
+            tokio::time::sleep(Duration::from_millis(wait.min(2_000) as u64)).await;
+        }
+
+        let now = OffsetDateTime::now_utc();
+        let day = utc_day(now);
+        let limit = self.record.spec.daily_request_limit;
+        let used = self.app.store.quota_used(&self.record.id, &day).await?;
+        let budget = run_budget(limit, used, now, self.app.settings.schedule_interval_secs);
+        if budget == 0 {
+            return Ok(Stop::Budget);
+        }
+        let spec = &self.record.spec;
+        let checkpoint = self
+            .state
+            .as_ref()
+            .expect("loaded")
+            .value
+            .checkpoint
+            .clone();
+        let mut walker = Walker::new(
+            checkpoint,
+            EventTime::from_datetime(now),
+            spec.first_fetch_lookback_secs,
+            spec.lateness_window_secs,
+        );
+        let meta = spec.sink_meta();
+        let mut buffer: Vec<RawEvent> = Vec::new();
+        let mut reauthenticated = false;
+        let mut authenticated = !first_run;
+        let mut fetched_total: u64 = 0;
+        let stop = loop {
+            let Step::Fetch(page_no) = walker.next_step() else {
+                break Stop::Finished;
+            };
+            if self.report.requests >= budget {
+                break Stop::Budget;
+            }
+            if deadline.saturating_duration_since(Instant::now()) < margin + REQUEST_TIMEOUT {
+                break Stop::Deadline;
+            }
+            let page = match self.fetch(&client, page_no, &day, limit, deadline).await {
+                Ok(page) => page,
+                Err(FetchFailure::Quota) => break Stop::QuotaExhausted,
+                Err(FetchFailure::Api(ApiError::Unauthorized(status))) if !reauthenticated => {
+                    // The key may have been rotated: read the secret again, once.
+                    reauthenticated = true;
+                    tracing::info!(source_id = %self.record.id, status, "KnowBe4 refused the key; re-reading the secret once.");
+                    let fresh = self.app.source_secrets(&self.record, true).await?;
+                    client.set_key(fresh.api_key.clone());
+                    continue;
+                }
+                Err(FetchFailure::Api(err)) => {
+                    return Err(self
+                        .flush_then(err.into_error(), &destination, &meta, &mut buffer, &walker)
+                        .await);
+                }
+                Err(FetchFailure::Other(err)) => {
+                    return Err(self
+                        .flush_then(err, &destination, &meta, &mut buffer, &walker)
+                        .await);
+                }
+            };
+            if !authenticated {
+                authenticated = true;
+                self.transition(Lifecycle::Authenticated, "KnowBe4 accepted the API key.")
+                    .await?;
+                self.transition(Lifecycle::Collecting, "Collecting events.")
+                    .await?;
+            }
+            let on_page = page.events.len() as u64;
+            let events = match walker.on_page(page_no, page) {
+                Ok(events) => events,
+                Err(err) => {
+                    let err = Error::KnowBe4 {
+                        message: err.to_string(),
+                        status: None,
+                        source: None,
+                    };
+                    return Err(self
+                        .flush_then(err, &destination, &meta, &mut buffer, &walker)
+                        .await);
+                }
+            };
+            fetched_total += events.len() as u64;
+            self.report.duplicates_dropped += on_page.saturating_sub(events.len() as u64);
+            buffer.extend(events);
+            if buffer.len() >= FLUSH_EVENTS {
+                self.flush(&destination, &meta, &mut buffer, &walker, deadline)
+                    .await?;
+            }
+        };
+        self.flush(&destination, &meta, &mut buffer, &walker, deadline)
+            .await?;
+        self.report.fetched = fetched_total;
+        Ok(stop)
+    }
+
+    /// On a KnowBe4 failure mid-walk, still deliver and checkpoint what was fetched.
+    async fn flush_then(
+        &mut self,
+        err: Error,
+        destination: &crate::sink::Destination,
+        meta: &crate::sink::SourceMeta,
+        buffer: &mut Vec<RawEvent>,
+        walker: &Walker,
+    ) -> Error {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        match self
+            .flush(destination, meta, buffer, walker, deadline)
+            .await
+        {
+            Ok(()) => err,
+            Err(flush_err) => flush_err,
+        }
+    }
+
+    /// Forwards the buffer, then saves the checkpoint that covers it.
+    async fn flush(
+        &mut self,
+        destination: &crate::sink::Destination,
+        meta: &crate::sink::SourceMeta,
+        buffer: &mut Vec<RawEvent>,
+        walker: &Walker,
+        deadline: Instant,
+    ) -> Result<()> {
+        let snapshot = walker.snapshot();
+        let unchanged = snapshot == self.state.as_ref().expect("loaded").value.checkpoint;
+        if buffer.is_empty() && unchanged {
+            return Ok(());
+        }
+        if !buffer.is_empty() {
+            let send_deadline = deadline
+                .checked_sub(self.app.settings.deadline_margin / 2)
+                .unwrap_or(deadline);
+            destination.send(meta, buffer, send_deadline).await?;
+        }
+        let forwarded = buffer.len() as u64;
+        let newest = buffer.iter().map(|e| e.occurred.0).max();
+        buffer.clear();
+        self.report.forwarded += forwarded;
+        let today = utc_day(OffsetDateTime::now_utc());
+        let state = self.state_mut();
+        state.checkpoint = snapshot;
+        let counters = &mut state.counters;
+        if counters.day != today {
+            counters.day = today;
+            counters.forwarded_today = 0;
+        }
+        counters.forwarded_today += forwarded;
+        counters.forwarded_total += forwarded;
+        if let Some(newest) = newest {
+            counters.newest_forwarded =
+                Some(counters.newest_forwarded.map_or(newest, |n| n.max(newest)));
+        }
+        self.save().await
+    }
+
+    async fn fetch(
+        &mut self,
+        client: &KnowBe4Client,
+        page_no: u32,
+        day: &str,
+        limit: u32,
+        deadline: Instant,
+    ) -> std::result::Result<crate::checkpoint::Page, FetchFailure> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self
+                .app
+                .store
+                .reserve_request(&self.record.id, day, limit)
+                .await
+            {
+                Ok(Reservation::Granted(_)) => {}
+                Ok(Reservation::Exhausted) => return Err(FetchFailure::Quota),
+                Err(err) => return Err(FetchFailure::Other(err)),
+            }
+            client.pace().await;
+            self.last_request_ms = now_ms();
+            self.report.requests += 1;
+            self.app.failpoint("before_knowbe4_request");
+            let err = match client.events_page(page_no).await {
+                Ok(page) => return Ok(page),
+                Err(ApiError::QuotaExhausted) => return Err(FetchFailure::Quota),
+                Err(err) => err,
+            };
+            let left = deadline.saturating_duration_since(Instant::now());
+            if !err.retriable() || attempt >= PAGE_ATTEMPTS {
+                return Err(FetchFailure::Api(err));
+            }
+            let backoff = match &err {
+                ApiError::RateLimited {
+                    retry_after: Some(after),
+                } => (*after).min(Duration::from_secs(30)),
+                _ => Duration::from_millis(500 * 2u64.pow(attempt - 1)),
+            };
+            if left < backoff + self.app.settings.deadline_margin + REQUEST_TIMEOUT {
+                return Err(FetchFailure::Api(err));
+            }
+            tracing::info!(source_id = %self.record.id, page = page_no, attempt, error = %err, "KnowBe4 request failed; retrying.");
+            tokio::time::sleep(backoff).await;
+        }
+    }
+
+    async fn succeed(&mut self, stop: Stop) {
+        let now = now_ms();
+        let today = utc_day(OffsetDateTime::now_utc());
+        let forwarded = self.report.forwarded;
+        let requests = self.report.requests;
+        let state = self.state_mut();
+        state.streak = None;
+        state.last_success = Some(now);
+        state.counters.last_run_forwarded = forwarded;
+        state.counters.quota_exhausted_day =
+            matches!(stop, Stop::QuotaExhausted).then(|| today.clone());
+        if state.lifecycle != Lifecycle::Collecting
+            && matches!(stop, Stop::Finished | Stop::Budget)
+            && requests > 0
+        {
+            state.transition(Lifecycle::Collecting, now, "Collecting events.");
+        }
+        self.report.outcome = Outcome::Collected;
+        self.report.detail = match stop {
+            Stop::Finished => "caught up".into(),
+            Stop::Budget => "stopped at this run's share of the daily quota".into(),
+            Stop::Deadline => "stopped before the invocation deadline; the next run resumes".into(),
+            Stop::QuotaExhausted => {
+                "daily quota reached; collection resumes after 00:00 UTC".into()
+            }
+        };
+        let checkpoint = &self.state.as_ref().expect("loaded").value.checkpoint;
+        self.report.checkpoint = checkpoint.high.map(EventTime::to_rfc3339);
+        self.report.backlog = !checkpoint.gaps.is_empty();
+        if let Err(err) = self.save().await {
+            self.report.outcome = Outcome::Failed;
+            self.report.health = Some(err.health_kind());
+            self.report.detail =
+                format!("progress was forwarded but the final state could not be saved: {err}");
+        }
+    }
+
+    async fn fail(&mut self, err: Error) {
+        let now = now_ms();
+        let kind = err.health_kind();
+        let message = err.to_string();
+        self.report.outcome = Outcome::Failed;
+        self.report.health = Some(kind);
+        self.report.detail = message.clone();
+        if matches!(err, Error::Conflict(_)) {
+            // The lease was lost or the source deleted: another run owns the state now.
+            return;
+        }
+        let window_ms = (self.record.spec.retry_window_secs as i64) * 1000;
+        let config_version = self.record.config_version;
+        let state = self.state_mut();
+        let (retry_at, retry_deadline) = if kind.retried() {
+            let streak = state.streak.get_or_insert(RetryStreak {
+                kind,
+                first_failure: now,
+                deadline: now + window_ms,
+                failures: 0,
+            });
+            streak.kind = kind;
+            streak.failures += 1;
+            let deadline = streak.deadline;
+            if now >= deadline {
+                state.transition(Lifecycle::Error, now, format!("{} for longer than the retry window; collection stopped until restart or update.", kind.as_str()));
+                (None, Some(deadline))
+            } else {
+                (Some(now), Some(deadline))
+            }
+        } else {
+            state.blocked_config_version = Some(config_version);
+            state.streak = None;
+            state.transition(
+                Lifecycle::Error,
+                now,
+                "ThirdPartyConfigError: collection stopped until the source is updated.",
+            );
+            (None, None)
+        };
+        let first_seen = state.streak.as_ref().map_or(now, |s| s.first_failure);
+        let count = state.streak.as_ref().map_or(1, |s| s.failures);
+        let event = HealthEvent {
+            source_id: self.record.id.clone(),
+            source_name: self.record.spec.name.clone(),
+            kind,
+            message,
+            status: err.status(),
+            error_kind: error_kind(&err).into(),
+            first_seen,
+            last_seen: now,
+            count,
+            retry_at: retry_at
+                .map(|_| now + self.app.settings.schedule_interval_secs as i64 * 1000),
+            retry_deadline,
+        };
+        self.app.record_health(&event, HEALTH_TTL_SECS).await;
+        if let Err(save_err) = self.save().await {
+            tracing::warn!(source_id = %self.record.id, error = %save_err, "Could not save the failure state.");
+        }
+    }
+
+    async fn fill_quota(&mut self) {
+        let day = utc_day(OffsetDateTime::now_utc());
+        if let Ok(used) = self.app.store.quota_used(&self.record.id, &day).await {
+            self.report.quota_used = used;
+            self.report.quota_left = self.record.spec.daily_request_limit.saturating_sub(used);
+        }
+    }
+}
+
+enum FetchFailure {
+    Quota,
+    Api(ApiError),
+    Other(Error),
+}
+
+fn error_kind(err: &Error) -> &'static str {
+    match err {
+        Error::InvalidConfig { .. } => "invalid_config",
+        Error::ThirdPartyConfig { .. } => "rejected_credentials",
+        Error::KnowBe4 {
+            status: Some(_), ..
+        } => "http_status",
+        Error::KnowBe4 { .. } => "knowbe4_unavailable",
+        Error::Destination { .. } => "destination_unavailable",
+        Error::Store { .. } => "state_store",
+        Error::Secret { .. } => "secret",
+        Error::NotFound(_) => "not_found",
+        Error::Conflict(_) => "conflict",
+    }
+}

@@ -1,0 +1,764 @@
+//! Source configuration: the hosted KnowBe4 API Source's JSON, as users already write it,
+//! plus this collector's optional extensions; validated into a [`SourceSpec`] (stored,
+//! no secrets) and [`SourceSecrets`] (kept in Secrets Manager or the local file).
+//!
+//! Every rejection names the field as the user wrote it, e.g.
+//! `source.config.baseURL: ...`.
+
+use std::collections::BTreeMap;
+
+use reqwest::Url;
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::secrets::SourceSecrets;
+use crate::sink::Format;
+
+/// Environment switch that allows a `baseURL` outside KnowBe4 (the simulator, tests).
+pub const ALLOW_CUSTOM_BASE_URL_ENV: &str = "KNOWBE4_ALLOW_CUSTOM_BASE_URL";
+
+/// Daily request quota assumed when neither `licensedUsers` nor `dailyRequestLimit` is
+/// given: the quota of a 10-seat account. Conservative on purpose: exceeding the real
+/// quota locks every integration sharing the key out until the next UTC day.
+pub const DEFAULT_DAILY_REQUESTS: u32 = 100;
+/// KnowBe4 grants ten requests per licensed seat per day.
+pub const REQUESTS_PER_SEAT: u32 = 10;
+/// Default `firstFetchLookbackHours`: how far back the first run collects.
+pub const DEFAULT_LOOKBACK_HOURS: f64 = 24.0;
+/// Default `retryWindowMinutes`, the hosted source's 90 minutes.
+pub const DEFAULT_RETRY_WINDOW_MINUTES: f64 = 90.0;
+/// Default `latenessWindowMinutes`: how late (backdated) an event may arrive and still be
+/// collected. Every run re-reads this window, which costs one request per 100 events in it.
+pub const DEFAULT_LATENESS_MINUTES: f64 = 60.0;
+/// The parser Sumo Logic's Cloud SIEM uses for KnowBe4 events.
+pub const SIEM_PARSER: &str = "/Parsers/System/KnowBe4/KnowBe4 KMSAT";
+
+/// The KnowBe4 regions: console host (what users copy from the browser) and API host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Region {
+    /// training.knowbe4.com
+    US,
+    /// eu.knowbe4.com
+    EU,
+    /// ca.knowbe4.com
+    CA,
+    /// uk.knowbe4.com
+    UK,
+    /// de.knowbe4.com
+    DE,
+}
+
+impl Region {
+    /// Every region, for lookups.
+    pub const ALL: [Region; 5] = [Region::US, Region::EU, Region::CA, Region::UK, Region::DE];
+
+    /// The console host an administrator logs into.
+    pub fn console_host(self) -> &'static str {
+        match self {
+            Region::US => "training.knowbe4.com",
+            Region::EU => "eu.knowbe4.com",
+            Region::CA => "ca.knowbe4.com",
+            Region::UK => "uk.knowbe4.com",
+            Region::DE => "de.knowbe4.com",
+        }
+    }
+
+    /// The User Event API host.
+    pub fn api_host(self) -> &'static str {
+        match self {
+            Region::US => "api.events.knowbe4.com",
+            Region::EU => "api-eu.events.knowbe4.com",
+            Region::CA => "api-ca.events.knowbe4.com",
+            Region::UK => "api-uk.events.knowbe4.com",
+            Region::DE => "api-de.events.knowbe4.com",
+        }
+    }
+
+    fn parse(code: &str) -> Option<Region> {
+        Region::ALL
+            .into_iter()
+            .find(|r| r.code().eq_ignore_ascii_case(code.trim()))
+    }
+
+    fn code(self) -> &'static str {
+        match self {
+            Region::US => "US",
+            Region::EU => "EU",
+            Region::CA => "CA",
+            Region::UK => "UK",
+            Region::DE => "DE",
+        }
+    }
+}
+
+// ---- The JSON as written by users ---------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HostedDocument {
+    #[serde(rename = "api.version")]
+    api_version: Option<String>,
+    source: HostedSource,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct HostedSource {
+    config: HostedConfig,
+    schema_ref: Option<SchemaRef>,
+    source_type: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SchemaRef {
+    #[serde(rename = "type")]
+    kind: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct HostedConfig {
+    name: Option<String>,
+    description: Option<String>,
+    category: Option<String>,
+    fields: Option<BTreeMap<String, serde_json::Value>>,
+    #[serde(rename = "baseURL")]
+    base_url: Option<String>,
+    region: Option<String>,
+    api_key: Option<String>,
+    licensed_users: Option<u32>,
+    daily_request_limit: Option<u32>,
+    quota_share: Option<f64>,
+    first_fetch_lookback_hours: Option<f64>,
+    retry_window_minutes: Option<f64>,
+    lateness_window_minutes: Option<f64>,
+    destination: Option<HostedDestination>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HostedDestination {
+    format: String,
+    url: Option<String>,
+    token: Option<String>,
+}
+
+// ---- The validated form --------------------------------------------------------------
+
+/// A per-source destination override (its URL and token are in [`SourceSecrets`]).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DestinationSpec {
+    /// How events are encoded and sent.
+    pub format: Format,
+}
+
+/// A validated source configuration, without secrets: what the state store keeps.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SourceSpec {
+    /// `_sourceName` at the destination.
+    pub name: String,
+    /// Free text.
+    pub description: Option<String>,
+    /// `_sourceCategory` at the destination.
+    pub category: Option<String>,
+    /// Metadata fields, stringified (`_siemForward` included as the user set it).
+    pub fields: BTreeMap<String, String>,
+    /// Whether `fields._siemForward` is true (adds the KnowBe4 SIEM parser field).
+    pub siem_forward: bool,
+    /// The region, when known (from `region` or a KnowBe4 host).
+    pub region: Option<Region>,
+    /// The User Event API base URL the key is sent to.
+    pub api_base: String,
+    /// Requests this source may make per UTC day (quota × share, at least 1).
+    pub daily_request_limit: u32,
+    /// The whole account's quota, before `quotaShare`, for `status`.
+    pub account_daily_quota: u32,
+    /// How far back the first run collects, in seconds.
+    pub first_fetch_lookback_secs: u64,
+    /// How long retryable failures are retried before the source quits, in seconds.
+    pub retry_window_secs: u64,
+    /// How late a backdated event may arrive and still be collected, in seconds.
+    pub lateness_window_secs: u64,
+    /// A destination for this source instead of the deployment's default.
+    pub destination: Option<DestinationSpec>,
+}
+
+impl SourceSpec {
+    /// Metadata for the destination.
+    pub fn sink_meta(&self) -> crate::sink::SourceMeta {
+        crate::sink::SourceMeta {
+            name: self.name.clone(),
+            category: self.category.clone(),
+            fields: self.fields.clone(),
+            siem_forward: self.siem_forward,
+        }
+    }
+}
+
+/// What `parse_source` returns: the stored part and the secret part.
+pub struct ParsedSource {
+    /// Validated configuration.
+    pub spec: SourceSpec,
+    /// The API key and destination secrets; `None` for an update that kept the key.
+    pub secrets: Option<SourceSecrets>,
+}
+
+/// Options of validation that come from the deployment, not the JSON.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ValidationOptions {
+    /// `KNOWBE4_ALLOW_CUSTOM_BASE_URL=1`: any https base URL, and http to loopback.
+    pub allow_custom_base_url: bool,
+    /// An update may omit the API key (or send `****`) to keep the stored one.
+    pub key_optional: bool,
+}
+
+impl ValidationOptions {
+    /// Reads the custom-base-URL switch from the environment.
+    pub fn from_env() -> Self {
+        ValidationOptions {
+            allow_custom_base_url: std::env::var(ALLOW_CUSTOM_BASE_URL_ENV)
+                .map(|v| v == "1" || v.eq_ignore_ascii_case("true"))
+                .unwrap_or(false),
+            key_optional: false,
+        }
+    }
+}
+
+const CONFIG: &str = "source.config";
+
+/// Parses and validates the hosted source's JSON (a document with `api.version` and
+/// `source`, or just the `source` object).
+pub fn parse_source(json: &str, options: ValidationOptions) -> Result<ParsedSource> {
+    let value: serde_json::Value = serde_json::from_str(json)
+        .map_err(|e| Error::config("source", format!("not valid JSON: {e}")))?;
+    parse_source_value(value, options)
+}
+
+/// As [`parse_source`], from an already parsed JSON value.
+pub fn parse_source_value(
+    value: serde_json::Value,
+    options: ValidationOptions,
+) -> Result<ParsedSource> {
+    let value = match value {
+        serde_json::Value::Object(map) if !map.contains_key("source") => {
+            serde_json::json!({ "source": map })
+        }
+        other => other,
+    };
+    let doc: HostedDocument = serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let message = scrub_serde_message(&e.inner().to_string());
+        Error::config(if path == "." { "source".into() } else { path }, message)
+    })?;
+    if let Some(version) = &doc.api_version
+        && version != "v1"
+    {
+        return Err(Error::config("api.version", "must be \"v1\""));
+    }
+    if let Some(schema) = &doc.source.schema_ref
+        && schema.kind != "KnowBe4"
+    {
+        return Err(Error::config(
+            "source.schemaRef.type",
+            "must be \"KnowBe4\"",
+        ));
+    }
+    if let Some(kind) = &doc.source.source_type
+        && kind != "Universal"
+    {
+        return Err(Error::config("source.sourceType", "must be \"Universal\""));
+    }
+    validate_config(doc.source.config, options)
+}
+
+/// serde's messages quote the offending value (which could be a key); keep only what was
+/// expected.
+fn scrub_serde_message(message: &str) -> String {
+    if message.starts_with("invalid type") || message.starts_with("invalid value") {
+        return match message.split_once(", expected ") {
+            Some((_, expected)) => format!("invalid value, expected {expected}"),
+            None => "invalid value".into(),
+        };
+    }
+    message.to_string()
+}
+
+fn field(name: &str) -> String {
+    format!("{CONFIG}.{name}")
+}
+
+fn non_empty(name: &str, value: Option<String>, max: usize) -> Result<Option<String>> {
+    match value.map(|v| v.trim().to_string()) {
+        Some(v) if v.is_empty() => Err(Error::config(field(name), "must not be empty")),
+        Some(v) if v.chars().count() > max => Err(Error::config(
+            field(name),
+            format!("must be at most {max} characters"),
+        )),
+        Some(v) if v.chars().any(char::is_control) => Err(Error::config(
+            field(name),
+            "must not contain control characters",
+        )),
+        other => Ok(other),
+    }
+}
+
+fn number_in(name: &str, value: Option<f64>, default: f64, lo: f64, hi: f64) -> Result<f64> {
+    let v = value.unwrap_or(default);
+    if !v.is_finite() || v < lo || v > hi {
+        return Err(Error::config(
+            field(name),
+            format!("must be a number from {lo} to {hi}"),
+        ));
+    }
+    Ok(v)
+}
+
+fn validate_config(config: HostedConfig, options: ValidationOptions) -> Result<ParsedSource> {
+    let name = non_empty("name", config.name, 128)?
+        .ok_or_else(|| Error::config(field("name"), "is required"))?;
+    let description = non_empty("description", config.description, 1024)?;
+    let category = non_empty("category", config.category, 1024)?;
+
+    let mut fields = BTreeMap::new();
+    let mut siem_forward = false;
+    for (key, value) in config.fields.unwrap_or_default() {
+        let path = field(&format!("fields.{key}"));
+        if key.is_empty()
+            || key.len() > 255
+            || key.chars().any(|c| c.is_control() || c == ',' || c == '=')
+        {
+            return Err(Error::config(
+                path,
+                "field names must be 1 to 255 characters without ',', '=' or control characters",
+            ));
+        }
+        let text = match &value {
+            serde_json::Value::String(s) => s.clone(),
+            serde_json::Value::Bool(b) => b.to_string(),
+            serde_json::Value::Number(n) => n.to_string(),
+            _ => return Err(Error::config(path, "must be a string, number or boolean")),
+        };
+        if text.chars().any(char::is_control) {
+            return Err(Error::config(path, "must not contain control characters"));
+        }
+        if key == "_siemForward" {
+            siem_forward = match text.as_str() {
+                "true" => true,
+                "false" => false,
+                _ => return Err(Error::config(path, "must be true or false")),
+            };
+        }
+        fields.insert(key, text);
+    }
+
+    let (region, api_base) = resolve_base(config.base_url, config.region, options)?;
+
+    let api_key = match config.api_key.map(|k| k.trim().to_string()) {
+        Some(k) if !k.is_empty() && !k.chars().all(|c| c == '*') => {
+            if k.len() > 4096 || k.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return Err(Error::config(
+                    field("apiKey"),
+                    "must be a single token without spaces or control characters",
+                ));
+            }
+            Some(SecretString::from(k))
+        }
+        _ if options.key_optional => None,
+        _ => return Err(Error::config(field("apiKey"), "is required")),
+    };
+
+    let account_daily_quota = match (config.licensed_users, config.daily_request_limit) {
+        (_, Some(0)) => {
+            return Err(Error::config(
+                field("dailyRequestLimit"),
+                "must be at least 1",
+            ));
+        }
+        (Some(0), _) => {
+            return Err(Error::config(field("licensedUsers"), "must be at least 1"));
+        }
+        (_, Some(limit)) => limit,
+        (Some(seats), None) => seats.saturating_mul(REQUESTS_PER_SEAT),
+        (None, None) => DEFAULT_DAILY_REQUESTS,
+    };
+    let share = number_in("quotaShare", config.quota_share, 1.0, 0.0, 1.0)?;
+    if share <= 0.0 {
+        return Err(Error::config(field("quotaShare"), "must be greater than 0"));
+    }
+    let daily_request_limit = ((f64::from(account_daily_quota) * share).floor() as u32).max(1);
+
+    let lookback_hours = number_in(
+        "firstFetchLookbackHours",
+        config.first_fetch_lookback_hours,
+        DEFAULT_LOOKBACK_HOURS,
+        0.0,
+        24.0 * 366.0,
+    )?;
+    let retry_minutes = number_in(
+        "retryWindowMinutes",
+        config.retry_window_minutes,
+        DEFAULT_RETRY_WINDOW_MINUTES,
+        0.0,
+        7.0 * 24.0 * 60.0,
+    )?;
+    if retry_minutes <= 0.0 {
+        return Err(Error::config(
+            field("retryWindowMinutes"),
+            "must be greater than 0",
+        ));
+    }
+    let lateness_minutes = number_in(
+        "latenessWindowMinutes",
+        config.lateness_window_minutes,
+        DEFAULT_LATENESS_MINUTES,
+        0.0,
+        7.0 * 24.0 * 60.0,
+    )?;
+
+    let (destination, destination_url, destination_token) = match config.destination {
+        None => (None, None, None),
+        Some(d) => {
+            let format: Format = d.format.parse().map_err(|_| {
+                Error::config(
+                    field("destination.format"),
+                    "must be one of sumo, splunk-hec, ndjson, stdout",
+                )
+            })?;
+            let url = d
+                .url
+                .filter(|u| !u.trim().is_empty())
+                .map(SecretString::from);
+            let token = d
+                .token
+                .filter(|t| !t.trim().is_empty())
+                .map(SecretString::from);
+            let check = crate::sink::DestinationConfig {
+                format,
+                url: url.clone(),
+                token: token.clone(),
+            };
+            check.validate().map_err(|e| match e {
+                Error::InvalidConfig { field: f, message } => Error::InvalidConfig {
+                    field: format!("{CONFIG}.{f}"),
+                    message,
+                },
+                other => other,
+            })?;
+            (Some(DestinationSpec { format }), url, token)
+        }
+    };
+
+    let secrets = api_key.map(|api_key| SourceSecrets {
+        api_key,
+        destination_url,
+        destination_token,
+    });
+
+    Ok(ParsedSource {
+        spec: SourceSpec {
+            name,
+            description,
+            category,
+            fields,
+            siem_forward,
+            region,
+            api_base,
+            daily_request_limit,
+            account_daily_quota,
+            first_fetch_lookback_secs: (lookback_hours * 3600.0).round() as u64,
+            retry_window_secs: ((retry_minutes * 60.0).round() as u64).max(1),
+            lateness_window_secs: (lateness_minutes * 60.0).round() as u64,
+            destination,
+        },
+        secrets,
+    })
+}
+
+/// Resolves `baseURL` / `region` to the API base URL the key will be sent to.
+fn resolve_base(
+    base_url: Option<String>,
+    region: Option<String>,
+    options: ValidationOptions,
+) -> Result<(Option<Region>, String)> {
+    let region =
+        match region {
+            Some(code) => Some(Region::parse(&code).ok_or_else(|| {
+                Error::config(field("region"), "must be one of US, EU, CA, UK, DE")
+            })?),
+            None => None,
+        };
+    let Some(raw) = base_url
+        .map(|u| u.trim().to_string())
+        .filter(|u| !u.is_empty())
+    else {
+        return match region {
+            Some(r) => Ok((Some(r), format!("https://{}", r.api_host()))),
+            None => Err(Error::config(
+                field("baseURL"),
+                "is required (or set region)",
+            )),
+        };
+    };
+    let with_scheme = if raw.contains("://") {
+        raw.clone()
+    } else {
+        format!("https://{raw}")
+    };
+    let url = Url::parse(&with_scheme)
+        .map_err(|_| Error::config(field("baseURL"), "is not a valid URL"))?;
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(Error::config(
+            field("baseURL"),
+            "must not contain credentials",
+        ));
+    }
+    let host = url.host_str().unwrap_or_default().to_ascii_lowercase();
+    let known = Region::ALL
+        .into_iter()
+        .find(|r| host == r.console_host() || host == r.api_host());
+    if let Some(found) = known {
+        if url.scheme() != "https" {
+            return Err(Error::config(field("baseURL"), "must use https"));
+        }
+        if let Some(r) = region
+            && r != found
+        {
+            return Err(Error::config(
+                field("region"),
+                format!(
+                    "{} does not match baseURL's region {}",
+                    r.code(),
+                    found.code()
+                ),
+            ));
+        }
+        return Ok((Some(found), format!("https://{}", found.api_host())));
+    }
+    if !options.allow_custom_base_url {
+        return Err(Error::config(
+            field("baseURL"),
+            format!(
+                "{host} is not a KnowBe4 host (expected one of {}); the API key is only sent to KnowBe4 unless {ALLOW_CUSTOM_BASE_URL_ENV}=1",
+                Region::ALL.map(Region::console_host).join(", ")
+            ),
+        ));
+    }
+    let loopback = matches!(host.as_str(), "localhost" | "127.0.0.1" | "[::1]" | "::1");
+    match url.scheme() {
+        "https" => {}
+        "http" if loopback => {}
+        "http" => {
+            return Err(Error::config(
+                field("baseURL"),
+                "plain http is only allowed to a loopback address",
+            ));
+        }
+        _ => return Err(Error::config(field("baseURL"), "must be an http(s) URL")),
+    }
+    let mut base = url.as_str().trim_end_matches('/').to_string();
+    if url.query().is_some() || url.fragment().is_some() {
+        base = format!(
+            "{}://{}{}",
+            url.scheme(),
+            url.host_str().unwrap_or_default(),
+            url.port().map(|p| format!(":{p}")).unwrap_or_default()
+        );
+    }
+    Ok((region, base))
+}
+
+/// Whether the secret `api_key` appears in `text` (used by tests and log scrubbing checks).
+pub fn contains_secret(text: &str, secret: &SecretString) -> bool {
+    let s = secret.expose_secret();
+    !s.is_empty() && text.contains(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(json: serde_json::Value) -> Result<ParsedSource> {
+        parse_source_value(json, ValidationOptions::default())
+    }
+
+    fn hosted(config: serde_json::Value) -> serde_json::Value {
+        serde_json::json!({"api.version":"v1","source":{"config":config,"schemaRef":{"type":"KnowBe4"},"sourceType":"Universal"}})
+    }
+
+    fn field_of(err: Error) -> String {
+        match err {
+            Error::InvalidConfig { field, .. } => field,
+            other => panic!("expected a config error, got {other}"),
+        }
+    }
+
+    #[test]
+    fn accepts_the_hosted_example_with_a_console_host() {
+        let parsed = parse(hosted(serde_json::json!({
+            "name":"KnowBe4","description":"Test Source","category":"source_category",
+            "fields":{"_siemForward":true,"team":"sec"},
+            "baseURL":"https://training.knowbe4.com/ui/dashboard","apiKey":"k-123"
+        })))
+        .unwrap();
+        assert_eq!(parsed.spec.api_base, "https://api.events.knowbe4.com");
+        assert_eq!(parsed.spec.region, Some(Region::US));
+        assert!(parsed.spec.siem_forward);
+        assert_eq!(parsed.spec.fields["team"], "sec");
+        assert_eq!(parsed.spec.daily_request_limit, DEFAULT_DAILY_REQUESTS);
+        assert_eq!(parsed.spec.retry_window_secs, 90 * 60);
+    }
+
+    #[test]
+    fn region_and_api_hosts_resolve() {
+        for (input, api) in [
+            (
+                serde_json::json!({"region":"eu"}),
+                "https://api-eu.events.knowbe4.com",
+            ),
+            (
+                serde_json::json!({"baseURL":"ca.knowbe4.com"}),
+                "https://api-ca.events.knowbe4.com",
+            ),
+            (
+                serde_json::json!({"baseURL":"https://api-de.events.knowbe4.com/"}),
+                "https://api-de.events.knowbe4.com",
+            ),
+        ] {
+            let mut config = input.as_object().unwrap().clone();
+            config.insert("name".into(), "n".into());
+            config.insert("apiKey".into(), "k".into());
+            let parsed = parse(hosted(config.into())).unwrap();
+            assert_eq!(parsed.spec.api_base, api);
+        }
+    }
+
+    #[test]
+    fn quota_extensions() {
+        let parsed = parse(hosted(serde_json::json!({
+            "name":"n","apiKey":"k","region":"US","licensedUsers":50,"quotaShare":0.5
+        })))
+        .unwrap();
+        assert_eq!(parsed.spec.account_daily_quota, 500);
+        assert_eq!(parsed.spec.daily_request_limit, 250);
+        let parsed = parse(hosted(serde_json::json!({
+            "name":"n","apiKey":"k","region":"US","licensedUsers":50,"dailyRequestLimit":42
+        })))
+        .unwrap();
+        assert_eq!(parsed.spec.daily_request_limit, 42);
+    }
+
+    #[test]
+    fn every_rejection_names_its_field() {
+        let cases = [
+            (
+                serde_json::json!({"apiKey":"k","region":"US"}),
+                "source.config.name",
+            ),
+            (
+                serde_json::json!({"name":"n","region":"US"}),
+                "source.config.apiKey",
+            ),
+            (
+                serde_json::json!({"name":"n","apiKey":"k"}),
+                "source.config.baseURL",
+            ),
+            (
+                serde_json::json!({"name":"n","apiKey":"k","region":"MARS"}),
+                "source.config.region",
+            ),
+            (
+                serde_json::json!({"name":"n","apiKey":"k","baseURL":"https://evil.example.com"}),
+                "source.config.baseURL",
+            ),
+            (
+                serde_json::json!({"name":"n","apiKey":"k","baseURL":"http://training.knowbe4.com"}),
+                "source.config.baseURL",
+            ),
+            (
+                serde_json::json!({"name":"n","apiKey":"k","region":"US","quotaShare":1.5}),
+                "source.config.quotaShare",
+            ),
+            (
+                serde_json::json!({"name":"n","apiKey":"k","region":"US","licensedUsers":"many"}),
+                "source.config.licensedUsers",
+            ),
+            (
+                serde_json::json!({"name":"n","apiKey":"k","region":"US","bogus":1}),
+                "source.config",
+            ),
+            (
+                serde_json::json!({"name":"n","apiKey":"k","region":"US","fields":{"a":[1]}}),
+                "source.config.fields.a",
+            ),
+            (
+                serde_json::json!({"name":"n","apiKey":"k","region":"US","retryWindowMinutes":0}),
+                "source.config.retryWindowMinutes",
+            ),
+            (
+                serde_json::json!({"name":"n","apiKey":"k","region":"US","destination":{"format":"carrier-pigeon"}}),
+                "source.config.destination.format",
+            ),
+            (
+                serde_json::json!({"name":"n","apiKey":"k","region":"EU","baseURL":"training.knowbe4.com"}),
+                "source.config.region",
+            ),
+        ];
+        for (config, expected) in cases {
+            let err = parse(hosted(config.clone()))
+                .err()
+                .unwrap_or_else(|| panic!("{config} was accepted"));
+            assert_eq!(field_of(err), expected, "{config}");
+        }
+        let err = parse(serde_json::json!({"api.version":"v2","source":{"config":{}}}))
+            .err()
+            .unwrap();
+        assert_eq!(field_of(err), "api.version");
+        let err = parse(serde_json::json!({"source":{"config":{"name":"n","apiKey":"k","region":"US"},"schemaRef":{"type":"Okta"}}})).err().unwrap();
+        assert_eq!(field_of(err), "source.schemaRef.type");
+    }
+
+    #[test]
+    fn custom_base_urls_need_the_switch_and_loopback_for_http() {
+        let config =
+            hosted(serde_json::json!({"name":"n","apiKey":"k","baseURL":"http://127.0.0.1:8787"}));
+        assert!(parse(config.clone()).is_err());
+        let allow = ValidationOptions {
+            allow_custom_base_url: true,
+            key_optional: false,
+        };
+        let parsed = parse_source_value(config, allow).unwrap();
+        assert_eq!(parsed.spec.api_base, "http://127.0.0.1:8787");
+        let remote =
+            hosted(serde_json::json!({"name":"n","apiKey":"k","baseURL":"http://10.0.0.1:8787"}));
+        assert_eq!(
+            field_of(parse_source_value(remote, allow).err().unwrap()),
+            "source.config.baseURL"
+        );
+    }
+
+    #[test]
+    fn rejections_never_echo_the_key() {
+        let config = hosted(serde_json::json!({"name":"n","apiKey":12345,"region":"US"}));
+        let err = parse(config).err().unwrap();
+        assert!(!err.to_string().contains("12345"), "{err}");
+        let config = hosted(serde_json::json!({"name":"n","apiKey":"canary secret","region":"US"}));
+        let err = parse(config).err().unwrap();
+        assert!(!err.to_string().contains("canary"), "{err}");
+    }
+
+    #[test]
+    fn updates_may_keep_the_key() {
+        let opts = ValidationOptions {
+            allow_custom_base_url: false,
+            key_optional: true,
+        };
+        let parsed = parse_source_value(
+            hosted(serde_json::json!({"name":"n","apiKey":"********","region":"US"})),
+            opts,
+        )
+        .unwrap();
+        assert!(parsed.secrets.is_none());
+    }
+}

@@ -1,0 +1,362 @@
+//! The KnowBe4 User Event API client: `GET /events`, paced at the API's rate limit.
+//!
+//! One concrete client with an injected base URL (the region's API host, or the
+//! simulator under `KNOWBE4_ALLOW_CUSTOM_BASE_URL`). Every request, retries included,
+//! first waits for the account's rate limiter, so no one-second window ever holds more
+//! than four requests from this process. Responses are classified into what the caller
+//! must do ([`ApiError`]); nothing here panics on a hostile body.
+
+use std::collections::HashMap;
+use std::num::NonZeroU32;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use futures::StreamExt;
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use sha2::{Digest, Sha256};
+
+use crate::checkpoint::{PER_PAGE, Page};
+use crate::error::Error;
+use crate::event::RawEvent;
+
+/// Spacing between requests to one account: 4 per second with a 10 ms margin for
+/// network jitter, so the server never counts five in one second.
+pub const REQUEST_SPACING: Duration = Duration::from_millis(260);
+/// Largest response body accepted (a full page is ~100 KB; this bounds hostile ones).
+pub const MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
+/// Timeout of one request, headers and body.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why a request did not yield a page.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// 401 or 403: the key (or the subscription) is not accepted.
+    #[error("KnowBe4 refused the API key (HTTP {0})")]
+    Unauthorized(u16),
+    /// 429 with `Limit Exceeded`: the daily quota is used up.
+    #[error("KnowBe4's daily request quota is used up")]
+    QuotaExhausted,
+    /// Another 429: slow down, retry later.
+    #[error("KnowBe4 rate-limited the request (HTTP 429)")]
+    RateLimited {
+        /// `Retry-After`, when sent.
+        retry_after: Option<Duration>,
+    },
+    /// Any other unexpected status.
+    #[error("KnowBe4 answered HTTP {status}")]
+    Status {
+        /// The status.
+        status: u16,
+    },
+    /// Could not connect, timed out, TLS or DNS failure, reset.
+    #[error("KnowBe4 could not be reached: {0}")]
+    Transport(String),
+    /// The body is not the documented shape.
+    #[error("KnowBe4 sent a malformed response: {0}")]
+    Malformed(String),
+}
+
+impl ApiError {
+    /// Whether retrying the same request later in this run may succeed.
+    pub fn retriable(&self) -> bool {
+        matches!(
+            self,
+            ApiError::RateLimited { .. }
+                | ApiError::Transport(_)
+                | ApiError::Malformed(_)
+                | ApiError::Status {
+                    status: 408 | 500..=599
+                }
+        )
+    }
+
+    /// A short machine-readable kind for health events and logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ApiError::Unauthorized(_) => "unauthorized",
+            ApiError::QuotaExhausted => "quota_exhausted",
+            ApiError::RateLimited { .. } => "rate_limited",
+            ApiError::Status { .. } => "http_status",
+            ApiError::Transport(_) => "transport",
+            ApiError::Malformed(_) => "malformed",
+        }
+    }
+
+    /// The HTTP status, if there was one.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            ApiError::Unauthorized(s) => Some(*s),
+            ApiError::QuotaExhausted | ApiError::RateLimited { .. } => Some(429),
+            ApiError::Status { status } => Some(*status),
+            _ => None,
+        }
+    }
+
+    /// As the collector's error (a generic third-party failure, or a config error).
+    pub fn into_error(self) -> Error {
+        match self {
+            ApiError::Unauthorized(status) => Error::ThirdPartyConfig {
+                system: "KnowBe4",
+                message: format!(
+                    "KnowBe4 refused the API key (HTTP {status}); check the key, the region and the subscription (Platinum or Diamond)"
+                ),
+                status: Some(status),
+            },
+            other => Error::KnowBe4 {
+                status: other.status(),
+                message: other.to_string(),
+                source: None,
+            },
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct EventsBody {
+    data: Vec<Box<RawValue>>,
+    meta: Option<Meta>,
+}
+
+#[derive(Deserialize)]
+struct Meta {
+    count: Option<u64>,
+    next_page: Option<serde_json::Value>,
+    is_last_page: Option<bool>,
+}
+
+/// The rate limiter of one KnowBe4 account (API host + key), shared by every source
+/// of this process that uses it.
+fn limiter_for(base: &str, key: &SecretString) -> Arc<DefaultDirectRateLimiter> {
+    static LIMITERS: OnceLock<Mutex<HashMap<String, Arc<DefaultDirectRateLimiter>>>> =
+        OnceLock::new();
+    let mut hasher = Sha256::new();
+    hasher.update(base.as_bytes());
+    hasher.update([0]);
+    hasher.update(key.expose_secret().as_bytes());
+    let account = hex::encode(hasher.finalize());
+    let quota = Quota::with_period(REQUEST_SPACING)
+        .expect("non-zero period")
+        .allow_burst(NonZeroU32::MIN);
+    LIMITERS
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .entry(account)
+        .or_insert_with(|| Arc::new(RateLimiter::direct(quota)))
+        .clone()
+}
+
+/// A client for one source's KnowBe4 account.
+#[derive(Clone)]
+pub struct KnowBe4Client {
+    /// Shared HTTP client (connection pool built once per process).
+    http: reqwest::Client,
+    /// The API base URL, e.g. `https://api.events.knowbe4.com`.
+    base: String,
+    /// The User Event API key.
+    key: SecretString,
+    /// Paces requests to the account's rate limit.
+    limiter: Arc<DefaultDirectRateLimiter>,
+    /// Sent as `x-run-id` so a request log can tell runs apart.
+    run_id: String,
+}
+
+impl std::fmt::Debug for KnowBe4Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KnowBe4Client")
+            .field("base", &self.base)
+            .field("run_id", &self.run_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KnowBe4Client {
+    /// A client for `base` with `key`; requests carry `run_id`.
+    pub fn new(http: reqwest::Client, base: &str, key: SecretString, run_id: &str) -> Self {
+        let base = base.trim_end_matches('/').to_string();
+        KnowBe4Client {
+            limiter: limiter_for(&base, &key),
+            http,
+            base,
+            key,
+            run_id: run_id.to_string(),
+        }
+    }
+
+    /// Replaces the key (after a forced re-read of the secret).
+    pub fn set_key(&mut self, key: SecretString) {
+        self.limiter = limiter_for(&self.base, &key);
+        self.key = key;
+    }
+
+    /// Waits until the rate limiter allows one more request.
+    pub async fn pace(&self) {
+        self.limiter.until_ready().await;
+    }
+
+    /// `GET /events?page=N&per_page=100`, newest first. The caller has already reserved
+    /// the request in the quota ledger and waited for [`pace`](Self::pace).
+    pub async fn events_page(&self, page: u32) -> Result<Page, ApiError> {
+        let url = format!("{}/events", self.base);
+        let response = self
+            .http
+            .get(&url)
+            .query(&[
+                ("page", page.to_string()),
+                ("per_page", PER_PAGE.to_string()),
+                ("order_by", "occurred_date".into()),
+                ("order_direction", "desc".into()),
+            ])
+            .bearer_auth(self.key.expose_secret())
+            .header("accept", "application/json")
+            .header("x-run-id", &self.run_id)
+            .timeout(REQUEST_TIMEOUT)
+            .send()
+            .await
+            .map_err(transport)?;
+        let status = response.status().as_u16();
+        let retry_after = response
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
+        let body = read_capped(response).await?;
+        match status {
+            200 => parse_page(&body),
+            204 => Ok(Page {
+                events: Vec::new(),
+                count: None,
+                last: true,
+            }),
+            401 | 403 => Err(ApiError::Unauthorized(status)),
+            429 if String::from_utf8_lossy(&body).contains("Limit Exceeded") => {
+                Err(ApiError::QuotaExhausted)
+            }
+            429 => Err(ApiError::RateLimited { retry_after }),
+            _ => Err(ApiError::Status { status }),
+        }
+    }
+}
+
+fn transport(err: reqwest::Error) -> ApiError {
+    // reqwest's Display names the URL; ours has no secret in it, but keep messages
+    // uniform and short.
+    let err = err.without_url();
+    let kind = if err.is_timeout() {
+        "timed out"
+    } else if err.is_connect() {
+        "connection failed"
+    } else if err.is_body() || err.is_decode() {
+        "the response body broke off"
+    } else {
+        "request failed"
+    };
+    let mut detail = String::new();
+    let mut source = std::error::Error::source(&err);
+    while let Some(s) = source {
+        detail = s.to_string();
+        source = s.source();
+    }
+    if detail.is_empty() {
+        ApiError::Transport(kind.to_string())
+    } else {
+        ApiError::Transport(format!("{kind} ({detail})"))
+    }
+}
+
+async fn read_capped(response: reqwest::Response) -> Result<Vec<u8>, ApiError> {
+    let mut body = Vec::new();
+    let mut stream = response.bytes_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(transport)?;
+        if body.len() + chunk.len() > MAX_BODY_BYTES {
+            return Err(ApiError::Malformed(format!(
+                "response body larger than {MAX_BODY_BYTES} bytes"
+            )));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+/// Parses a `GET /events` body into a page; any deviation is `Malformed`.
+pub fn parse_page(body: &[u8]) -> Result<Page, ApiError> {
+    let parsed: EventsBody = serde_json::from_slice(body).map_err(|e| {
+        let head: String = String::from_utf8_lossy(&body[..body.len().min(40)])
+            .chars()
+            .filter(|c| !c.is_control())
+            .collect();
+        ApiError::Malformed(format!("{e} (body starts {head:?})"))
+    })?;
+    let meta = parsed
+        .meta
+        .ok_or_else(|| ApiError::Malformed("the response has no `meta`".into()))?;
+    let mut events = Vec::with_capacity(parsed.data.len());
+    for raw in parsed.data {
+        events.push(RawEvent::from_raw(raw).map_err(|e| ApiError::Malformed(e.to_string()))?);
+    }
+    let next_missing = meta
+        .next_page
+        .as_ref()
+        .is_none_or(serde_json::Value::is_null);
+    let last =
+        meta.is_last_page.unwrap_or(false) || next_missing || events.len() < PER_PAGE as usize;
+    Ok(Page {
+        events,
+        count: meta.count,
+        last,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_a_page_and_flags_the_last_one() {
+        let body = br#"{"data":[{"id":"a","occurred_date":"2024-01-02T03:04:05.678Z","extra":1}],
+            "meta":{"count":1,"next_page":null,"is_last_page":true}}"#;
+        let page = parse_page(body).unwrap();
+        assert_eq!(page.events.len(), 1);
+        assert!(page.last);
+        assert_eq!(page.count, Some(1));
+        assert!(page.events[0].as_json().contains("\"extra\":1"));
+    }
+
+    #[test]
+    fn malformed_bodies_are_errors_not_panics() {
+        for body in [
+            &b"<html>Service Unavailable</html>"[..],
+            br#"{"data":{"id":"a"},"meta":{}}"#,
+            br#"{"data":[]}"#,
+            br#"{"data":[{"id":"a"}],"meta":{}}"#,
+            br#"{"data":[{"id":"a","occurred_date":"2024-01-0"#,
+            b"",
+        ] {
+            assert!(
+                matches!(parse_page(body), Err(ApiError::Malformed(_))),
+                "{body:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn error_classes() {
+        assert!(ApiError::Status { status: 503 }.retriable());
+        assert!(!ApiError::Status { status: 404 }.retriable());
+        assert!(!ApiError::Unauthorized(401).retriable());
+        assert!(!ApiError::QuotaExhausted.retriable());
+        assert_eq!(
+            ApiError::Unauthorized(401).into_error().health_kind(),
+            crate::HealthKind::ThirdPartyConfigError
+        );
+        assert_eq!(
+            ApiError::Transport("x".into()).into_error().health_kind(),
+            crate::HealthKind::ThirdPartyGenericError
+        );
+    }
+}

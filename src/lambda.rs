@@ -1,0 +1,58 @@
+//! The Lambda entry point: one handler for scheduled events and action payloads.
+//!
+//! Clients are built once per cold start (`App::from_env`) and borrowed by every
+//! invocation. A scheduled collection returns its run reports even when a source failed:
+//! failures are recorded as health events and retried by later schedules, and an error
+//! here would only make Lambda re-deliver the invocation (duplicate runs, spent quota).
+
+use std::time::Duration;
+
+use lambda_runtime::{Diagnostic, LambdaEvent, service_fn};
+use tokio::time::Instant;
+
+use crate::app::{Action, App};
+use crate::error::Error;
+
+impl From<Error> for Diagnostic {
+    fn from(err: Error) -> Diagnostic {
+        let error_type = match &err {
+            Error::InvalidConfig { .. } => "InvalidConfig".to_string(),
+            Error::NotFound(_) => "NotFound".to_string(),
+            other => other.health_kind().as_str().to_string(),
+        };
+        Diagnostic {
+            error_type,
+            error_message: err.to_string(),
+        }
+    }
+}
+
+/// The invocation's deadline as an `Instant`.
+fn deadline_of(deadline_epoch_ms: u64) -> Instant {
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    Instant::now() + Duration::from_millis(deadline_epoch_ms.saturating_sub(now_ms))
+}
+
+/// Handles one invocation.
+pub async fn handle(
+    app: &App,
+    event: LambdaEvent<serde_json::Value>,
+) -> Result<serde_json::Value, Error> {
+    let deadline = deadline_of(event.context.deadline);
+    let action = Action::from_payload(event.payload)?;
+    app.handle(action, deadline).await
+}
+
+/// Runs the Lambda runtime loop.
+pub async fn run() -> Result<(), lambda_runtime::Error> {
+    lambda_runtime::tracing::init_default_subscriber();
+    let app = App::from_env().await?;
+    let app = &app;
+    lambda_runtime::run(service_fn(
+        move |event| async move { handle(app, event).await },
+    ))
+    .await
+}

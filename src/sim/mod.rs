@@ -1,0 +1,315 @@
+//! A KnowBe4 User Event API simulator: a real HTTP server on loopback.
+//!
+//! It encodes what is known about the real API (see `shared/reference/knowbe4-api.md`):
+//! bearer-key auth (a wrong key answers 401, or 500 as KnowBe4 has been seen to), page
+//! number paging with Kaminari's `meta`, newest `occurred_date` first, at most 4 requests
+//! in any second (429 `Rate limit exceeded`), a daily quota where every call counts
+//! (429 `API Limit Exceeded`), events that can be added with old `occurred_date`s or
+//! deleted while a client pages, and ties in `occurred_date`. Faults can be injected
+//! into the next requests to `GET /events`.
+//!
+//! Tests use it in-process through [`Simulator`]; the `knowbe4-sim` binary runs it for
+//! demos and benchmarks. The same port serves a control API under `/_sim/` (no auth, not
+//! logged, not rate limited):
+//!
+//! | route | body | answer |
+//! |---|---|---|
+//! | `POST /_sim/events` | `{"count":n,"backdate_secs":s}` or `{"count":n,"oldest":t,"newest":t}` | `{"ids":[...]}` |
+//! | `POST /_sim/delete` | `{"count":n}` or `{"ids":[...]}` | `{"ids":[deleted...]}` |
+//! | `POST /_sim/faults` | `{"fault":<Fault>,"count":n}` | 204 |
+//! | `DELETE /_sim/faults` | | 204 (clears queued faults) |
+//! | `PUT /_sim/latency` | `{"ms":n}` | 204 |
+//! | `GET /_sim/events` | | `{"ids":[...]}` newest first |
+//! | `GET /_sim/requests` | | `[RequestRecord...]` |
+//! | `GET /_sim/stats` | | `SimStats` |
+//!
+//! Layout:
+//! - `events`: compact event storage and the JSON each event is served as.
+//! - `state`: accounting and every API decision, without I/O.
+//! - `server`: the listener (whose connections can be cut), the handlers, control routes.
+
+mod events;
+mod server;
+mod state;
+#[cfg(test)]
+mod tests;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use server::{Shared, lock};
+use state::State;
+
+/// How a [`Simulator`] starts.
+#[derive(Clone)]
+pub struct SimConfig {
+    /// The key clients must send as `Authorization: Bearer <key>`.
+    pub api_key: String,
+    /// How many events exist at start.
+    pub events: usize,
+    /// Seeds the ids and every random choice, so runs are reproducible.
+    pub seed: u64,
+    /// The initial events' `occurred_date`s are spread over this many hours before now.
+    pub span_hours: u64,
+    /// Delay before answering each API request (rate accounting uses arrival time).
+    pub latency_ms: u64,
+    /// API calls allowed per UTC day; `None` is unlimited. Failed calls count too.
+    pub daily_quota: Option<u32>,
+    /// Status for a missing or wrong key: 401, though KnowBe4 has been seen to answer 500.
+    pub wrong_key_status: u16,
+    /// Whether the 5th request within a second is answered 429 (it is counted either way).
+    pub enforce_rate_limit: bool,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        SimConfig {
+            api_key: "sim-key".to_string(),
+            events: 1000,
+            seed: 1,
+            span_hours: 72,
+            latency_ms: 0,
+            daily_quota: None,
+            wrong_key_status: 401,
+            enforce_rate_limit: true,
+        }
+    }
+}
+
+impl fmt::Debug for SimConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SimConfig")
+            .field("api_key", &"[redacted]")
+            .field("events", &self.events)
+            .field("seed", &self.seed)
+            .field("span_hours", &self.span_hours)
+            .field("latency_ms", &self.latency_ms)
+            .field("daily_quota", &self.daily_quota)
+            .field("wrong_key_status", &self.wrong_key_status)
+            .field("enforce_rate_limit", &self.enforce_rate_limit)
+            .finish()
+    }
+}
+
+/// Something that goes wrong on a request to `GET /events`.
+///
+/// Queued with [`Simulator::inject`]; consumed only by requests that passed the rate
+/// limit, the quota and auth (so a fault count is exactly the number of answers that would
+/// otherwise have been good pages). Serde form is externally tagged, e.g. `{"Status":503}`,
+/// `{"StatusRetryAfter":[429,2]}`, `"Malformed"`; snake_case names are accepted too.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Fault {
+    /// Answer this status with a JSON error body.
+    #[serde(alias = "status")]
+    Status(u16),
+    /// Answer this status with a JSON error body and `Retry-After: <secs>`.
+    #[serde(alias = "status_retry_after")]
+    StatusRetryAfter(u16, u64),
+    /// 200 with the page's JSON cut off halfway.
+    #[serde(alias = "malformed")]
+    Malformed,
+    /// 200 with a `text/html` error page (a proxy or the Rails error page).
+    #[serde(alias = "html")]
+    Html,
+    /// 200 where `data` is an object, not an array.
+    #[serde(alias = "wrong_types")]
+    WrongTypes,
+    /// 200 with `data` but no `meta`.
+    #[serde(alias = "missing_meta")]
+    MissingMeta,
+    /// 200 with `data: []` while `meta` claims more pages follow.
+    #[serde(alias = "empty_page")]
+    EmptyPage,
+    /// The right page, after this many milliseconds before the headers.
+    #[serde(alias = "slow")]
+    Slow(u64),
+    /// The right page, its body sent 8 bytes every 200 ms.
+    #[serde(alias = "drip")]
+    Drip,
+    /// The connection is reset without an answer.
+    #[serde(alias = "reset")]
+    Reset,
+}
+
+/// One API request as the simulator saw it (control requests are not recorded).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestRecord {
+    /// Unix milliseconds at arrival, to check pacing.
+    pub at_ms: u64,
+    /// HTTP method.
+    pub method: String,
+    /// Path without the query, e.g. `/events`.
+    pub path: String,
+    /// The raw query string (`""` when none), to check paging parameters.
+    pub query: String,
+    /// Status answered; 0 when the connection was reset instead.
+    pub status: u16,
+    /// The `x-run-id` request header, so a test can tell its runs apart.
+    pub run_id: Option<String>,
+    /// Whether the request carried the right key (even if it was refused for rate/quota).
+    pub authorized: bool,
+}
+
+/// Counters over the simulator's lifetime.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SimStats {
+    /// API requests received (control requests excluded).
+    pub requests: u64,
+    /// Requests that arrived when 4 had already arrived in the trailing second (answered
+    /// 429 unless `enforce_rate_limit` is off): a compliant client keeps this at 0.
+    pub rate_violations: u64,
+    /// Calls counted against today's (UTC) quota, refused ones included.
+    pub quota_used_today: u64,
+    /// Requests answered 2xx without an injected fault.
+    pub served_ok: u64,
+}
+
+/// A running simulator; dropping it stops the server.
+pub struct Simulator {
+    /// State shared with the server's handlers.
+    shared: Shared,
+    /// Where the server listens.
+    addr: SocketAddr,
+    /// Tells the server to stop accepting and finish.
+    stop: Option<oneshot::Sender<()>>,
+    /// The server task, awaited (or aborted) on shutdown.
+    task: Option<JoinHandle<()>>,
+}
+
+impl fmt::Debug for Simulator {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Simulator")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Simulator {
+    /// Starts a simulator on a free port of 127.0.0.1.
+    pub async fn spawn(config: SimConfig) -> std::io::Result<Simulator> {
+        Self::spawn_on(config, 0).await
+    }
+
+    /// Starts a simulator on `127.0.0.1:port` (0 picks a free port).
+    pub async fn spawn_on(config: SimConfig, port: u16) -> std::io::Result<Simulator> {
+        let (listener, addr) = server::bind(port).await?;
+        let shared: Shared = std::sync::Arc::new(std::sync::Mutex::new(State::new(&config)));
+        let app = server::router(shared.clone())
+            .into_make_service_with_connect_info::<server::ConnHandle>();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
+                let _ = stopped.await;
+            });
+            if let Err(error) = serve.await {
+                tracing::error!(%error, "Simulator server failed.");
+            }
+        });
+        Ok(Simulator {
+            shared,
+            addr,
+            stop: Some(stop),
+            task: Some(task),
+        })
+    }
+
+    /// The base URL clients use, e.g. `http://127.0.0.1:8787`.
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The address the server listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Adds `count` events that occurred `backdate_secs` ago (minus up to 1 s of jitter);
+    /// returns their ids.
+    pub fn add_events(&self, count: usize, backdate_secs: u64) -> Vec<String> {
+        lock(&self.shared).add_events(count, backdate_secs)
+    }
+
+    /// Adds `count` events with `occurred_date`s spread over `oldest..=newest`.
+    pub fn add_events_between(
+        &self,
+        count: usize,
+        oldest: OffsetDateTime,
+        newest: OffsetDateTime,
+    ) -> Vec<String> {
+        lock(&self.shared).add_events_between(
+            count,
+            events::millis_of(oldest),
+            events::millis_of(newest),
+        )
+    }
+
+    /// Deletes `count` existing events chosen at random (seeded); returns their ids.
+    pub fn delete_events(&self, count: usize) -> Vec<String> {
+        lock(&self.shared).delete_random(count)
+    }
+
+    /// Deletes these events; unknown ids are ignored.
+    pub fn delete_ids(&self, ids: &[String]) {
+        lock(&self.shared).delete_ids(ids);
+    }
+
+    /// Ids of every event present now, newest first: the oracle a collector is checked
+    /// against.
+    pub fn event_ids(&self) -> Vec<String> {
+        lock(&self.shared).event_ids()
+    }
+
+    /// Makes the next `count` admitted requests to `GET /events` suffer `fault`
+    /// (queued after any faults already injected).
+    pub fn inject(&self, fault: Fault, count: u32) {
+        lock(&self.shared).inject(fault, count);
+    }
+
+    /// Drops every queued fault.
+    pub fn clear_faults(&self) {
+        lock(&self.shared).clear_faults();
+    }
+
+    /// Sets the delay before each API answer.
+    pub fn set_latency_ms(&self, ms: u64) {
+        lock(&self.shared).latency_ms = ms;
+    }
+
+    /// Every API request so far, in arrival order.
+    pub fn requests(&self) -> Vec<RequestRecord> {
+        lock(&self.shared).requests()
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> SimStats {
+        lock(&self.shared).stats()
+    }
+
+    /// Stops the server: lets in-flight answers finish for up to a second, then cuts them.
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(mut task) = self.task.take()
+            && tokio::time::timeout(Duration::from_secs(1), &mut task)
+                .await
+                .is_err()
+        {
+            task.abort();
+        }
+    }
+}
+
+impl Drop for Simulator {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}

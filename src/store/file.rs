@@ -1,0 +1,437 @@
+//! The local state file: the embedded default, so the collector runs without AWS.
+//!
+//! One JSON document holds every source's records (and, in local mode only, their
+//! secrets). Each operation takes an exclusive lock on a sibling `.lock` file, reads the
+//! document, changes it, writes a temporary file, fsyncs it and renames it over the old
+//! one: a crash mid-write leaves either the old or the new document, never a torn one.
+//! The same conditions as DynamoDB (state version, lease fence) apply, so local runs
+//! behave like deployed ones.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::secrets::{SecretDocument, SourceSecrets};
+use crate::state::{HealthEvent, Lease, Millis, SourceRecord, SourceState, Versioned};
+use crate::store::{Reservation, StateStore};
+
+/// Default location of the state file, relative to the working directory.
+pub const DEFAULT_STATE_FILE: &str = "./.knowbe4-source/state.json";
+
+#[derive(Default, Serialize, Deserialize)]
+struct Document {
+    #[serde(default)]
+    sources: BTreeMap<String, SourceRecord>,
+    #[serde(default)]
+    states: BTreeMap<String, StoredState>,
+    #[serde(default)]
+    leases: BTreeMap<String, Lease>,
+    /// source id → day → requests reserved.
+    #[serde(default)]
+    quota: BTreeMap<String, BTreeMap<String, u32>>,
+    #[serde(default)]
+    health: BTreeMap<String, BTreeMap<String, StoredHealth>>,
+    #[serde(default)]
+    secrets: BTreeMap<String, SecretDocument>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct StoredState {
+    version: u64,
+    doc: SourceState,
+}
+
+#[derive(Serialize, Deserialize)]
+struct StoredHealth {
+    expires_at: i64,
+    event: HealthEvent,
+}
+
+/// The local JSON state store.
+#[derive(Clone, Debug)]
+pub struct FileStore {
+    /// The state document.
+    path: PathBuf,
+    /// The lock file serialising writers (processes and tasks alike).
+    lock_path: PathBuf,
+}
+
+impl FileStore {
+    /// A store at `path`; the directory is created on first write.
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        let path = path.into();
+        let mut lock = path.clone().into_os_string();
+        lock.push(".lock");
+        FileStore {
+            path,
+            lock_path: PathBuf::from(lock),
+        }
+    }
+
+    /// Where the document lives.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs `f` on the document under the lock, writing it back when `f` says so.
+    async fn with_doc<T, F>(&self, write: bool, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Document) -> Result<T> + Send + 'static,
+    {
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || store.with_doc_blocking(write, f))
+            .await
+            .map_err(|e| Error::store("local state task failed", e))?
+    }
+
+    fn with_doc_blocking<T>(
+        &self,
+        write: bool,
+        f: impl FnOnce(&mut Document) -> Result<T>,
+    ) -> Result<T> {
+        if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            fs::create_dir_all(dir)
+                .map_err(|e| Error::store(format!("creating {}", dir.display()), e))?;
+        }
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&self.lock_path)
+            .map_err(|e| Error::store(format!("opening {}", self.lock_path.display()), e))?;
+        lock.lock()
+            .map_err(|e| Error::store(format!("locking {}", self.lock_path.display()), e))?;
+        let mut doc = match fs::read(&self.path) {
+            Ok(bytes) if bytes.is_empty() => Document::default(),
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
+                Error::store(
+                    format!("{} is not a valid state file", self.path.display()),
+                    e,
+                )
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Document::default(),
+            Err(e) => return Err(Error::store(format!("reading {}", self.path.display()), e)),
+        };
+        let out = f(&mut doc)?;
+        if write {
+            self.write_atomically(&doc)?;
+        }
+        drop(lock);
+        Ok(out)
+    }
+
+    fn write_atomically(&self, doc: &Document) -> Result<()> {
+        let bytes = serde_json::to_vec_pretty(doc)
+            .map_err(|e| Error::store("serialising the state file", e))?;
+        let mut tmp = self.path.clone().into_os_string();
+        tmp.push(format!(".tmp-{}", std::process::id()));
+        let tmp = PathBuf::from(tmp);
+        let result = (|| -> std::io::Result<()> {
+            let mut file = File::create(&tmp)?;
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt;
+                // The file may hold API keys in local mode: owner-only.
+                file.set_permissions(fs::Permissions::from_mode(0o600))?;
+            }
+            file.write_all(&bytes)?;
+            file.sync_all()?;
+            fs::rename(&tmp, &self.path)?;
+            if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                File::open(dir)?.sync_all()?;
+            }
+            Ok(())
+        })();
+        result.map_err(|e| {
+            let _ = fs::remove_file(&tmp);
+            Error::store(format!("writing {}", self.path.display()), e)
+        })
+    }
+
+    /// Stores a source's secrets in the file (local mode only).
+    pub async fn put_secrets(&self, id: &str, secrets: &SourceSecrets) -> Result<()> {
+        let id = id.to_string();
+        let doc = secrets.to_document();
+        self.with_doc(true, move |d| {
+            d.secrets.insert(id, doc);
+            Ok(())
+        })
+        .await
+    }
+
+    /// Reads a source's secrets from the file.
+    pub async fn get_secrets(&self, id: &str) -> Result<SourceSecrets> {
+        let id = id.to_string();
+        self.with_doc(false, move |d| {
+            d.secrets
+                .remove(&id)
+                .map(SourceSecrets::from_document)
+                .ok_or_else(|| Error::Secret {
+                    name: format!("local:{id}"),
+                    message: "no API key is stored for this source".into(),
+                    config: true,
+                })
+        })
+        .await
+    }
+}
+
+fn lease_is_held(doc: &Document, lease: &Lease) -> bool {
+    doc.leases
+        .get(&lease.source_id)
+        .is_some_and(|held| held.owner == lease.owner && held.fence == lease.fence)
+}
+
+#[async_trait]
+impl StateStore for FileStore {
+    async fn create_source(&self, record: &SourceRecord, state: &SourceState) -> Result<()> {
+        let record = record.clone();
+        let state = state.clone();
+        self.with_doc(true, move |d| {
+            if d.sources.contains_key(&record.id) {
+                return Err(Error::Conflict(format!(
+                    "source {} already exists",
+                    record.id
+                )));
+            }
+            d.states.insert(
+                record.id.clone(),
+                StoredState {
+                    version: 1,
+                    doc: state,
+                },
+            );
+            d.sources.insert(record.id.clone(), record);
+            Ok(())
+        })
+        .await
+    }
+
+    async fn update_source(&self, record: &SourceRecord) -> Result<()> {
+        let record = record.clone();
+        self.with_doc(true, move |d| match d.sources.get_mut(&record.id) {
+            Some(slot) => {
+                *slot = record;
+                Ok(())
+            }
+            None => Err(Error::NotFound(record.id)),
+        })
+        .await
+    }
+
+    async fn get_source(&self, id: &str) -> Result<Option<SourceRecord>> {
+        let id = id.to_string();
+        self.with_doc(false, move |d| Ok(d.sources.remove(&id)))
+            .await
+    }
+
+    async fn list_sources(&self) -> Result<Vec<SourceRecord>> {
+        self.with_doc(false, |d| {
+            Ok(std::mem::take(&mut d.sources).into_values().collect())
+        })
+        .await
+    }
+
+    async fn delete_source(&self, id: &str) -> Result<()> {
+        let id = id.to_string();
+        self.with_doc(true, move |d| {
+            d.sources.remove(&id);
+            d.states.remove(&id);
+            d.leases.remove(&id);
+            d.quota.remove(&id);
+            d.health.remove(&id);
+            d.secrets.remove(&id);
+            Ok(())
+        })
+        .await
+    }
+
+    async fn load_state(&self, id: &str) -> Result<Option<Versioned<SourceState>>> {
+        let id = id.to_string();
+        self.with_doc(false, move |d| {
+            Ok(d.states.remove(&id).map(|s| Versioned {
+                value: s.doc,
+                version: s.version,
+            }))
+        })
+        .await
+    }
+
+    async fn save_state(
+        &self,
+        id: &str,
+        state: &SourceState,
+        expected: u64,
+        lease: Option<&Lease>,
+    ) -> Result<u64> {
+        let id = id.to_string();
+        let state = state.clone();
+        let lease = lease.cloned();
+        self.with_doc(true, move |d| {
+            if !d.sources.contains_key(&id) {
+                return Err(Error::Conflict(format!("source {id} was deleted")));
+            }
+            if let Some(lease) = &lease
+                && !lease_is_held(d, lease)
+            {
+                return Err(Error::Conflict(format!("lease on {id} was lost")));
+            }
+            let current = d.states.get(&id).map_or(0, |s| s.version);
+            if current != expected {
+                return Err(Error::Conflict(format!(
+                    "state of {id} is at version {current}, not {expected}"
+                )));
+            }
+            d.states.insert(
+                id,
+                StoredState {
+                    version: expected + 1,
+                    doc: state,
+                },
+            );
+            Ok(expected + 1)
+        })
+        .await
+    }
+
+    async fn acquire_lease(
+        &self,
+        id: &str,
+        owner: &str,
+        now: Millis,
+        ttl_ms: i64,
+    ) -> Result<Option<Lease>> {
+        let id = id.to_string();
+        let owner = owner.to_string();
+        self.with_doc(true, move |d| {
+            let previous = d.leases.get(&id);
+            if previous.is_some_and(|l| l.expires_at >= now) {
+                return Ok(None);
+            }
+            let lease = Lease {
+                source_id: id.clone(),
+                owner,
+                fence: previous.map_or(0, |l| l.fence) + 1,
+                expires_at: now + ttl_ms,
+                quiet_until: previous.map_or(0, |l| l.quiet_until),
+            };
+            d.leases.insert(id, lease.clone());
+            Ok(Some(lease))
+        })
+        .await
+    }
+
+    async fn renew_lease(&self, lease: &Lease, now: Millis, ttl_ms: i64) -> Result<Lease> {
+        let lease = lease.clone();
+        self.with_doc(true, move |d| {
+            if !lease_is_held(d, &lease) {
+                return Err(Error::Conflict(format!(
+                    "lease on {} was lost",
+                    lease.source_id
+                )));
+            }
+            let renewed = Lease {
+                expires_at: now + ttl_ms,
+                ..lease
+            };
+            d.leases.insert(renewed.source_id.clone(), renewed.clone());
+            Ok(renewed)
+        })
+        .await
+    }
+
+    async fn release_lease(&self, lease: &Lease, quiet_until: Millis) -> Result<()> {
+        let lease = lease.clone();
+        self.with_doc(true, move |d| {
+            if lease_is_held(d, &lease) {
+                d.leases.insert(
+                    lease.source_id.clone(),
+                    Lease {
+                        expires_at: 0,
+                        quiet_until,
+                        ..lease
+                    },
+                );
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn reserve_request(&self, id: &str, day: &str, limit: u32) -> Result<Reservation> {
+        let id = id.to_string();
+        let day = day.to_string();
+        self.with_doc(true, move |d| {
+            let days = d.quota.entry(id).or_default();
+            // Only today's and recent days matter; keep the file small.
+            while days.len() > 7 {
+                let oldest = days.keys().next().cloned().expect("non-empty");
+                days.remove(&oldest);
+            }
+            let used = days.entry(day).or_default();
+            if *used >= limit {
+                return Ok(Reservation::Exhausted);
+            }
+            *used += 1;
+            Ok(Reservation::Granted(*used))
+        })
+        .await
+    }
+
+    async fn quota_used(&self, id: &str, day: &str) -> Result<u32> {
+        let id = id.to_string();
+        let day = day.to_string();
+        self.with_doc(false, move |d| {
+            Ok(d.quota
+                .get(&id)
+                .and_then(|days| days.get(&day))
+                .copied()
+                .unwrap_or(0))
+        })
+        .await
+    }
+
+    async fn put_health(&self, event: &HealthEvent, expires_at: i64) -> Result<()> {
+        let event = event.clone();
+        self.with_doc(true, move |d| {
+            let events = d.health.entry(event.source_id.clone()).or_default();
+            events.insert(event.streak_key(), StoredHealth { expires_at, event });
+            // TTL, as DynamoDB would eventually do, and a bound on the file's size.
+            let now_s = time::OffsetDateTime::now_utc().unix_timestamp();
+            events.retain(|_, h| h.expires_at > now_s);
+            while events.len() > 200 {
+                let oldest = events
+                    .iter()
+                    .min_by_key(|(_, h)| h.event.last_seen)
+                    .map(|(k, _)| k.clone())
+                    .expect("non-empty");
+                events.remove(&oldest);
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn list_health(&self, id: &str, limit: usize) -> Result<Vec<HealthEvent>> {
+        let id = id.to_string();
+        self.with_doc(false, move |d| {
+            let mut events: Vec<HealthEvent> = d
+                .health
+                .remove(&id)
+                .unwrap_or_default()
+                .into_values()
+                .map(|h| h.event)
+                .collect();
+            events.sort_by(|a, b| b.last_seen.cmp(&a.last_seen));
+            events.truncate(limit);
+            Ok(events)
+        })
+        .await
+    }
+}

@@ -1,0 +1,217 @@
+//! Sources' secrets in AWS Secrets Manager: one secret per source, named
+//! `{prefix}{source_id}` (callers use the prefix `knowbe4-source/`), holding the JSON
+//! [`SecretDocument`] (`{"apiKey": ..., "destinationUrl": ..., "destinationToken": ...}`).
+//! The state store keeps only the secret's ARN.
+//!
+//! Values never leave this module except as `SecretString`; errors name the secret and
+//! say what went wrong, never what it holds. A missing, unreadable or malformed secret is
+//! a configuration problem (`Error::Secret { config: true, .. }`); throttling, network and
+//! service failures are transient (`config: false`).
+
+use aws_sdk_secretsmanager::Client;
+use aws_sdk_secretsmanager::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use secrecy::{ExposeSecret, SecretString};
+
+use crate::error::{Error, Result};
+use crate::secrets::{SecretDocument, SourceSecrets};
+
+/// Error codes that mean the secret cannot be used as configured (as opposed to a
+/// transient failure): missing, scheduled for deletion, or not readable by this role.
+const CONFIG_ERROR_CODES: &[&str] = &[
+    "ResourceNotFoundException",
+    "InvalidRequestException",
+    "DecryptionFailure",
+    "AccessDeniedException",
+];
+
+/// Reads and writes sources' secrets in Secrets Manager.
+#[derive(Clone, Debug)]
+pub struct SecretsManagerVault {
+    /// The SDK client, built once per process and shared.
+    client: Client,
+    /// Prepended to a source id to name its secret; keeps the collector's secrets
+    /// together (and lets an IAM policy scope to `{prefix}*`).
+    prefix: String,
+}
+
+impl SecretsManagerVault {
+    /// A vault naming secrets `{prefix}{source_id}`.
+    pub fn new(client: Client, prefix: impl Into<String>) -> Self {
+        SecretsManagerVault {
+            client,
+            prefix: prefix.into(),
+        }
+    }
+
+    /// The name of the secret of `source_id`.
+    pub fn secret_name(&self, source_id: &str) -> String {
+        format!("{}{source_id}", self.prefix)
+    }
+
+    /// Stores `secrets` as the secret `{prefix}{source_id}`: creates it, or puts a new
+    /// current value when it already exists. Returns the secret's ARN.
+    pub async fn put(&self, source_id: &str, secrets: &SourceSecrets) -> Result<String> {
+        let name = self.secret_name(source_id);
+        // Held as a SecretString so the serialised copy is zeroed when dropped.
+        let body =
+            SecretString::from(serde_json::to_string(&secrets.to_document()).map_err(|_| {
+                Error::Secret {
+                    name: name.clone(),
+                    message: "the secrets could not be serialised".into(),
+                    config: false,
+                }
+            })?);
+        let created = self
+            .client
+            .create_secret()
+            .name(&name)
+            .description("KnowBe4 source secrets (API key, destination) of knowbe4-source.")
+            .secret_string(body.expose_secret())
+            .send()
+            .await;
+        let err = match created {
+            Ok(out) => return arn(&name, out.arn()),
+            Err(err) => err,
+        };
+        if !err
+            .as_service_error()
+            .is_some_and(|e| e.is_resource_exists_exception())
+        {
+            return Err(secret_error(&name, "CreateSecret", err));
+        }
+        let out = self
+            .client
+            .put_secret_value()
+            .secret_id(&name)
+            .secret_string(body.expose_secret())
+            .send()
+            .await
+            .map_err(|e| secret_error(&name, "PutSecretValue", e))?;
+        arn(&name, out.arn())
+    }
+
+    /// Reads a source's secrets (`secret_id` is a name or an ARN). The value must be a
+    /// JSON [`SecretDocument`]; anything else is a configuration error.
+    pub async fn get(&self, secret_id: &str) -> Result<SourceSecrets> {
+        let value = self.get_value(secret_id).await?;
+        let doc: SecretDocument = serde_json::from_str(value.expose_secret()).map_err(|e| {
+            // serde's message can quote the value: report only where and what kind.
+            Error::Secret {
+                name: secret_id.to_string(),
+                message: format!(
+                    "the value is not a JSON object with a string apiKey ({:?} error at line {} column {})",
+                    e.classify(),
+                    e.line(),
+                    e.column()
+                ),
+                config: true,
+            }
+        })?;
+        Ok(SourceSecrets::from_document(doc))
+    }
+
+    /// Reads a single-valued secret, such as a destination URL or token shared by every
+    /// source. A plain string value is returned as is (surrounding whitespace trimmed).
+    /// A value that is a JSON object yields its `url` key, else its `token` key (each
+    /// must be a string); an object with neither is a configuration error. A JSON string
+    /// literal yields the string.
+    pub async fn get_string(&self, secret_id: &str) -> Result<SecretString> {
+        let value = self.get_value(secret_id).await?;
+        let text = value.expose_secret().trim();
+        let config_error = |message: &str| Error::Secret {
+            name: secret_id.to_string(),
+            message: message.to_string(),
+            config: true,
+        };
+        if text.starts_with('{') {
+            let object: serde_json::Map<String, serde_json::Value> = serde_json::from_str(text)
+                .map_err(|_| config_error("the value looks like JSON but is not a valid object"))?;
+            return ["url", "token"]
+                .iter()
+                .find_map(|key| object.get(*key))
+                .and_then(|v| v.as_str())
+                .map(|v| SecretString::from(v.to_string()))
+                .ok_or_else(|| {
+                    config_error("the JSON value has no string \"url\" or \"token\" key")
+                });
+        }
+        if text.starts_with('"')
+            && let Ok(serde_json::Value::String(inner)) = serde_json::from_str(text)
+        {
+            return Ok(SecretString::from(inner));
+        }
+        if text.is_empty() {
+            return Err(config_error("the value is empty"));
+        }
+        Ok(SecretString::from(text.to_string()))
+    }
+
+    /// Deletes a secret at once (no recovery window). A secret that does not exist is
+    /// not an error.
+    pub async fn delete(&self, secret_id: &str) -> Result<()> {
+        let result = self
+            .client
+            .delete_secret()
+            .secret_id(secret_id)
+            .force_delete_without_recovery(true)
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(()),
+            Err(err)
+                if err
+                    .as_service_error()
+                    .is_some_and(|e| e.is_resource_not_found_exception()) =>
+            {
+                tracing::debug!(secret_id, "Secret already gone, nothing to delete.");
+                Ok(())
+            }
+            Err(err) => Err(secret_error(secret_id, "DeleteSecret", err)),
+        }
+    }
+
+    /// The current string value of a secret.
+    async fn get_value(&self, secret_id: &str) -> Result<SecretString> {
+        let out = self
+            .client
+            .get_secret_value()
+            .secret_id(secret_id)
+            .send()
+            .await
+            .map_err(|e| secret_error(secret_id, "GetSecretValue", e))?;
+        out.secret_string
+            .map(SecretString::from)
+            .ok_or_else(|| Error::Secret {
+                name: secret_id.to_string(),
+                message: "the secret has no string value (binary secrets are not supported)".into(),
+                config: true,
+            })
+    }
+}
+
+/// The ARN from a create or put answer.
+fn arn(name: &str, arn: Option<&str>) -> Result<String> {
+    arn.map(str::to_string).ok_or_else(|| Error::Secret {
+        name: name.to_string(),
+        message: "Secrets Manager returned no ARN".into(),
+        config: false,
+    })
+}
+
+/// Maps an SDK failure to `Error::Secret`, deciding whether it is a configuration
+/// problem. Secrets Manager's error messages never carry secret values.
+fn secret_error<E, R>(name: &str, operation: &str, err: SdkError<E, R>) -> Error
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug,
+{
+    let config = err
+        .as_service_error()
+        .and_then(|e| e.code())
+        .is_some_and(|code| CONFIG_ERROR_CODES.contains(&code));
+    Error::Secret {
+        name: name.to_string(),
+        message: format!("{operation} failed: {}", DisplayErrorContext(&err)),
+        config,
+    }
+}
