@@ -686,7 +686,7 @@ mod tests {
             ),
             (
                 serde_json::json!({"name":"n","apiKey":"k","region":"US","bogus":1}),
-                "source.config",
+                "source.config.bogus",
             ),
             (
                 serde_json::json!({"name":"n","apiKey":"k","region":"US","fields":{"a":[1]}}),

@@ -98,9 +98,15 @@ fn health(id: &str, first_seen: i64, last_seen: i64, count: u32) -> HealthEvent 
     }
 }
 
-fn assert_conflict<T: std::fmt::Debug>(result: knowbe4_source::Result<T>) {
+/// Asserts a lost race whose message names what was lost.
+fn assert_conflict<T: std::fmt::Debug>(result: knowbe4_source::Result<T>, names: &str) {
     match result {
-        Err(Error::Conflict(_)) => {}
+        Err(Error::Conflict(message)) => {
+            assert!(
+                message.contains(names),
+                "{message:?} should mention {names:?}"
+            )
+        }
         other => panic!("expected a conflict, got {other:?}"),
     }
 }
@@ -141,6 +147,7 @@ async fn creating_an_existing_source_is_a_conflict() {
         store
             .create_source(&record("dup"), &SourceState::new(2_000))
             .await,
+        "already exists",
     );
     // The first creation is untouched.
     let state = store.load_state("dup").await.unwrap().unwrap();
@@ -165,7 +172,7 @@ async fn updates_need_an_existing_source_and_a_newer_config_version() {
         "renamed"
     );
     // A replay of version 2 (or an older writer) does not overwrite it.
-    assert_conflict(store.update_source(&updated).await);
+    assert_conflict(store.update_source(&updated).await, "configuration version");
 }
 
 #[tokio::test]
@@ -178,7 +185,10 @@ async fn saving_state_from_a_stale_version_is_a_conflict() {
         .transition(Lifecycle::Started, 2_000, "picked up");
     let v2 = store.save_state("v", &state.value, 1, None).await.unwrap();
     assert_eq!(v2, 2);
-    assert_conflict(store.save_state("v", &state.value, 1, None).await);
+    assert_conflict(
+        store.save_state("v", &state.value, 1, None).await,
+        "no longer at version 1",
+    );
     let v3 = store.save_state("v", &state.value, 2, None).await.unwrap();
     assert_eq!(v3, 3);
     let stored = store.load_state("v").await.unwrap().unwrap();
@@ -208,12 +218,15 @@ async fn a_stale_lease_cannot_save_state_or_renew() {
         .unwrap()
         .expect("expired lease");
     assert!(new.fence > old.fence);
-    assert_conflict(store.save_state("f", &state, 2, Some(&old)).await);
-    assert_conflict(store.renew_lease(&old, 2_010, 100).await);
+    assert_conflict(store.save_state("f", &state, 2, Some(&old)).await, "lease");
+    assert_conflict(store.renew_lease(&old, 2_010, 100).await, "lease");
     // The same owner name with the old fence is still stale.
     let mut forged = new.clone();
     forged.fence = old.fence;
-    assert_conflict(store.save_state("f", &state, 2, Some(&forged)).await);
+    assert_conflict(
+        store.save_state("f", &state, 2, Some(&forged)).await,
+        "lease",
+    );
 
     assert_eq!(
         store.save_state("f", &state, 2, Some(&new)).await.unwrap(),
@@ -450,8 +463,11 @@ async fn deleting_a_source_removes_every_item_and_blocks_later_writes() {
 
     // A run still going cannot resurrect the source, with or without its old lease.
     let state = SourceState::new(1_000);
-    assert_conflict(store.save_state("x", &state, 1, Some(&lease)).await);
-    assert_conflict(store.save_state("x", &state, 1, None).await);
+    assert_conflict(
+        store.save_state("x", &state, 1, Some(&lease)).await,
+        "deleted",
+    );
+    assert_conflict(store.save_state("x", &state, 1, None).await, "deleted");
     assert!(store.load_state("x").await.unwrap().is_none());
 
     // Deleting again is a no-op; the other source is untouched.
@@ -575,4 +591,24 @@ async fn secrets_roundtrip_through_secrets_manager() {
     for name in ["plain", "url", "token", "no-key"] {
         vault.delete(&format!("{prefix}{name}")).await.unwrap();
     }
+}
+
+#[tokio::test]
+async fn an_unreachable_secrets_manager_is_a_transient_error() {
+    let config = aws_config().await;
+    // Nothing listens on port 1; one attempt keeps the test fast.
+    let unreachable = aws_sdk_secretsmanager::config::Builder::from(&config)
+        .endpoint_url("http://127.0.0.1:1")
+        .retry_config(aws_config::retry::RetryConfig::standard().with_max_attempts(1))
+        .build();
+    let vault = SecretsManagerVault::new(
+        aws_sdk_secretsmanager::Client::from_conf(unreachable),
+        "knowbe4-source/",
+    );
+    let err = vault.get("knowbe4-source/any").await.unwrap_err();
+    assert!(
+        matches!(err, Error::Secret { config: false, .. }),
+        "{err:?}"
+    );
+    assert_eq!(err.health_kind(), HealthKind::FirstPartyGenericError);
 }

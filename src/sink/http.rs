@@ -258,7 +258,9 @@ impl HttpDestination {
                         401 | 403 => {
                             return Err(Error::ThirdPartyConfig {
                                 system: "destination",
-                                message: format!("{described}; check the destination's token"),
+                                message: format!(
+                                    "{described}; check the destination's URL and token"
+                                ),
                                 status: Some(status),
                             });
                         }

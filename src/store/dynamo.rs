@@ -725,7 +725,7 @@ impl StateStore for DynamoStore {
             .iter()
             .map(|item| from_doc::<HealthEvent>("HEALTH", id, item))
             .collect::<Result<Vec<_>>>()?;
-        events.sort_by(|a, b| b.last_seen.cmp(&a.last_seen));
+        events.sort_by_key(|e| std::cmp::Reverse(e.last_seen));
         events.truncate(limit);
         Ok(events)
     }

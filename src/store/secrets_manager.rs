@@ -9,7 +9,7 @@
 //! service failures are transient (`config: false`).
 
 use aws_sdk_secretsmanager::Client;
-use aws_sdk_secretsmanager::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_secretsmanager::error::{ProvideErrorMetadata, SdkError};
 use secrecy::{ExposeSecret, SecretString};
 
 use crate::error::{Error, Result};
@@ -199,19 +199,39 @@ fn arn(name: &str, arn: Option<&str>) -> Result<String> {
 }
 
 /// Maps an SDK failure to `Error::Secret`, deciding whether it is a configuration
-/// problem. Secrets Manager's error messages never carry secret values.
+/// problem. The message holds the service's error code and message, or the chain of
+/// transport errors; never the raw response (the SDK's `Debug` would print it).
 fn secret_error<E, R>(name: &str, operation: &str, err: SdkError<E, R>) -> Error
 where
     E: ProvideErrorMetadata + std::error::Error + 'static,
     R: std::fmt::Debug,
 {
-    let config = err
-        .as_service_error()
-        .and_then(|e| e.code())
-        .is_some_and(|code| CONFIG_ERROR_CODES.contains(&code));
+    let (detail, config) = match err.as_service_error() {
+        Some(service) => {
+            let code = service.code().unwrap_or("unknown error");
+            let detail = match service.message() {
+                Some(message) => format!("{code}: {message}"),
+                None => code.to_string(),
+            };
+            (detail, CONFIG_ERROR_CODES.contains(&code))
+        }
+        None => (error_chain(&err), false),
+    };
     Error::Secret {
         name: name.to_string(),
-        message: format!("{operation} failed: {}", DisplayErrorContext(&err)),
+        message: format!("{operation} failed: {detail}"),
         config,
     }
+}
+
+/// An error and its sources, `Display` only.
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
