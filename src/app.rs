@@ -37,6 +37,8 @@ pub struct Settings {
     /// Longest run outside Lambda (`RUN_TIMEOUT_SECS`, default 840, like a 15-minute
     /// Lambda minus margin).
     pub cli_run_timeout: Duration,
+    /// Timeout of one KnowBe4 request (`KNOWBE4_REQUEST_TIMEOUT_SECS`, default 30).
+    pub request_timeout: Duration,
     /// Validation switches (`KNOWBE4_ALLOW_CUSTOM_BASE_URL`).
     pub validation: ValidationOptions,
     /// Prefix of per-source Secrets Manager secrets (`SECRET_PREFIX`).
@@ -58,6 +60,9 @@ impl Settings {
             schedule_interval_secs: env_u64("SCHEDULE_INTERVAL_SECS", 300).max(1),
             concurrency: env_u64("COLLECT_CONCURRENCY", 4).clamp(1, 64) as usize,
             cli_run_timeout: Duration::from_secs(env_u64("RUN_TIMEOUT_SECS", 840)),
+            request_timeout: Duration::from_secs(
+                env_u64("KNOWBE4_REQUEST_TIMEOUT_SECS", 30).max(1),
+            ),
             validation: ValidationOptions::from_env(),
             secret_prefix: std::env::var("SECRET_PREFIX")
                 .unwrap_or_else(|_| "knowbe4-source/".into()),
@@ -93,7 +98,7 @@ pub struct App {
 
 /// A management or collection request: the Lambda payload and what the CLI builds.
 #[derive(Debug, Deserialize)]
-#[serde(tag = "action", rename_all = "lowercase", deny_unknown_fields)]
+#[serde(rename_all = "lowercase", deny_unknown_fields)]
 pub enum Action {
     /// Collect one source, or every source when `sourceId` is absent.
     Collect {
@@ -167,13 +172,22 @@ impl Action {
                 "is required (collect, create, update, restart, delete, status, health, list) unless the payload is an EventBridge Scheduled Event",
             ));
         }
-        serde_path_to_error::deserialize(payload).map_err(|e| {
+        // `{"action": "x", ...rest}` is read as `{"x": {...rest}}` (serde's external
+        // tagging), which keeps the path of a bad field for the error message.
+        let serde_json::Value::Object(mut rest) = payload else {
+            unreachable!("checked above")
+        };
+        let name = match rest.remove("action") {
+            Some(serde_json::Value::String(name)) => name,
+            _ => return Err(Error::config("action", "must be a string")),
+        };
+        let tagged = serde_json::json!({ name.clone(): rest });
+        serde_path_to_error::deserialize(tagged).map_err(|e| {
             let path = e.path().to_string();
-            let field = if path == "." {
-                "action".to_string()
-            } else {
-                path
-            };
+            let field = path
+                .strip_prefix(&format!("{name}."))
+                .map(str::to_string)
+                .unwrap_or_else(|| "action".to_string());
             Error::config(field, e.inner().to_string())
         })
     }

@@ -19,7 +19,7 @@ use crate::app::App;
 use crate::checkpoint::{Step, Walker};
 use crate::error::{Error, HealthKind, Result};
 use crate::event::{EventTime, RawEvent};
-use crate::knowbe4::{ApiError, KnowBe4Client, REQUEST_TIMEOUT};
+use crate::knowbe4::{ApiError, KnowBe4Client};
 use crate::quota::{run_budget, utc_day};
 use crate::state::{
     HealthEvent, Lease, Lifecycle, RetryStreak, SourceRecord, SourceState, Versioned,
@@ -266,6 +266,7 @@ impl Run<'_> {
             &self.record.spec.api_base,
             secrets.api_key.clone(),
             &self.run_id,
+            self.app.settings.request_timeout,
         );
         // The previous holder's last requests may still be in the current rate window.
         let wait = self.lease.quiet_until - now_ms();
@@ -307,7 +308,9 @@ impl Run<'_> {
             if self.report.requests >= budget {
                 break Stop::Budget;
             }
-            if deadline.saturating_duration_since(Instant::now()) < margin + REQUEST_TIMEOUT {
+            if deadline.saturating_duration_since(Instant::now())
+                < margin + self.app.settings.request_timeout
+            {
                 break Stop::Deadline;
             }
             let page = match self.fetch(&client, page_no, &day, limit, deadline).await {
@@ -467,7 +470,9 @@ impl Run<'_> {
                 } => (*after).min(Duration::from_secs(30)),
                 _ => Duration::from_millis(500 * 2u64.pow(attempt - 1)),
             };
-            if left < backoff + self.app.settings.deadline_margin + REQUEST_TIMEOUT {
+            if left
+                < backoff + self.app.settings.deadline_margin + self.app.settings.request_timeout
+            {
                 return Err(FetchFailure::Api(err));
             }
             tracing::info!(source_id = %self.record.id, page = page_no, attempt, error = %err, "KnowBe4 request failed; retrying.");

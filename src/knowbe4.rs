@@ -27,8 +27,6 @@ use crate::event::RawEvent;
 pub const REQUEST_SPACING: Duration = Duration::from_millis(260);
 /// Largest response body accepted (a full page is ~100 KB; this bounds hostile ones).
 pub const MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
-/// Timeout of one request, headers and body.
-pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Why a request did not yield a page.
 #[derive(Debug, thiserror::Error)]
@@ -162,6 +160,8 @@ pub struct KnowBe4Client {
     limiter: Arc<DefaultDirectRateLimiter>,
     /// Sent as `x-run-id` so a request log can tell runs apart.
     run_id: String,
+    /// Timeout of one request, headers and body.
+    timeout: Duration,
 }
 
 impl std::fmt::Debug for KnowBe4Client {
@@ -175,7 +175,13 @@ impl std::fmt::Debug for KnowBe4Client {
 
 impl KnowBe4Client {
     /// A client for `base` with `key`; requests carry `run_id`.
-    pub fn new(http: reqwest::Client, base: &str, key: SecretString, run_id: &str) -> Self {
+    pub fn new(
+        http: reqwest::Client,
+        base: &str,
+        key: SecretString,
+        run_id: &str,
+        timeout: Duration,
+    ) -> Self {
         let base = base.trim_end_matches('/').to_string();
         KnowBe4Client {
             limiter: limiter_for(&base, &key),
@@ -183,6 +189,7 @@ impl KnowBe4Client {
             base,
             key,
             run_id: run_id.to_string(),
+            timeout,
         }
     }
 
@@ -213,7 +220,7 @@ impl KnowBe4Client {
             .bearer_auth(self.key.expose_secret())
             .header("accept", "application/json")
             .header("x-run-id", &self.run_id)
-            .timeout(REQUEST_TIMEOUT)
+            .timeout(self.timeout)
             .send()
             .await
             .map_err(transport)?;
