@@ -563,11 +563,7 @@ impl App {
             ..self.settings.validation
         };
         let parsed = parse_source_value(source, options)?;
-        let secrets = match parsed.secrets {
-            Some(new) => Some(new),
-            // A kept key, but destination secrets may have changed: only when given.
-            None => None,
-        };
+        let secrets = parsed.secrets;
         if let Some(secrets) = &secrets {
             record.secret_ref = self.put_secrets(id, secrets).await?;
             self.secrets_cache.lock().expect("not poisoned").remove(id);

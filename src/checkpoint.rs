@@ -369,7 +369,7 @@ impl Walker {
 
     fn place_in_gap(gap: &Gap, event: &RawEvent) -> Place {
         if event.occurred > gap.newest
-            || (event.occurred == gap.newest && gap.skip.iter().any(|s| *s == event.id))
+            || (event.occurred == gap.newest && gap.skip.contains(&event.id))
         {
             Place::Above
         } else if event.occurred < gap.oldest {
@@ -501,7 +501,7 @@ impl Walker {
         match &self.cursor {
             None => false,
             Some((t, ids)) => {
-                event.occurred > *t || (event.occurred == *t && ids.iter().any(|i| *i == event.id))
+                event.occurred > *t || (event.occurred == *t && ids.contains(&event.id))
             }
         }
     }

@@ -84,6 +84,6 @@ mod tests {
             let at = midnight + time::Duration::seconds(i * 300);
             used += run_budget(500, used, at, 300);
         }
-        assert!(used <= 500 && used >= 490, "{used}");
+        assert!((490..=500).contains(&used), "{used}");
     }
 }

@@ -428,7 +428,7 @@ impl StateStore for FileStore {
                 .into_values()
                 .map(|h| h.event)
                 .collect();
-            events.sort_by(|a, b| b.last_seen.cmp(&a.last_seen));
+            events.sort_by_key(|e| std::cmp::Reverse(e.last_seen));
             events.truncate(limit);
             Ok(events)
         })
