@@ -34,6 +34,9 @@ pub enum ApiError {
     /// 401 or 403: the key (or the subscription) is not accepted.
     #[error("KnowBe4 refused the API key (HTTP {0})")]
     Unauthorized(u16),
+    /// 404 on `/events`: the host is not the User Event API (wrong region or URL).
+    #[error("the base URL does not answer as the KnowBe4 User Event API (HTTP 404)")]
+    NotKnowBe4,
     /// 429 with `Limit Exceeded`: the daily quota is used up.
     #[error("KnowBe4's daily request quota is used up")]
     QuotaExhausted,
@@ -75,6 +78,7 @@ impl ApiError {
     pub fn kind(&self) -> &'static str {
         match self {
             ApiError::Unauthorized(_) => "unauthorized",
+            ApiError::NotKnowBe4 => "not_knowbe4",
             ApiError::QuotaExhausted => "quota_exhausted",
             ApiError::RateLimited { .. } => "rate_limited",
             ApiError::Status { .. } => "http_status",
@@ -87,6 +91,7 @@ impl ApiError {
     pub fn status(&self) -> Option<u16> {
         match self {
             ApiError::Unauthorized(s) => Some(*s),
+            ApiError::NotKnowBe4 => Some(404),
             ApiError::QuotaExhausted | ApiError::RateLimited { .. } => Some(429),
             ApiError::Status { status } => Some(*status),
             _ => None,
@@ -102,6 +107,11 @@ impl ApiError {
                     "KnowBe4 refused the API key (HTTP {status}); check the key, the region and the subscription (Platinum or Diamond)"
                 ),
                 status: Some(status),
+            },
+            ApiError::NotKnowBe4 => Error::ThirdPartyConfig {
+                system: "KnowBe4",
+                message: "the base URL does not answer as the KnowBe4 User Event API (HTTP 404); check baseURL or region".into(),
+                status: Some(404),
             },
             other => Error::KnowBe4 {
                 status: other.status(),
@@ -240,6 +250,7 @@ impl KnowBe4Client {
                 last: true,
             }),
             401 | 403 => Err(ApiError::Unauthorized(status)),
+            404 => Err(ApiError::NotKnowBe4),
             429 if String::from_utf8_lossy(&body).contains("Limit Exceeded") => {
                 Err(ApiError::QuotaExhausted)
             }

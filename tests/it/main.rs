@@ -4,4 +4,5 @@
 mod cli;
 mod collect;
 mod helpers;
+mod lifecycle;
 mod payloads;
