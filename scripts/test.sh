@@ -17,7 +17,8 @@ if [ -z "${AWS_ENDPOINT_URL:-}" ]; then
   fi
   port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
   mkdir -p target
-  "$venv/bin/moto_server" -H 127.0.0.1 -p "$port" > target/moto.log 2>&1 &
+  # One request at a time: moto's conditional writes are not atomic under concurrency.
+  "$venv/bin/python" scripts/moto_serial.py 127.0.0.1 "$port" > target/moto.log 2>&1 &
   moto_pid=$!
   trap 'kill "$moto_pid" 2>/dev/null || true' EXIT
   for _ in $(seq 1 100); do

@@ -43,6 +43,8 @@ pub struct Settings {
     pub validation: ValidationOptions,
     /// Prefix of per-source Secrets Manager secrets (`SECRET_PREFIX`).
     pub secret_prefix: String,
+    /// Where EMF metric lines go (`EMF_METRICS`).
+    pub metrics: crate::metrics::MetricsOutput,
 }
 
 fn env_u64(name: &str, default: u64) -> u64 {
@@ -66,6 +68,7 @@ impl Settings {
             validation: ValidationOptions::from_env(),
             secret_prefix: std::env::var("SECRET_PREFIX")
                 .unwrap_or_else(|_| "knowbe4-source/".into()),
+            metrics: crate::metrics::MetricsOutput::from_env(),
         }
     }
 }
@@ -394,6 +397,11 @@ impl App {
             count = event.count,
             "Health event recorded."
         );
+        self.settings.metrics.emit(&crate::metrics::health_line(
+            &event.source_id,
+            event.kind,
+            event.last_seen,
+        ));
         let expires = event.last_seen / 1000 + ttl_secs;
         if let Err(err) = self.store.put_health(event, expires).await {
             tracing::error!(source_id = %event.source_id, error = %err, "Could not store a health event.");
@@ -456,6 +464,9 @@ impl App {
             .map(|id| async move {
                 let report = collect_source(self, &id, deadline).await;
                 log_run(&report);
+                self.settings
+                    .metrics
+                    .emit(&crate::metrics::run_line(&report, now_ms()));
                 report
             })
             .buffer_unordered(self.settings.concurrency)

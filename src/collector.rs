@@ -76,6 +76,8 @@ pub struct RunReport {
     pub duration_ms: u64,
     /// Lifecycle state after the run.
     pub state: Option<Lifecycle>,
+    /// Seconds from the newest forwarded `occurred_date` to the end of the run.
+    pub lag_seconds: Option<u64>,
 }
 
 impl RunReport {
@@ -95,6 +97,7 @@ impl RunReport {
             backlog: false,
             duration_ms: 0,
             state: None,
+            lag_seconds: None,
         }
     }
 }
@@ -148,6 +151,13 @@ pub async fn collect_source(app: &App, id: &str, deadline: Instant) -> RunReport
     }
     run.report.duration_ms = started.elapsed().as_millis() as u64;
     run.report.state = run.state.as_ref().map(|s| s.value.lifecycle);
+    run.report.lag_seconds = run
+        .state
+        .as_ref()
+        .and_then(|s| s.value.counters.newest_forwarded)
+        .map(|newest| {
+            EventTime(newest).secs_until(EventTime::from_datetime(OffsetDateTime::now_utc()))
+        });
     run.report
 }
 

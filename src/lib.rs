@@ -9,6 +9,7 @@
 //! - [`state`]: per-source records: lifecycle, retry streak, counters, lease, health.
 //! - [`secrets`]: a source's secrets and their stored form.
 //! - [`knowbe4`]: the User Event API client, paced at 4 requests per second.
+//! - [`metrics`]: CloudWatch Embedded Metric Format lines for runs and health events.
 //! - [`quota`]: how much of the daily quota a run may spend.
 //! - [`store`]: the state store trait, with DynamoDB and local-file implementations.
 //! - [`event`]: one KnowBe4 event, parsed just enough to order and dedupe it.
@@ -28,6 +29,7 @@ pub mod event;
 pub mod knowbe4;
 pub mod lambda;
 pub mod logging;
+pub mod metrics;
 pub mod quota;
 pub mod recording_sink;
 pub mod secrets;

@@ -313,26 +313,19 @@ async fn release_frees_the_lease_keeps_the_fence_and_records_quiet_until() {
     );
 }
 
-/// Twenty runs race for a limit of seven.
+/// Twenty runs race for a limit of seven; the condition alone must stop them at seven.
 ///
-/// moto (5.2) applies a conditional `UpdateItem` without any lock: two requests it serves
-/// in parallel threads can both read `used = 0` and both write `used = 1` (seen here
-/// about once in 30 runs). DynamoDB serialises writes to one item, so the requests go
-/// through `moto_item_lock`, which stands in for that per-item serialisation; the tasks
-/// still race for it in any order, and the condition alone must stop them at seven.
+/// moto (5.2) applies a conditional `UpdateItem` without a lock when it serves requests in
+/// parallel threads, so `scripts/test.sh` runs it one request at a time
+/// (`scripts/moto_serial.py`), as DynamoDB serialises writes to one item.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_reservations_stop_exactly_at_the_limit() {
     let (store, _, _) = store().await;
     let store = Arc::new(store);
-    let moto_item_lock = Arc::new(tokio::sync::Mutex::new(()));
     let tasks: Vec<_> = (0..20)
         .map(|_| {
             let store = Arc::clone(&store);
-            let moto_item_lock = Arc::clone(&moto_item_lock);
-            tokio::spawn(async move {
-                let _serialised = moto_item_lock.lock().await;
-                store.reserve_request("q", "2024-05-01", 7).await
-            })
+            tokio::spawn(async move { store.reserve_request("q", "2024-05-01", 7).await })
         })
         .collect();
     let mut granted = Vec::new();

@@ -6,13 +6,13 @@
 //! `sk` says what the item is. Both keys are strings. The table bills on demand and
 //! expires items through the TTL attribute `expires_at` (seconds since the epoch).
 //!
-//! | `sk`                   | Attributes                                                     | Written by                                   |
-//! |------------------------|----------------------------------------------------------------|----------------------------------------------|
-//! | `CONFIG`               | `doc` (JSON of `SourceRecord`), `name`, `config_version`       | `create_source`, `update_source`             |
-//! | `STATE`                | `doc` (JSON of `SourceState`), `version`                       | `create_source` (version 1), `save_state`    |
-//! | `LEASE`                | `owner`, `fence`, `expires_at_ms`, `quiet_until`               | `acquire_lease`, `renew_lease`, `release_lease` |
-//! | `QUOTA#<YYYY-MM-DD>`   | `used`, `expires_at` (TTL: end of that UTC day + 3 days)       | `reserve_request`                            |
-//! | `HEALTH#<streak_key>`  | `doc` (JSON of `HealthEvent`), `last_seen`, `expires_at` (TTL) | `put_health`                                 |
+//! | `sk`                  | Attributes                                                     | Written by                                      |
+//! |-----------------------|----------------------------------------------------------------|-------------------------------------------------|
+//! | `CONFIG`              | `doc` (JSON of `SourceRecord`), `name`, `config_version`       | `create_source`, `update_source`                |
+//! | `STATE`               | `doc` (JSON of `SourceState`), `version`                       | `create_source` (version 1), `save_state`       |
+//! | `LEASE`               | `owner`, `fence`, `expires_at_ms`, `quiet_until`               | `acquire_lease`, `renew_lease`, `release_lease` |
+//! | `QUOTA#<YYYY-MM-DD>`  | `used`, `expires_at` (TTL: end of that UTC day + 3 days)       | `reserve_request`                               |
+//! | `HEALTH#<streak_key>` | `doc` (JSON of `HealthEvent`), `last_seen`, `expires_at` (TTL) | `put_health`                                    |
 //!
 //! ## Conditions
 //!
@@ -27,6 +27,8 @@
 //! - `acquire_lease` is an `UpdateItem` conditioned on the lease being absent or expired
 //!   (`expires_at_ms < now`); it `ADD`s 1 to `fence`, so the fencing token strictly grows
 //!   over every acquisition. `release_lease` sets `expires_at_ms = 0` and keeps `fence`.
+//!   (`delete_source` removes `LEASE` too, so a re-created source starts at fence 1
+//!   again; owners are unique run ids, so a run of the deleted source still cannot match.)
 //! - `reserve_request` is an `UpdateItem` that `ADD`s 1 to `used` only while
 //!   `used < limit`: concurrent runs can never reserve more than the limit.
 //!

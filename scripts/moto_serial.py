@@ -1,0 +1,27 @@
+"""moto's server, answering one request at a time.
+
+moto 5 applies DynamoDB conditional writes without a lock, so two concurrent requests can
+both pass a condition that DynamoDB itself would serialise (two lease winners, a quota
+counter past its limit). Serving requests one by one gives the tests DynamoDB's per-item
+atomicity. Usage: python moto_serial.py HOST PORT
+"""
+
+import sys
+
+from werkzeug.serving import run_simple
+
+from moto.moto_server.werkzeug_app import (
+    DomainDispatcherApplication,
+    MotoRequestHandler,
+    create_backend_app,
+)
+
+
+def main() -> None:
+    host, port = sys.argv[1], int(sys.argv[2])
+    app = DomainDispatcherApplication(create_backend_app)
+    run_simple(host, port, app, threaded=False, request_handler=MotoRequestHandler)
+
+
+if __name__ == "__main__":
+    main()
