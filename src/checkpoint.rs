@@ -200,6 +200,8 @@ pub struct Walker {
     last_count: Option<u64>,
     /// Events of this run, for status and metrics.
     delivered: u64,
+    /// Events skipped as already delivered, for the run summary.
+    duplicates: u64,
 }
 
 impl Walker {
@@ -238,6 +240,7 @@ impl Walker {
             page: 1,
             last_count: None,
             delivered: 0,
+            duplicates: 0,
         }
     }
 
@@ -258,6 +261,21 @@ impl Walker {
     /// Whether the walk is in its head phase (fresh events) rather than a backlog gap.
     pub fn in_head(&self) -> bool {
         matches!(self.phase, Phase::Head { .. })
+    }
+
+    /// While pages are walked one after another, the time the walk goes down to: the
+    /// caller may fetch the following pages ahead. `None` while probing for a gap.
+    pub fn sequential_floor(&self) -> Option<EventTime> {
+        match self.phase {
+            Phase::Head { lower, .. } => Some(lower),
+            Phase::Gap => self.gaps_todo.first().map(|g| g.oldest),
+            Phase::Locate { .. } | Phase::Done => None,
+        }
+    }
+
+    /// Events skipped because they were already delivered (dedupe), in this run.
+    pub fn duplicates(&self) -> u64 {
+        self.duplicates
     }
 
     /// Feeds the page asked for; returns the events to deliver, in page order.
@@ -308,6 +326,7 @@ impl Walker {
         let mut reached_bottom = page.last || page.events.is_empty();
         for event in page.events {
             if self.is_repeat(&event) {
+                self.duplicates += 1;
                 continue;
             }
             if event.occurred < lower {
@@ -316,6 +335,7 @@ impl Walker {
             }
             self.advance_cursor(&event);
             if self.recent_ids.contains(&event.id) || self.head_seen.contains(&event.id) {
+                self.duplicates += 1;
                 continue;
             }
             self.head_seen.insert(event.id.clone());
@@ -463,6 +483,7 @@ impl Walker {
         let mut done = page.last || page.events.is_empty();
         for event in page.events {
             if self.is_repeat(&event) {
+                self.duplicates += 1;
                 continue;
             }
             match Self::place_in_gap(&gap, &event) {
@@ -477,7 +498,9 @@ impl Walker {
                 Place::In => {}
             }
             self.advance_cursor(&event);
-            if !self.recent_ids.contains(&event.id) {
+            if self.recent_ids.contains(&event.id) {
+                self.duplicates += 1;
+            } else {
                 out.push(event);
             }
         }

@@ -9,6 +9,7 @@
 //!
 //! A kill between 2 and 3 repeats the unsaved batch on the next run; nothing is lost.
 
+use std::collections::VecDeque;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -258,7 +259,6 @@ impl Run<'_> {
     }
 
     async fn collect(&mut self, deadline: Instant) -> Result<Stop> {
-        let margin = self.app.settings.deadline_margin;
         if self.state.as_ref().expect("loaded").value.lifecycle == Lifecycle::Pending {
             self.transition(Lifecycle::Started, "A scheduled run picked the source up.")
                 .await?;
@@ -311,21 +311,31 @@ impl Run<'_> {
         let mut reauthenticated = false;
         let mut authenticated = !first_run;
         let mut fetched_total: u64 = 0;
+        let mut ahead: VecDeque<InFlight> = VecDeque::new();
+        let mut shape: Option<PageShape> = None;
         let stop = loop {
             let Step::Fetch(page_no) = walker.next_step() else {
                 break Stop::Finished;
             };
-            if self.report.requests >= budget {
-                break Stop::Budget;
+            if Some(page_no) != shape.as_ref().map(|s| s.next_page) {
+                shape = None; // a new walk or a jump: its pages are not known yet
             }
-            if deadline.saturating_duration_since(Instant::now())
-                < margin + self.app.settings.request_timeout
-            {
-                break Stop::Deadline;
-            }
-            let page = match self.fetch(&client, page_no, &day, limit, deadline).await {
+            let depth = speculation_depth(&walker, shape.as_ref());
+            let fetched = self
+                .next_page(
+                    &client,
+                    page_no,
+                    depth,
+                    &mut ahead,
+                    (&day, limit, budget),
+                    deadline,
+                )
+                .await;
+            let page = match fetched {
                 Ok(page) => page,
                 Err(FetchFailure::Quota) => break Stop::QuotaExhausted,
+                Err(FetchFailure::Budget) => break Stop::Budget,
+                Err(FetchFailure::Deadline) => break Stop::Deadline,
                 Err(FetchFailure::Api(ApiError::Unauthorized(status))) if !reauthenticated => {
                     // The key may have been rotated: read the secret again, once.
                     reauthenticated = true;
@@ -352,7 +362,7 @@ impl Run<'_> {
                 self.transition(Lifecycle::Collecting, "Collecting events.")
                     .await?;
             }
-            let on_page = page.events.len() as u64;
+            shape = PageShape::of(&page, page_no);
             let events = match walker.on_page(page_no, page) {
                 Ok(events) => events,
                 Err(err) => {
@@ -367,13 +377,16 @@ impl Run<'_> {
                 }
             };
             fetched_total += events.len() as u64;
-            self.report.duplicates_dropped += on_page.saturating_sub(events.len() as u64);
+            self.report.duplicates_dropped = walker.duplicates();
             buffer.extend(events);
             if buffer.len() >= FLUSH_EVENTS {
                 self.flush(&destination, &meta, &mut buffer, &walker, deadline)
                     .await?;
             }
         };
+        for request in ahead.drain(..) {
+            request.handle.abort();
+        }
         self.flush(&destination, &meta, &mut buffer, &walker, deadline)
             .await?;
         self.report.fetched = fetched_total;
@@ -438,6 +451,97 @@ impl Run<'_> {
                 Some(counters.newest_forwarded.map_or(newest, |n| n.max(newest)));
         }
         self.save().await
+    }
+
+    /// Whether one more request may be sent: budget and deadline.
+    fn may_send(&self, budget: u32, deadline: Instant) -> std::result::Result<(), FetchFailure> {
+        if self.report.requests >= budget {
+            return Err(FetchFailure::Budget);
+        }
+        let needed = self.app.settings.deadline_margin + self.app.settings.request_timeout;
+        if deadline.saturating_duration_since(Instant::now()) < needed {
+            return Err(FetchFailure::Deadline);
+        }
+        Ok(())
+    }
+
+    /// Reserves, paces and sends a request for `page` without waiting for its answer.
+    async fn issue(
+        &mut self,
+        client: &KnowBe4Client,
+        page: u32,
+        day: &str,
+        limit: u32,
+    ) -> std::result::Result<InFlight, FetchFailure> {
+        match self
+            .app
+            .store
+            .reserve_request(&self.record.id, day, limit)
+            .await
+        {
+            Ok(Reservation::Granted(_)) => {}
+            Ok(Reservation::Exhausted) => return Err(FetchFailure::Quota),
+            Err(err) => return Err(FetchFailure::Other(err)),
+        }
+        client.pace().await;
+        self.last_request_ms = now_ms();
+        self.report.requests += 1;
+        self.app.failpoint("before_knowbe4_request");
+        let client = client.clone();
+        Ok(InFlight {
+            page,
+            handle: tokio::spawn(async move { client.events_page(page).await }),
+        })
+    }
+
+    /// The answer for `page`: from a request sent ahead, or a new one; keeps up to
+    /// `depth` requests in flight for the pages after it. Pages are independent, so
+    /// requests go out at the rate limit instead of one round trip at a time.
+    async fn next_page(
+        &mut self,
+        client: &KnowBe4Client,
+        page: u32,
+        depth: usize,
+        ahead: &mut VecDeque<InFlight>,
+        (day, limit, budget): (&str, u32, u32),
+        deadline: Instant,
+    ) -> std::result::Result<crate::checkpoint::Page, FetchFailure> {
+        if ahead.front().map(|r| r.page) != Some(page) {
+            // The walk went elsewhere (a step back, a gap probe): those answers are moot.
+            for request in ahead.drain(..) {
+                request.handle.abort();
+            }
+        }
+        if ahead.is_empty() {
+            self.may_send(budget, deadline)?;
+            ahead.push_back(self.issue(client, page, day, limit).await?);
+        }
+        while ahead.len() < depth && self.may_send(budget, deadline).is_ok() {
+            let next = ahead.back().map_or(page, |r| r.page) + 1;
+            match self.issue(client, next, day, limit).await {
+                Ok(request) => ahead.push_back(request),
+                Err(_) => break, // no speculation past the quota; the walk will tell
+            }
+        }
+        let request = ahead.pop_front().expect("the page was issued");
+        let answer = match request.handle.await {
+            Ok(answer) => answer,
+            Err(join) => Err(ApiError::Transport(format!("request task failed: {join}"))),
+        };
+        match answer {
+            Ok(page) => Ok(page),
+            Err(ApiError::QuotaExhausted) => Err(FetchFailure::Quota),
+            Err(err) if err.retriable() => {
+                for request in ahead.drain(..) {
+                    request.handle.abort();
+                }
+                tracing::info!(source_id = %self.record.id, page, error = %err, "KnowBe4 request failed; retrying.");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                self.may_send(budget, deadline)?;
+                self.fetch(client, page, day, limit, deadline).await
+            }
+            Err(err) => Err(FetchFailure::Api(err)),
+        }
     }
 
     async fn fetch(
@@ -600,8 +704,59 @@ impl Run<'_> {
 
 enum FetchFailure {
     Quota,
+    Budget,
+    Deadline,
     Api(ApiError),
     Other(Error),
+}
+
+/// A request sent ahead of the walk.
+struct InFlight {
+    page: u32,
+    handle: tokio::task::JoinHandle<std::result::Result<crate::checkpoint::Page, ApiError>>,
+}
+
+/// Requests kept in flight at most: with 260 ms spacing and ~1 s latency, four or five
+/// keep the rate limit saturated.
+const MAX_IN_FLIGHT: usize = 6;
+
+/// What the last page of the current walk looked like, to guess how many follow.
+struct PageShape {
+    next_page: u32,
+    newest: EventTime,
+    oldest: EventTime,
+    events: usize,
+}
+
+impl PageShape {
+    fn of(page: &crate::checkpoint::Page, page_no: u32) -> Option<PageShape> {
+        if page.last || page.events.len() < crate::checkpoint::PER_PAGE as usize {
+            return None;
+        }
+        Some(PageShape {
+            next_page: page_no + 1,
+            newest: page.events.first()?.occurred,
+            oldest: page.events.last()?.occurred,
+            events: page.events.len(),
+        })
+    }
+}
+
+/// How many requests to keep in flight: one (no speculation) at the start of a walk and
+/// while probing, else the pages the walk still seems to need (from the event density of
+/// the last page and the walk's floor), at most [`MAX_IN_FLIGHT`]. Steady-state runs, whose
+/// walk ends on its first page, thus never spend quota on pages they do not need.
+fn speculation_depth(walker: &Walker, shape: Option<&PageShape>) -> usize {
+    let (Some(floor), Some(shape)) = (walker.sequential_floor(), shape) else {
+        return 1;
+    };
+    if shape.oldest <= floor {
+        return 1;
+    }
+    let span = (shape.newest.0 - shape.oldest.0).max(1) as f64;
+    let left = (shape.oldest.0 - floor.0) as f64 / span * shape.events as f64;
+    let pages = (left / f64::from(crate::checkpoint::PER_PAGE)).ceil() as usize;
+    pages.clamp(1, MAX_IN_FLIGHT)
 }
 
 fn error_kind(err: &Error) -> &'static str {
