@@ -43,6 +43,9 @@ pub struct Settings {
     pub validation: ValidationOptions,
     /// Prefix of per-source Secrets Manager secrets (`SECRET_PREFIX`).
     pub secret_prefix: String,
+    /// Requests kept in flight while draining (`KNOWBE4_MAX_IN_FLIGHT`, default 6; 1
+    /// turns pipelining off, for comparison).
+    pub max_in_flight: usize,
     /// Where EMF metric lines go (`EMF_METRICS`).
     pub metrics: crate::metrics::MetricsOutput,
 }
@@ -68,6 +71,7 @@ impl Settings {
             validation: ValidationOptions::from_env(),
             secret_prefix: std::env::var("SECRET_PREFIX")
                 .unwrap_or_else(|_| "knowbe4-source/".into()),
+            max_in_flight: env_u64("KNOWBE4_MAX_IN_FLIGHT", 6).clamp(1, 16) as usize,
             metrics: crate::metrics::MetricsOutput::from_env(),
         }
     }

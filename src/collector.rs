@@ -320,7 +320,7 @@ impl Run<'_> {
             if Some(page_no) != shape.as_ref().map(|s| s.next_page) {
                 shape = None; // a new walk or a jump: its pages are not known yet
             }
-            let depth = speculation_depth(&walker, shape.as_ref());
+            let depth = speculation_depth(&walker, shape.as_ref(), self.app.settings.max_in_flight);
             let fetched = self
                 .next_page(
                     &client,
@@ -716,10 +716,6 @@ struct InFlight {
     handle: tokio::task::JoinHandle<std::result::Result<crate::checkpoint::Page, ApiError>>,
 }
 
-/// Requests kept in flight at most: with 260 ms spacing and ~1 s latency, four or five
-/// keep the rate limit saturated.
-const MAX_IN_FLIGHT: usize = 6;
-
 /// What the last page of the current walk looked like, to guess how many follow.
 struct PageShape {
     next_page: u32,
@@ -744,9 +740,11 @@ impl PageShape {
 
 /// How many requests to keep in flight: one (no speculation) at the start of a walk and
 /// while probing, else the pages the walk still seems to need (from the event density of
-/// the last page and the walk's floor), at most [`MAX_IN_FLIGHT`]. Steady-state runs, whose
-/// walk ends on its first page, thus never spend quota on pages they do not need.
-fn speculation_depth(walker: &Walker, shape: Option<&PageShape>) -> usize {
+/// the last page and the walk's floor), at most `max` (`Settings::max_in_flight`: with
+/// 260 ms spacing and ~1 s latency, four or five keep the rate limit saturated).
+/// Steady-state runs, whose walk ends on its first page, thus never spend quota on pages
+/// they do not need.
+fn speculation_depth(walker: &Walker, shape: Option<&PageShape>, max: usize) -> usize {
     let (Some(floor), Some(shape)) = (walker.sequential_floor(), shape) else {
         return 1;
     };
@@ -756,7 +754,7 @@ fn speculation_depth(walker: &Walker, shape: Option<&PageShape>) -> usize {
     let span = (shape.newest.0 - shape.oldest.0).max(1) as f64;
     let left = (shape.oldest.0 - floor.0) as f64 / span * shape.events as f64;
     let pages = (left / f64::from(crate::checkpoint::PER_PAGE)).ceil() as usize;
-    pages.clamp(1, MAX_IN_FLIGHT)
+    pages.clamp(1, max.max(1))
 }
 
 fn error_kind(err: &Error) -> &'static str {

@@ -135,6 +135,22 @@ struct Meta {
     is_last_page: Option<bool>,
 }
 
+/// Request spacing for `base`: [`REQUEST_SPACING`], except that a loopback base URL (the
+/// simulator) may set `KNOWBE4_SIM_REQUEST_SPACING_MS` so benchmarks can measure CPU and
+/// memory without waiting on the real API's rate. It never applies to a KnowBe4 host.
+fn spacing_for(base: &str) -> Duration {
+    let loopback = reqwest::Url::parse(base)
+        .is_ok_and(|u| matches!(u.host_str(), Some("127.0.0.1" | "localhost" | "[::1]")));
+    let custom = std::env::var("KNOWBE4_SIM_REQUEST_SPACING_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .filter(|ms| *ms > 0);
+    match custom {
+        Some(ms) if loopback => Duration::from_millis(ms),
+        _ => REQUEST_SPACING,
+    }
+}
+
 /// The rate limiter of one KnowBe4 account (API host + key), shared by every source
 /// of this process that uses it.
 fn limiter_for(base: &str, key: &SecretString) -> Arc<DefaultDirectRateLimiter> {
@@ -145,7 +161,7 @@ fn limiter_for(base: &str, key: &SecretString) -> Arc<DefaultDirectRateLimiter> 
     hasher.update([0]);
     hasher.update(key.expose_secret().as_bytes());
     let account = hex::encode(hasher.finalize());
-    let quota = Quota::with_period(REQUEST_SPACING)
+    let quota = Quota::with_period(spacing_for(base))
         .expect("non-zero period")
         .allow_burst(NonZeroU32::MIN);
     LIMITERS
@@ -360,6 +376,21 @@ mod tests {
                 "{body:?}"
             );
         }
+    }
+
+    #[test]
+    fn the_spacing_override_never_applies_to_knowbe4() {
+        // SAFETY: this test is the only one reading or writing this variable.
+        unsafe { std::env::set_var("KNOWBE4_SIM_REQUEST_SPACING_MS", "1") };
+        assert_eq!(
+            spacing_for("https://api.events.knowbe4.com"),
+            REQUEST_SPACING
+        );
+        assert_eq!(
+            spacing_for("http://127.0.0.1:8787"),
+            Duration::from_millis(1)
+        );
+        unsafe { std::env::remove_var("KNOWBE4_SIM_REQUEST_SPACING_MS") };
     }
 
     #[test]

@@ -44,6 +44,7 @@ pub fn test_settings(prefix: &str) -> Settings {
             key_optional: false,
         },
         secret_prefix: prefix.to_string(),
+        max_in_flight: 6,
         metrics: knowbe4_source::metrics::MetricsOutput::Off,
     }
 }
