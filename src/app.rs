@@ -46,6 +46,9 @@ pub struct Settings {
     /// Requests kept in flight while draining (`KNOWBE4_MAX_IN_FLIGHT`, default 6; 1
     /// turns pipelining off, for comparison).
     pub max_in_flight: usize,
+    /// A run's lease lasts this long unless renewed (`LEASE_TTL_SECS`, default 120): how
+    /// long a crashed run blocks its source. Runs renew it as they go.
+    pub lease_ttl: Duration,
     /// Where EMF metric lines go (`EMF_METRICS`).
     pub metrics: crate::metrics::MetricsOutput,
 }
@@ -72,6 +75,7 @@ impl Settings {
             secret_prefix: std::env::var("SECRET_PREFIX")
                 .unwrap_or_else(|_| "knowbe4-source/".into()),
             max_in_flight: env_u64("KNOWBE4_MAX_IN_FLIGHT", 6).clamp(1, 16) as usize,
+            lease_ttl: Duration::from_secs(env_u64("LEASE_TTL_SECS", 120).max(1)),
             metrics: crate::metrics::MetricsOutput::from_env(),
         }
     }
@@ -99,8 +103,6 @@ pub struct App {
     pub settings: Settings,
     /// Secrets read this process, by source id: read once per cold start.
     secrets_cache: Mutex<HashMap<String, SourceSecrets>>,
-    /// Test hook: `KNOWBE4_SOURCE_FAILPOINT=name:n` aborts the process at the n-th hit.
-    failpoint: Option<(String, u64, std::sync::atomic::AtomicU64)>,
 }
 
 /// A management or collection request: the Lambda payload and what the CLI builds.
@@ -306,16 +308,6 @@ impl App {
         default_destination: DestinationConfig,
         settings: Settings,
     ) -> App {
-        let failpoint = std::env::var("KNOWBE4_SOURCE_FAILPOINT")
-            .ok()
-            .and_then(|v| {
-                let (name, n) = v.split_once(':')?;
-                Some((
-                    name.to_string(),
-                    n.parse().ok()?,
-                    std::sync::atomic::AtomicU64::new(0),
-                ))
-            });
         App {
             store,
             vault,
@@ -323,18 +315,6 @@ impl App {
             default_destination,
             settings,
             secrets_cache: Mutex::new(HashMap::new()),
-            failpoint,
-        }
-    }
-
-    /// Crash-test hook: aborts the process at the configured hit of `name`.
-    pub fn failpoint(&self, name: &str) {
-        if let Some((point, n, hits)) = &self.failpoint
-            && point == name
-            && hits.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 == *n
-        {
-            eprintln!("failpoint {name} hit {n} times: aborting");
-            std::process::abort();
         }
     }
 

@@ -162,6 +162,15 @@ pub async fn collect_source(app: &App, id: &str, deadline: Instant) -> RunReport
     run.report
 }
 
+/// The lease's length: the configured TTL, but never past the deadline plus a grace
+/// period (a run cannot outlive its invocation).
+fn lease_ttl_ms(app: &App, deadline: Instant) -> i64 {
+    let to_deadline = deadline
+        .saturating_duration_since(Instant::now())
+        .as_millis() as i64;
+    (app.settings.lease_ttl.as_millis() as i64).min(to_deadline + 30_000)
+}
+
 fn failed_without_state(mut report: RunReport, err: Error) -> RunReport {
     report.outcome = Outcome::Failed;
     report.health = Some(err.health_kind());
@@ -317,6 +326,7 @@ impl Run<'_> {
             let Step::Fetch(page_no) = walker.next_step() else {
                 break Stop::Finished;
             };
+            self.keep_lease(deadline).await?;
             if Some(page_no) != shape.as_ref().map(|s| s.next_page) {
                 shape = None; // a new walk or a jump: its pages are not known yet
             }
@@ -427,10 +437,12 @@ impl Run<'_> {
             return Ok(());
         }
         if !buffer.is_empty() {
+            crate::failpoint::hit("after_fetch_before_forward");
             let send_deadline = deadline
                 .checked_sub(self.app.settings.deadline_margin / 2)
                 .unwrap_or(deadline);
             destination.send(meta, buffer, send_deadline).await?;
+            crate::failpoint::hit("after_forward_before_checkpoint");
         }
         let forwarded = buffer.len() as u64;
         let newest = buffer.iter().map(|e| e.occurred.0).max();
@@ -451,6 +463,18 @@ impl Run<'_> {
                 Some(counters.newest_forwarded.map_or(newest, |n| n.max(newest)));
         }
         self.save().await
+    }
+
+    /// Renews the lease once half of it has run out. Losing it (another run took over
+    /// after it expired) stops this run: its writes would be refused anyway.
+    async fn keep_lease(&mut self, deadline: Instant) -> Result<()> {
+        let now = now_ms();
+        let ttl = lease_ttl_ms(self.app, deadline);
+        if self.lease.expires_at - now > ttl / 2 {
+            return Ok(());
+        }
+        self.lease = self.app.store.renew_lease(&self.lease, now, ttl).await?;
+        Ok(())
     }
 
     /// Whether one more request may be sent: budget and deadline.
@@ -486,7 +510,7 @@ impl Run<'_> {
         client.pace().await;
         self.last_request_ms = now_ms();
         self.report.requests += 1;
-        self.app.failpoint("before_knowbe4_request");
+        crate::failpoint::hit("before_knowbe4_request");
         let client = client.clone();
         Ok(InFlight {
             page,
@@ -568,7 +592,7 @@ impl Run<'_> {
             client.pace().await;
             self.last_request_ms = now_ms();
             self.report.requests += 1;
-            self.app.failpoint("before_knowbe4_request");
+            crate::failpoint::hit("before_knowbe4_request");
             let err = match client.events_page(page_no).await {
                 Ok(page) => return Ok(page),
                 Err(ApiError::QuotaExhausted) => return Err(FetchFailure::Quota),

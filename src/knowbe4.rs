@@ -259,7 +259,7 @@ impl KnowBe4Client {
             .map(Duration::from_secs);
         let body = read_capped(response).await?;
         match status {
-            200 => parse_page(&body),
+            200 => parse_page(&body, page),
             204 => Ok(Page {
                 events: Vec::new(),
                 count: None,
@@ -317,8 +317,13 @@ async fn read_capped(response: reqwest::Response) -> Result<Vec<u8>, ApiError> {
     Ok(body)
 }
 
-/// Parses a `GET /events` body into a page; any deviation is `Malformed`.
-pub fn parse_page(body: &[u8]) -> Result<Page, ApiError> {
+/// Parses the `GET /events` body of page `page_no` into a page; any deviation is
+/// `Malformed`.
+///
+/// A page with fewer than `per_page` events ends the list, so a short page that also
+/// claims more pages follow (`next_page`, `is_last_page: false`, or a `count` beyond it)
+/// is refused: taking it as the end would skip every event after it.
+pub fn parse_page(body: &[u8], page_no: u32) -> Result<Page, ApiError> {
     let parsed: EventsBody = serde_json::from_slice(body).map_err(|e| {
         let head: String = String::from_utf8_lossy(&body[..body.len().min(40)])
             .chars()
@@ -333,16 +338,22 @@ pub fn parse_page(body: &[u8]) -> Result<Page, ApiError> {
     for raw in parsed.data {
         events.push(RawEvent::from_raw(raw).map_err(|e| ApiError::Malformed(e.to_string()))?);
     }
-    let next_missing = meta
-        .next_page
-        .as_ref()
-        .is_none_or(serde_json::Value::is_null);
-    let last =
-        meta.is_last_page.unwrap_or(false) || next_missing || events.len() < PER_PAGE as usize;
+    let full = events.len() >= PER_PAGE as usize;
+    let next_page = meta.next_page.as_ref().is_some_and(|v| !v.is_null());
+    let says_more = next_page || meta.is_last_page == Some(false);
+    let count_says_more = meta
+        .count
+        .map(|count| count > u64::from(page_no) * u64::from(PER_PAGE));
+    if !full && (says_more || count_says_more == Some(true)) {
+        return Err(ApiError::Malformed(format!(
+            "page {page_no} holds {} events but the response says more pages follow",
+            events.len()
+        )));
+    }
     Ok(Page {
+        last: !full || (!says_more && count_says_more != Some(true)),
         events,
         count: meta.count,
-        last,
     })
 }
 
@@ -354,7 +365,7 @@ mod tests {
     fn parses_a_page_and_flags_the_last_one() {
         let body = br#"{"data":[{"id":"a","occurred_date":"2024-01-02T03:04:05.678Z","extra":1}],
             "meta":{"count":1,"next_page":null,"is_last_page":true}}"#;
-        let page = parse_page(body).unwrap();
+        let page = parse_page(body, 1).unwrap();
         assert_eq!(page.events.len(), 1);
         assert!(page.last);
         assert_eq!(page.count, Some(1));
@@ -372,7 +383,7 @@ mod tests {
             b"",
         ] {
             assert!(
-                matches!(parse_page(body), Err(ApiError::Malformed(_))),
+                matches!(parse_page(body, 1), Err(ApiError::Malformed(_))),
                 "{body:?}"
             );
         }
@@ -391,6 +402,32 @@ mod tests {
             Duration::from_millis(1)
         );
         unsafe { std::env::remove_var("KNOWBE4_SIM_REQUEST_SPACING_MS") };
+    }
+
+    #[test]
+    fn a_short_page_that_claims_more_is_refused_not_taken_as_the_end() {
+        let empty_middle =
+            br#"{"data":[],"meta":{"count":500,"next_page":3,"is_last_page":false}}"#;
+        assert!(matches!(
+            parse_page(empty_middle, 2),
+            Err(ApiError::Malformed(_))
+        ));
+        let counted = br#"{"data":[],"meta":{"count":500}}"#;
+        assert!(matches!(
+            parse_page(counted, 2),
+            Err(ApiError::Malformed(_))
+        ));
+        let end = br#"{"data":[],"meta":{"count":100,"next_page":null}}"#;
+        assert!(parse_page(end, 2).unwrap().last);
+        let event = r#"{"id":"a","occurred_date":"2024-01-02T03:04:05Z"}"#;
+        let full = format!(
+            r#"{{"data":[{}],"meta":{{"count":250,"next_page":null}}}}"#,
+            vec![event; 100].join(",")
+        );
+        assert!(
+            !parse_page(full.as_bytes(), 2).unwrap().last,
+            "count says a third page exists"
+        );
     }
 
     #[test]

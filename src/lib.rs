@@ -12,6 +12,7 @@
 //! - [`metrics`]: CloudWatch Embedded Metric Format lines for runs and health events.
 //! - [`quota`]: how much of the daily quota a run may spend.
 //! - [`store`]: the state store trait, with DynamoDB and local-file implementations.
+//! - [`failpoint`]: crash-test hooks (`KNOWBE4_SOURCE_FAILPOINT`).
 //! - [`event`]: one KnowBe4 event, parsed just enough to order and dedupe it.
 //! - [`error`]: the error type and the health event type of each error.
 //! - [`sink`]: destinations (Sumo Logic HTTP source, Splunk HEC, NDJSON over HTTP, stdout).
@@ -26,6 +27,7 @@ pub mod config;
 pub mod demo;
 pub mod error;
 pub mod event;
+pub mod failpoint;
 pub mod knowbe4;
 pub mod lambda;
 pub mod logging;

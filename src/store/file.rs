@@ -142,6 +142,7 @@ impl FileStore {
             }
             file.write_all(&bytes)?;
             file.sync_all()?;
+            crate::failpoint::hit("state_file_before_rename");
             fs::rename(&tmp, &self.path)?;
             if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
                 File::open(dir)?.sync_all()?;

@@ -45,6 +45,7 @@ pub fn test_settings(prefix: &str) -> Settings {
         },
         secret_prefix: prefix.to_string(),
         max_in_flight: 6,
+        lease_ttl: Duration::from_secs(120),
         metrics: knowbe4_source::metrics::MetricsOutput::Off,
     }
 }
