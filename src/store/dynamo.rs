@@ -556,13 +556,27 @@ impl StateStore for DynamoStore {
             .expression_attribute_values(":owner", s(owner))
             .expression_attribute_values(":exp", n(expires_at))
             .expression_attribute_values(":one", n(1))
-            .return_values(ReturnValue::AllNew)
+            .return_values(ReturnValue::AllOld)
             .send()
             .await;
         match result {
             Ok(out) => {
-                let item = out.attributes.unwrap_or_default();
-                Ok(Some(lease_from_item(id, &item)?))
+                // The previous holder's item tells whether it released the lease or
+                // crashed holding it (see `super::takeover_quiet_until`).
+                let old = out.attributes.unwrap_or_default();
+                let (old_fence, old_expiry, old_quiet) = if old.is_empty() {
+                    (0, 0, 0)
+                } else {
+                    let previous = lease_from_item(id, &old)?;
+                    (previous.fence, previous.expires_at, previous.quiet_until)
+                };
+                Ok(Some(Lease {
+                    source_id: id.to_string(),
+                    owner: owner.to_string(),
+                    fence: old_fence + 1,
+                    expires_at,
+                    quiet_until: super::takeover_quiet_until(old_expiry, old_quiet, now),
+                }))
             }
             Err(err)
                 if err

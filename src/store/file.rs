@@ -320,7 +320,9 @@ impl StateStore for FileStore {
                 owner,
                 fence: previous.map_or(0, |l| l.fence) + 1,
                 expires_at: now + ttl_ms,
-                quiet_until: previous.map_or(0, |l| l.quiet_until),
+                quiet_until: previous.map_or(0, |l| {
+                    super::takeover_quiet_until(l.expires_at, l.quiet_until, now)
+                }),
             };
             d.leases.insert(id, lease.clone());
             Ok(Some(lease))
@@ -434,5 +436,139 @@ impl StateStore for FileStore {
             Ok(events)
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{ValidationOptions, parse_source_value};
+    use crate::state::SecretRef;
+
+    fn record(id: &str) -> SourceRecord {
+        let parsed = parse_source_value(
+            serde_json::json!({"source":{"config":{"name":"n","apiKey":"k","region":"US"}}}),
+            ValidationOptions::default(),
+        )
+        .unwrap();
+        SourceRecord {
+            id: id.into(),
+            spec: parsed.spec,
+            secret_ref: SecretRef::LocalFile,
+            config_version: 1,
+            created_at: 0,
+            updated_at: 0,
+        }
+    }
+
+    #[tokio::test]
+    async fn versions_and_leases_fence_writers() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::new(dir.path().join("state.json"));
+        store
+            .create_source(&record("a"), &SourceState::new(0))
+            .await
+            .unwrap();
+        assert!(matches!(
+            store
+                .create_source(&record("a"), &SourceState::new(0))
+                .await,
+            Err(Error::Conflict(_))
+        ));
+        let first = store
+            .acquire_lease("a", "run-1", 1_000, 500)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            store
+                .acquire_lease("a", "run-2", 1_200, 500)
+                .await
+                .unwrap()
+                .is_none()
+        );
+        // run-1 pauses past its lease; run-2 takes over and must wait a rate window.
+        let second = store
+            .acquire_lease("a", "run-2", 2_000, 500)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(second.fence > first.fence);
+        assert!(second.quiet_until >= 2_000 + 1_000);
+        let state = SourceState::new(0);
+        assert!(matches!(
+            store.save_state("a", &state, 1, Some(&first)).await,
+            Err(Error::Conflict(_))
+        ));
+        assert_eq!(
+            store
+                .save_state("a", &state, 1, Some(&second))
+                .await
+                .unwrap(),
+            2
+        );
+        assert!(matches!(
+            store.save_state("a", &state, 1, Some(&second)).await,
+            Err(Error::Conflict(_))
+        ));
+        // A clean release hands over its own quiet time, not a takeover wait.
+        store.release_lease(&second, 2_400).await.unwrap();
+        let third = store
+            .acquire_lease("a", "run-3", 2_100, 500)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(third.quiet_until, 2_400);
+    }
+
+    #[tokio::test]
+    async fn the_quota_ledger_stops_at_the_limit_and_delete_removes_everything() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::new(dir.path().join("state.json"));
+        store
+            .create_source(&record("q"), &SourceState::new(0))
+            .await
+            .unwrap();
+        let mut granted = 0;
+        for _ in 0..5 {
+            if let Reservation::Granted(_) =
+                store.reserve_request("q", "2026-01-01", 3).await.unwrap()
+            {
+                granted += 1;
+            }
+        }
+        assert_eq!(granted, 3);
+        assert_eq!(store.quota_used("q", "2026-01-01").await.unwrap(), 3);
+        assert_eq!(store.quota_used("q", "2026-01-02").await.unwrap(), 0);
+        store.delete_source("q").await.unwrap();
+        assert!(store.get_source("q").await.unwrap().is_none());
+        assert!(store.load_state("q").await.unwrap().is_none());
+        assert_eq!(store.quota_used("q", "2026-01-01").await.unwrap(), 0);
+        assert!(matches!(
+            store.save_state("q", &SourceState::new(0), 1, None).await,
+            Err(Error::Conflict(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_torn_write_leaves_the_previous_document() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        let store = FileStore::new(&path);
+        store
+            .create_source(&record("t"), &SourceState::new(0))
+            .await
+            .unwrap();
+        let before = std::fs::read(&path).unwrap();
+        // A crashed writer leaves only its temporary file behind.
+        std::fs::write(dir.path().join("state.json.tmp-999"), b"{\"sources\":").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), before);
+        assert!(store.get_source("t").await.unwrap().is_some());
+        // A corrupt document is an error, never an empty store.
+        std::fs::write(&path, b"{\"sources\":").unwrap();
+        assert!(matches!(
+            store.list_sources().await,
+            Err(Error::Store { .. })
+        ));
     }
 }

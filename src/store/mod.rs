@@ -18,6 +18,22 @@ use async_trait::async_trait;
 use crate::error::Result;
 use crate::state::{HealthEvent, Lease, Millis, SourceRecord, SourceState, Versioned};
 
+/// When the new holder of a lease may first call KnowBe4. A released lease (expiry 0)
+/// carries the releasing run's `quiet_until`; a lease taken over from a run that crashed
+/// holding it says nothing about that run's last request, so the new holder waits one
+/// full rate window from now. Either way no one-second window sees more than four requests.
+pub fn takeover_quiet_until(
+    previous_expiry: Millis,
+    previous_quiet: Millis,
+    now: Millis,
+) -> Millis {
+    if previous_expiry > 0 {
+        previous_quiet.max(now + 1_050)
+    } else {
+        previous_quiet
+    }
+}
+
 /// Outcome of reserving one KnowBe4 request in the daily quota ledger.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Reservation {
