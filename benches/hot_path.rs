@@ -1,1 +1,248 @@
-fn main() {}
+//! Per-event CPU cost of the collector's hot path, measured with criterion:
+//! - `parse_page`: one realistic 100-event `GET /events` body, as the simulator serves it
+//!   (the simulator's event JSON: user, risk, metadata, escaped and non-ASCII text);
+//! - the `Walker` taking ten such pages (1,000 events) on a first run, then the snapshot
+//!   the collector saves after forwarding them;
+//! - the destination path: NDJSON encoding and gzip exactly as `sink::http` builds a batch
+//!   (the encoder is crate-private, so it is mirrored here: each event's raw JSON plus
+//!   `\n`, gzip at `Compression::fast()`), the same at the default level for comparison,
+//!   and end to end through `Destination::send` (format `sumo`) to a loopback HTTP
+//!   endpoint that discards the body. `RecordingSink` is not used there because it keeps
+//!   and decodes every event, which would grow without bound across criterion's
+//!   iterations and bill the sink's own gunzip and JSON decoding to the collector.
+//!
+//! Throughput is reported in events. `cargo bench --bench hot_path`.
+
+use std::hint::black_box;
+use std::io::Write;
+use std::time::Duration;
+
+use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
+use flate2::Compression;
+use flate2::write::GzEncoder;
+use knowbe4_source::checkpoint::{Checkpoint, Page, Step, Walker};
+use knowbe4_source::knowbe4::parse_page;
+use knowbe4_source::sim::{SimConfig, Simulator};
+use knowbe4_source::sink::{Destination, DestinationConfig, Format, SourceMeta};
+use knowbe4_source::{EventTime, RawEvent};
+use secrecy::SecretString;
+use time::OffsetDateTime;
+
+/// Pages fed to the walker per iteration (one collector flush is 1,000 events).
+const WALK_PAGES: u32 = 10;
+/// The simulator's key.
+const KEY: &str = "bench-key";
+/// Hours the simulator spreads its events over.
+const SPAN_HOURS: u64 = 24;
+
+/// Bodies of pages 1..=`pages` as the simulator serves them (100 events each).
+fn page_bodies(rt: &tokio::runtime::Runtime, pages: u32) -> Vec<Vec<u8>> {
+    rt.block_on(async {
+        let sim = Simulator::spawn(SimConfig {
+            api_key: KEY.into(),
+            events: pages as usize * 100,
+            span_hours: SPAN_HOURS,
+            enforce_rate_limit: false,
+            ..SimConfig::default()
+        })
+        .await
+        .expect("simulator starts");
+        let http = reqwest::Client::new();
+        let mut bodies = Vec::new();
+        for page in 1..=pages {
+            let body = http
+                .get(format!("{}/events", sim.base_url()))
+                .query(&[("page", page.to_string()), ("per_page", "100".to_string())])
+                .bearer_auth(KEY)
+                .send()
+                .await
+                .and_then(|r| r.error_for_status())
+                .expect("simulator answers")
+                .bytes()
+                .await
+                .expect("body");
+            bodies.push(body.to_vec());
+        }
+        sim.shutdown().await;
+        bodies
+    })
+}
+
+/// The NDJSON body `sink::http` builds for a batch: raw JSON, `\n` after each event.
+fn ndjson(events: &[RawEvent], out: &mut Vec<u8>) {
+    for event in events {
+        out.extend_from_slice(event.as_json().as_bytes());
+        out.push(b'\n');
+    }
+}
+
+/// Gzip as `sink::http::gzip` does it, at `level`.
+fn gzip(body: &[u8], level: Compression) -> Vec<u8> {
+    let mut encoder = GzEncoder::new(Vec::with_capacity(body.len() / 4 + 64), level);
+    encoder.write_all(body).expect("in memory");
+    encoder.finish().expect("in memory")
+}
+
+/// A loopback HTTP endpoint that reads each body and answers 200; returns its URL.
+async fn discard_sink() -> String {
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+        .await
+        .expect("bind loopback");
+    let addr = listener.local_addr().expect("address");
+    let app = axum::Router::new()
+        .fallback(|body: axum::body::Bytes| async move {
+            black_box(body.len());
+            "ok"
+        })
+        .layer(axum::extract::DefaultBodyLimit::max(64 * 1024 * 1024));
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    format!("http://{addr}/receiver/v1/http/bench-token")
+}
+
+fn benches(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let bodies = page_bodies(&rt, WALK_PAGES);
+    let first = &bodies[0];
+    let sample = parse_page(first).expect("the simulator's page parses");
+    assert_eq!(sample.events.len(), 100);
+    println!(
+        "page body: {} bytes for {} events ({} bytes/event)",
+        first.len(),
+        sample.events.len(),
+        first.len() / sample.events.len()
+    );
+
+    let mut group = c.benchmark_group("knowbe4");
+    group.throughput(Throughput::Elements(100));
+    group.bench_function("parse_page_100_events", |b| {
+        b.iter(|| parse_page(black_box(first)).expect("parses"))
+    });
+    group.finish();
+
+    // The walker: ten pages in order, then the snapshot saved after the flush.
+    let pages: Vec<Vec<RawEvent>> = bodies
+        .iter()
+        .map(|body| parse_page(body).expect("parses").events)
+        .collect();
+    let events: usize = pages.iter().map(Vec::len).sum();
+    let now = EventTime::from_datetime(OffsetDateTime::now_utc());
+    let mut group = c.benchmark_group("walker");
+    group.throughput(Throughput::Elements(events as u64));
+    group.bench_function("first_run_10_pages_and_snapshot", |b| {
+        b.iter_batched(
+            || pages.clone(),
+            |pages| {
+                let mut walker =
+                    Walker::new(Checkpoint::default(), now, (SPAN_HOURS + 1) * 3600, 3600);
+                let mut delivered = 0;
+                let count = Some(events as u64);
+                for (i, events) in pages.into_iter().enumerate() {
+                    let page_no = i as u32 + 1;
+                    assert_eq!(walker.next_step(), Step::Fetch(page_no));
+                    let last = page_no == WALK_PAGES;
+                    let out = walker
+                        .on_page(
+                            page_no,
+                            Page {
+                                events,
+                                count,
+                                last,
+                            },
+                        )
+                        .expect("well formed");
+                    delivered += out.len();
+                }
+                assert_eq!(delivered, events);
+                black_box(walker.snapshot())
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    group.finish();
+
+    // The destination: encode, gzip, send.
+    let batch: Vec<RawEvent> = pages.concat();
+    let mut body = Vec::new();
+    ndjson(&batch, &mut body);
+    let fast = gzip(&body, Compression::fast());
+    let default = gzip(&body, Compression::default());
+    println!(
+        "batch of {} events: NDJSON {} bytes, gzip fast {} bytes ({:.1}x), gzip default {} bytes ({:.1}x)",
+        batch.len(),
+        body.len(),
+        fast.len(),
+        body.len() as f64 / fast.len() as f64,
+        default.len(),
+        body.len() as f64 / default.len() as f64
+    );
+    let mut group = c.benchmark_group("sink");
+    group.throughput(Throughput::Elements(batch.len() as u64));
+    group.bench_function("ndjson_encode_1000_events", |b| {
+        let mut out = Vec::with_capacity(body.len());
+        b.iter(|| {
+            out.clear();
+            ndjson(black_box(&batch), &mut out);
+            out.len()
+        })
+    });
+    group.bench_function("ndjson_encode_and_gzip_fast_1000_events", |b| {
+        let mut out = Vec::with_capacity(body.len());
+        b.iter(|| {
+            out.clear();
+            ndjson(black_box(&batch), &mut out);
+            gzip(&out, Compression::fast()).len()
+        })
+    });
+    group.bench_function("ndjson_encode_and_gzip_default_1000_events", |b| {
+        let mut out = Vec::with_capacity(body.len());
+        b.iter(|| {
+            out.clear();
+            ndjson(black_box(&batch), &mut out);
+            gzip(&out, Compression::default()).len()
+        })
+    });
+    let url = rt.block_on(discard_sink());
+    let destination = Destination::new(
+        DestinationConfig {
+            format: Format::Sumo,
+            url: Some(SecretString::from(url)),
+            token: None,
+        },
+        reqwest::Client::new(),
+    )
+    .expect("valid destination");
+    let meta = SourceMeta {
+        name: "bench".into(),
+        category: Some("security/knowbe4".into()),
+        siem_forward: true,
+        ..SourceMeta::default()
+    };
+    group.bench_function("destination_send_sumo_loopback_1000_events", |b| {
+        b.iter(|| {
+            rt.block_on(async {
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+                destination
+                    .send(&meta, black_box(&batch), deadline)
+                    .await
+                    .expect("accepted")
+            })
+        })
+    });
+    group.finish();
+}
+
+criterion_group! {
+    name = hot_path;
+    config = Criterion::default()
+        .sample_size(30)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3));
+    targets = benches
+}
+criterion_main!(hot_path);

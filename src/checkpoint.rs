@@ -356,7 +356,9 @@ impl Walker {
 
     /// Commits the head walk into `base` and moves on to the gaps.
     fn finish_head(&mut self, top: Option<EventTime>) {
-        let head_count = self.passed;
+        // Events listed above each gap grew by the new events this head walk delivered
+        // (re-read window events were already above it).
+        let head_count = self.head_delivered.len() as u64;
         self.base = self.head_snapshot(top, None);
         self.recent_ids = self.base.recent.iter().map(|s| s.id.clone()).collect();
         for gap in &mut self.gaps_todo {
@@ -454,10 +456,14 @@ impl Walker {
             return Vec::new();
         }
         if may_start_earlier {
-            let prev = if p - known_above > 2 {
-                known_above + (p - known_above) / 2
-            } else {
-                p - 1
+            let last_page = page
+                .count
+                .map(|c| u32::try_from(c.div_ceil(u64::from(PER_PAGE))).unwrap_or(u32::MAX));
+            let prev = match last_page {
+                // Past the end of the list: the gap starts on the last page or before.
+                Some(last) if page.events.is_empty() && last > known_above && last < p => last,
+                _ if p - known_above > 2 => known_above + (p - known_above) / 2,
+                _ => p - 1,
             };
             self.phase = Phase::Locate {
                 page: prev.max(known_above + 1),

@@ -120,10 +120,7 @@ pub async fn collect_source(app: &App, id: &str, deadline: Instant) -> RunReport
         }
         Err(err) => return failed_without_state(report, err),
     };
-    let lease_ttl = deadline
-        .saturating_duration_since(Instant::now())
-        .as_millis() as i64
-        + 30_000;
+    let lease_ttl = lease_ttl_ms(app, deadline);
     let lease = match app
         .store
         .acquire_lease(id, &run_id, now_ms(), lease_ttl)
@@ -142,11 +139,12 @@ pub async fn collect_source(app: &App, id: &str, deadline: Instant) -> RunReport
         lease,
         report,
         run_id,
-        last_request_ms: 0,
         state: None,
     };
     run.execute(deadline).await;
-    let quiet_until = run.last_request_ms + 1_050;
+    // Every request of the run was sent before now (in-flight ones were awaited or
+    // aborted), so the next holder is safe one rate window from now.
+    let quiet_until = now_ms() + 1_050;
     if let Err(err) = app.store.release_lease(&run.lease, quiet_until).await {
         tracing::warn!(source_id = id, error = %err, "Could not release the lease; it will expire.");
     }
@@ -184,7 +182,6 @@ struct Run<'a> {
     lease: Lease,
     report: RunReport,
     run_id: String,
-    last_request_ms: i64,
     state: Option<Versioned<SourceState>>,
 }
 
@@ -394,9 +391,7 @@ impl Run<'_> {
                     .await?;
             }
         };
-        for request in ahead.drain(..) {
-            request.handle.abort();
-        }
+        ahead.clear();
         self.flush(&destination, &meta, &mut buffer, &walker, deadline)
             .await?;
         self.report.fetched = fetched_total;
@@ -507,14 +502,17 @@ impl Run<'_> {
             Ok(Reservation::Exhausted) => return Err(FetchFailure::Quota),
             Err(err) => return Err(FetchFailure::Other(err)),
         }
-        client.pace().await;
-        self.last_request_ms = now_ms();
         self.report.requests += 1;
-        crate::failpoint::hit("before_knowbe4_request");
         let client = client.clone();
         Ok(InFlight {
             page,
-            handle: tokio::spawn(async move { client.events_page(page).await }),
+            // Paced inside the task, right before sending: pacing first and sending from
+            // a task scheduled later would let requests bunch up on the wire.
+            handle: tokio::spawn(async move {
+                client.pace().await;
+                crate::failpoint::hit("before_knowbe4_request");
+                client.events_page(page).await
+            }),
         })
     }
 
@@ -532,9 +530,7 @@ impl Run<'_> {
     ) -> std::result::Result<crate::checkpoint::Page, FetchFailure> {
         if ahead.front().map(|r| r.page) != Some(page) {
             // The walk went elsewhere (a step back, a gap probe): those answers are moot.
-            for request in ahead.drain(..) {
-                request.handle.abort();
-            }
+            ahead.clear();
         }
         if ahead.is_empty() {
             self.may_send(budget, deadline)?;
@@ -547,8 +543,8 @@ impl Run<'_> {
                 Err(_) => break, // no speculation past the quota; the walk will tell
             }
         }
-        let request = ahead.pop_front().expect("the page was issued");
-        let answer = match request.handle.await {
+        let mut request = ahead.pop_front().expect("the page was issued");
+        let answer = match (&mut request.handle).await {
             Ok(answer) => answer,
             Err(join) => Err(ApiError::Transport(format!("request task failed: {join}"))),
         };
@@ -556,9 +552,7 @@ impl Run<'_> {
             Ok(page) => Ok(page),
             Err(ApiError::QuotaExhausted) => Err(FetchFailure::Quota),
             Err(err) if err.retriable() => {
-                for request in ahead.drain(..) {
-                    request.handle.abort();
-                }
+                ahead.clear();
                 tracing::info!(source_id = %self.record.id, page, error = %err, "KnowBe4 request failed; retrying.");
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 self.may_send(budget, deadline)?;
@@ -590,7 +584,6 @@ impl Run<'_> {
                 Err(err) => return Err(FetchFailure::Other(err)),
             }
             client.pace().await;
-            self.last_request_ms = now_ms();
             self.report.requests += 1;
             crate::failpoint::hit("before_knowbe4_request");
             let err = match client.events_page(page_no).await {
@@ -734,10 +727,17 @@ enum FetchFailure {
     Other(Error),
 }
 
-/// A request sent ahead of the walk.
+/// A request sent ahead of the walk. Dropping it cancels the request if it has not been
+/// sent yet, so no request leaves after the run ends (and releases its lease).
 struct InFlight {
     page: u32,
     handle: tokio::task::JoinHandle<std::result::Result<crate::checkpoint::Page, ApiError>>,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.handle.abort();
+    }
 }
 
 /// What the last page of the current walk looked like, to guess how many follow.
@@ -746,6 +746,8 @@ struct PageShape {
     newest: EventTime,
     oldest: EventTime,
     events: usize,
+    /// Pages left in the whole list, from `meta.count`: fetching past it is waste.
+    pages_left: Option<u64>,
 }
 
 impl PageShape {
@@ -758,6 +760,11 @@ impl PageShape {
             newest: page.events.first()?.occurred,
             oldest: page.events.last()?.occurred,
             events: page.events.len(),
+            pages_left: page.count.map(|count| {
+                count
+                    .div_ceil(u64::from(crate::checkpoint::PER_PAGE))
+                    .saturating_sub(u64::from(page_no))
+            }),
         })
     }
 }
@@ -765,7 +772,7 @@ impl PageShape {
 /// How many requests to keep in flight: one (no speculation) at the start of a walk and
 /// while probing, else the pages the walk still seems to need (from the event density of
 /// the last page and the walk's floor), at most `max` (`Settings::max_in_flight`: with
-/// 260 ms spacing and ~1 s latency, four or five keep the rate limit saturated).
+/// 270 ms spacing and ~1 s latency, four or five keep the rate limit saturated).
 /// Steady-state runs, whose walk ends on its first page, thus never spend quota on pages
 /// they do not need.
 fn speculation_depth(walker: &Walker, shape: Option<&PageShape>, max: usize) -> usize {
@@ -777,7 +784,10 @@ fn speculation_depth(walker: &Walker, shape: Option<&PageShape>, max: usize) -> 
     }
     let span = (shape.newest.0 - shape.oldest.0).max(1) as f64;
     let left = (shape.oldest.0 - floor.0) as f64 / span * shape.events as f64;
-    let pages = (left / f64::from(crate::checkpoint::PER_PAGE)).ceil() as usize;
+    let mut pages = (left / f64::from(crate::checkpoint::PER_PAGE)).ceil() as usize;
+    if let Some(in_list) = shape.pages_left {
+        pages = pages.min(in_list as usize);
+    }
     pages.clamp(1, max.max(1))
 }
 

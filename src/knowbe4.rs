@@ -22,9 +22,10 @@ use crate::checkpoint::{PER_PAGE, Page};
 use crate::error::Error;
 use crate::event::RawEvent;
 
-/// Spacing between requests to one account: 4 per second with a 10 ms margin for
-/// network jitter, so the server never counts five in one second.
-pub const REQUEST_SPACING: Duration = Duration::from_millis(260);
+/// Spacing between requests to one account: 4 per second with a 20 ms margin per
+/// request (80 ms per window) for scheduling and network jitter, so the server never
+/// counts five in one second.
+pub const REQUEST_SPACING: Duration = Duration::from_millis(270);
 /// Largest response body accepted (a full page is ~100 KB; this bounds hostile ones).
 pub const MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
 
@@ -131,6 +132,7 @@ struct EventsBody {
 #[derive(Deserialize)]
 struct Meta {
     count: Option<u64>,
+    is_out_of_range: Option<bool>,
     next_page: Option<serde_json::Value>,
     is_last_page: Option<bool>,
 }
@@ -340,7 +342,10 @@ pub fn parse_page(body: &[u8], page_no: u32) -> Result<Page, ApiError> {
     }
     let full = events.len() >= PER_PAGE as usize;
     let next_page = meta.next_page.as_ref().is_some_and(|v| !v.is_null());
-    let says_more = next_page || meta.is_last_page == Some(false);
+    // Past the end, Kaminari-style paging says `is_last_page: false` and
+    // `is_out_of_range: true`; only `next_page` and `count` then speak of more pages.
+    let out_of_range = meta.is_out_of_range == Some(true);
+    let says_more = next_page || (meta.is_last_page == Some(false) && !out_of_range);
     let count_says_more = meta
         .count
         .map(|count| count > u64::from(page_no) * u64::from(PER_PAGE));
@@ -419,6 +424,8 @@ mod tests {
         ));
         let end = br#"{"data":[],"meta":{"count":100,"next_page":null}}"#;
         assert!(parse_page(end, 2).unwrap().last);
+        let beyond = br#"{"data":[],"meta":{"count":100,"next_page":null,"is_last_page":false,"is_out_of_range":true}}"#;
+        assert!(parse_page(beyond, 9).unwrap().last);
         let event = r#"{"id":"a","occurred_date":"2024-01-02T03:04:05Z"}"#;
         let full = format!(
             r#"{{"data":[{}],"meta":{{"count":250,"next_page":null}}}}"#,

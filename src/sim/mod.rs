@@ -135,7 +135,36 @@ pub enum Fault {
     /// The connection is reset without an answer.
     #[serde(alias = "reset")]
     Reset,
+    /// 200 with the right page padded by one huge field to more than [`GIGANTIC_BYTES`]:
+    /// a client must cap what it reads instead of buffering whatever it is sent.
+    #[serde(alias = "gigantic")]
+    Gigantic,
+    /// The right page, but `meta.next_page` points back to page 1: a client that follows
+    /// `next_page` would walk in circles.
+    #[serde(alias = "next_page_backwards")]
+    NextPageBackwards,
+    /// The right page, but `meta.next_page` names the page just served.
+    #[serde(alias = "next_page_same")]
+    NextPageSame,
+    /// Page 1 (events and `meta`) whatever page was asked: a server stuck on one page, or
+    /// a cache in front of it that ignores the query string.
+    #[serde(alias = "loop")]
+    Loop,
+    /// The right page, its first event's `occurred_date` a number (Unix milliseconds)
+    /// instead of a string.
+    #[serde(alias = "occurred_date_number")]
+    OccurredDateNumber,
+    /// The right page, its first event without `id`.
+    #[serde(alias = "event_without_id")]
+    EventWithoutId,
+    /// No fault: the right page. Queued before another fault, it lets that many requests
+    /// through first (e.g. to break a walk in its middle).
+    #[serde(alias = "pass")]
+    Pass,
 }
+
+/// The smallest body [`Fault::Gigantic`] sends: 1 MiB over the collector's 16 MiB cap.
+pub const GIGANTIC_BYTES: usize = 17 * 1024 * 1024;
 
 /// One API request as the simulator saw it (control requests are not recorded).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -274,6 +303,12 @@ impl Simulator {
     /// Drops every queued fault.
     pub fn clear_faults(&self) {
         lock(&self.shared).clear_faults();
+    }
+
+    /// Replaces the key requests must present, as resetting it in KnowBe4's console does:
+    /// the old key is refused from the next request on.
+    pub fn set_api_key(&self, key: &str) {
+        lock(&self.shared).set_api_key(key);
     }
 
     /// Sets the delay before each API answer.

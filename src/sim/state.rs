@@ -345,6 +345,11 @@ impl State {
         self.faults.clear();
     }
 
+    /// Replaces the key requests must present.
+    pub fn set_api_key(&mut self, key: &str) {
+        self.api_key = key.to_string();
+    }
+
     /// The request log.
     pub fn requests(&self) -> Vec<RequestRecord> {
         self.log.clone()
@@ -453,7 +458,10 @@ impl State {
             ("GET", ["events"]) => {
                 let query = ListQuery::parse(query);
                 match self.take_fault() {
-                    Some(fault) => (self.faulty_list(&query, fault), true),
+                    Some(fault) => {
+                        let faulted = fault != Fault::Pass;
+                        (self.faulty_list(&query, fault), faulted)
+                    }
                     None => {
                         let (items, meta) = self.page(&query);
                         (Reply::json(200, page_body(&items, &meta)), false)
@@ -627,8 +635,63 @@ impl State {
                 delivery: Delivery::Reset,
                 ..Reply::json(200, String::new())
             },
+            Fault::Gigantic => {
+                let (items, meta) = self.page(query);
+                let meta = serde_json::to_string(&meta).unwrap_or_default();
+                let padding = "x".repeat(super::GIGANTIC_BYTES);
+                let body = format!(
+                    r#"{{"data":[{}],"meta":{meta},"padding":"{padding}"}}"#,
+                    items.join(",")
+                );
+                Reply::json(200, body)
+            }
+            Fault::NextPageBackwards | Fault::NextPageSame => {
+                let (items, mut meta) = self.page(query);
+                meta.next_page = Some(if fault == Fault::NextPageSame {
+                    query.page
+                } else {
+                    1
+                });
+                Reply::json(200, page_body(&items, &meta))
+            }
+            Fault::Loop => {
+                let first = ListQuery { page: 1, ..*query };
+                let (items, meta) = self.page(&first);
+                Reply::json(200, page_body(&items, &meta))
+            }
+            Fault::OccurredDateNumber | Fault::EventWithoutId => {
+                let (mut items, meta) = self.page(query);
+                if let Some(first) = items.first_mut() {
+                    *first = break_event(first, &fault);
+                }
+                Reply::json(200, page_body(&items, &meta))
+            }
+            Fault::Pass => {
+                let (items, meta) = self.page(query);
+                Reply::json(200, page_body(&items, &meta))
+            }
         }
     }
+}
+
+/// An event's JSON with `occurred_date` turned into a number, or without `id`.
+fn break_event(event: &str, fault: &Fault) -> String {
+    let Ok(serde_json::Value::Object(mut object)) = serde_json::from_str(event) else {
+        return event.to_string();
+    };
+    if *fault == Fault::EventWithoutId {
+        object.remove("id");
+    } else {
+        let millis = object
+            .get("occurred_date")
+            .and_then(|v| v.as_str())
+            .and_then(|text| {
+                OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).ok()
+            })
+            .map_or(0, events::millis_of);
+        object.insert("occurred_date".into(), millis.into());
+    }
+    serde_json::Value::Object(object).to_string()
 }
 
 /// What a Rails app behind a proxy shows when it breaks.

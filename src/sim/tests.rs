@@ -638,3 +638,80 @@ fn debug_hides_the_key() {
     let text = format!("{:?}", SimConfig::default());
     assert!(!text.contains("sim-key"));
 }
+
+#[tokio::test]
+async fn hostile_faults_serve_what_they_promise() {
+    let sim = start(config(250)).await;
+    let client = reqwest::Client::new();
+    let query = "page=2&per_page=100";
+    let (_, good) = list(&client, &sim, query).await;
+    let (_, first) = list(&client, &sim, "page=1&per_page=100").await;
+
+    sim.inject(Fault::Gigantic, 1);
+    let response = client
+        .get(format!("{}/events?{query}", sim.base_url()))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let body: Value = response.json().await.unwrap();
+    assert!(body["padding"].as_str().unwrap().len() >= GIGANTIC_BYTES);
+    assert_eq!(ids_of(&body), ids_of(&good));
+
+    sim.inject(Fault::NextPageBackwards, 1);
+    sim.inject(Fault::NextPageSame, 1);
+    let (_, body) = list(&client, &sim, query).await;
+    assert_eq!(
+        (ids_of(&body), &body["meta"]["next_page"]),
+        (ids_of(&good), &1.into())
+    );
+    let (_, body) = list(&client, &sim, query).await;
+    assert_eq!(
+        (ids_of(&body), &body["meta"]["next_page"]),
+        (ids_of(&good), &2.into())
+    );
+
+    sim.inject(Fault::Loop, 2);
+    for page in ["page=2&per_page=100", "page=3&per_page=100"] {
+        let (_, body) = list(&client, &sim, page).await;
+        assert_eq!(body, first, "{page} serves page 1");
+    }
+
+    sim.inject(Fault::OccurredDateNumber, 1);
+    sim.inject(Fault::EventWithoutId, 1);
+    let (_, body) = list(&client, &sim, query).await;
+    assert!(body["data"][0]["occurred_date"].as_i64().unwrap() > 0);
+    assert_eq!(body["data"][0]["id"], good["data"][0]["id"]);
+    assert_eq!(body["data"][1], good["data"][1]);
+    let (_, body) = list(&client, &sim, query).await;
+    assert!(body["data"][0].get("id").is_none());
+    assert_eq!(
+        body["data"][0]["occurred_date"],
+        good["data"][0]["occurred_date"]
+    );
+
+    sim.inject(Fault::Pass, 1);
+    sim.inject(Fault::Status(503), 1);
+    assert_eq!(list(&client, &sim, query).await, (200, good.clone()));
+    assert_eq!(list(&client, &sim, query).await.0, 503);
+    assert_eq!(list(&client, &sim, query).await, (200, good));
+}
+
+#[tokio::test]
+async fn a_new_key_refuses_the_old_one() {
+    let sim = start(config(5)).await;
+    let client = reqwest::Client::new();
+    assert_eq!(list(&client, &sim, "").await.0, 200);
+    sim.set_api_key("rotated-key");
+    assert_eq!(list(&client, &sim, "").await.0, 401);
+    let response = client
+        .get(format!("{}/events", sim.base_url()))
+        .bearer_auth("rotated-key")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let authorized: Vec<bool> = sim.requests().iter().map(|r| r.authorized).collect();
+    assert_eq!(authorized, [true, false, true]);
+}

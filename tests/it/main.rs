@@ -3,6 +3,9 @@
 
 mod cli;
 mod collect;
+mod fuzz;
 mod helpers;
+mod hostile;
 mod lifecycle;
 mod payloads;
+mod secrets;
