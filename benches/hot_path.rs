@@ -109,7 +109,7 @@ fn benches(c: &mut Criterion) {
         .expect("runtime");
     let bodies = page_bodies(&rt, WALK_PAGES);
     let first = &bodies[0];
-    let sample = parse_page(first).expect("the simulator's page parses");
+    let sample = parse_page(first, 1).expect("the simulator's page parses");
     assert_eq!(sample.events.len(), 100);
     println!(
         "page body: {} bytes for {} events ({} bytes/event)",
@@ -121,14 +121,14 @@ fn benches(c: &mut Criterion) {
     let mut group = c.benchmark_group("knowbe4");
     group.throughput(Throughput::Elements(100));
     group.bench_function("parse_page_100_events", |b| {
-        b.iter(|| parse_page(black_box(first)).expect("parses"))
+        b.iter(|| parse_page(black_box(first), 1).expect("parses"))
     });
     group.finish();
 
     // The walker: ten pages in order, then the snapshot saved after the flush.
     let pages: Vec<Vec<RawEvent>> = bodies
         .iter()
-        .map(|body| parse_page(body).expect("parses").events)
+        .map(|body| parse_page(body, 1).expect("parses").events)
         .collect();
     let events: usize = pages.iter().map(Vec::len).sum();
     let now = EventTime::from_datetime(OffsetDateTime::now_utc());

@@ -1,34 +1,8 @@
 #!/usr/bin/env bash
-# Runs the whole test suite. DynamoDB and Secrets Manager are moto's server: started here
-# on a free loopback port (installed into .venv on first use) unless AWS_ENDPOINT_URL
-# already points at one. Extra arguments go to `cargo test`.
+# Runs the whole test suite: unit tests, the integration tests (tests/it), the DynamoDB
+# store tests and the chaos suite (tests/chaos, CHAOS_SEEDS seeds per class, default 2),
+# against moto's server started on a free loopback port. Extra arguments go to `cargo test`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-
-export AWS_REGION=us-east-1 AWS_DEFAULT_REGION=us-east-1
-export AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=test
-unset STATE_TABLE AWS_LAMBDA_RUNTIME_API AWS_PROFILE || true
-
-if [ -z "${AWS_ENDPOINT_URL:-}" ]; then
-  venv="${VENV:-.venv}"
-  if [ ! -x "$venv/bin/moto_server" ]; then
-    python3 -m venv "$venv"
-    "$venv/bin/pip" install --quiet "moto[server]"
-  fi
-  port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-  mkdir -p target
-  # One request at a time: moto's conditional writes are not atomic under concurrency.
-  "$venv/bin/python" scripts/moto_serial.py 127.0.0.1 "$port" > target/moto.log 2>&1 &
-  moto_pid=$!
-  trap 'kill "$moto_pid" 2>/dev/null || true' EXIT
-  for _ in $(seq 1 100); do
-    if python3 -c "import socket; socket.create_connection(('127.0.0.1', $port), 0.2)" 2>/dev/null; then
-      break
-    fi
-    sleep 0.2
-  done
-  export AWS_ENDPOINT_URL="http://127.0.0.1:$port"
-fi
-
-cargo test --all-targets "$@"
-cargo test --doc
+scripts/with-moto.sh cargo test --all-targets "$@"
+scripts/with-moto.sh cargo test --doc
