@@ -14,7 +14,7 @@ use tokio::time::Instant;
 
 use crate::collector::{RunReport, collect_source};
 use crate::config::{ValidationOptions, parse_source_value};
-use crate::error::{Error, HealthKind, Result};
+use crate::error::{Error, Result};
 use crate::event::EventTime;
 use crate::quota::utc_day;
 use crate::secrets::SourceSecrets;
@@ -394,7 +394,6 @@ impl App {
 
     /// Runs an action until `deadline`; returns its JSON result.
     pub async fn handle(&self, action: Action, deadline: Instant) -> Result<serde_json::Value> {
-        let json = |v: &dyn erased::Json| v.to_json();
         match action {
             Action::Collect { source_id } => {
                 let reports = self.collect(source_id.as_deref(), deadline).await?;
@@ -416,9 +415,9 @@ impl App {
                 self.delete(&source_id).await?;
                 Ok(serde_json::json!({ "sourceId": source_id, "deleted": true }))
             }
-            Action::Status { source_id } => Ok(json(&self.status(source_id.as_deref()).await?)),
-            Action::Health { source_id } => Ok(json(&self.health(&source_id).await?)),
-            Action::List {} => Ok(json(&self.status(None).await?)),
+            Action::Status { source_id } => to_json(&self.status(source_id.as_deref()).await?),
+            Action::Health { source_id } => to_json(&self.health(&source_id).await?),
+            Action::List {} => to_json(&self.status(None).await?),
         }
     }
 
@@ -462,7 +461,9 @@ impl App {
     /// Validates and stores a new source (state `Pending`); returns its id.
     pub async fn create(&self, source: serde_json::Value, id: Option<String>) -> Result<String> {
         let parsed = parse_source_value(source, self.settings.validation)?;
-        let secrets = parsed.secrets.expect("the key is required on create");
+        let secrets = parsed
+            .secrets(None)
+            .ok_or_else(|| Error::config("source.config.apiKey", "is required"))?;
         let id = match id {
             Some(id) if valid_id(&id) => id,
             Some(_) => {
@@ -558,11 +559,17 @@ impl App {
             ..self.settings.validation
         };
         let parsed = parse_source_value(source, options)?;
-        let secrets = parsed.secrets;
-        if let Some(secrets) = &secrets {
-            record.secret_ref = self.put_secrets(id, secrets).await?;
-            self.secrets_cache.lock().expect("not poisoned").remove(id);
-        }
+        // Only what the new configuration says changes: a kept key is read and written
+        // back with the new destination secrets.
+        let previous = self.source_secrets(&record, true).await.ok();
+        let secrets = parsed.secrets(previous.as_ref()).ok_or_else(|| {
+            Error::config(
+                "source.config.apiKey",
+                "is required: no key is stored for this source",
+            )
+        })?;
+        record.secret_ref = self.put_secrets(id, &secrets).await?;
+        self.secrets_cache.lock().expect("not poisoned").remove(id);
         record.spec = parsed.spec;
         record.config_version += 1;
         record.updated_at = now_ms();
@@ -763,19 +770,6 @@ async fn default_destination_from_env(vault: &Vault) -> Result<DestinationConfig
     Ok(config)
 }
 
-/// Health kinds as strings for callers that print them.
-pub fn health_kind_name(kind: HealthKind) -> &'static str {
-    kind.as_str()
-}
-
-mod erased {
-    /// Serialises anything serialisable to a JSON value.
-    pub trait Json {
-        fn to_json(&self) -> serde_json::Value;
-    }
-    impl<T: serde::Serialize> Json for T {
-        fn to_json(&self) -> serde_json::Value {
-            serde_json::to_value(self).unwrap_or(serde_json::Value::Null)
-        }
-    }
+fn to_json(value: &impl Serialize) -> Result<serde_json::Value> {
+    serde_json::to_value(value).map_err(|e| Error::store("serialising the result", e))
 }

@@ -257,53 +257,69 @@ fn exit_code(command: &Command, result: &serde_json::Value) -> i32 {
 
 /// Prints one source's status as a small table.
 pub fn print_status(s: &SourceStatus) {
+    print!("{}", format_status(s));
+}
+
+/// One source's status as a small table, for people.
+pub fn format_status(s: &SourceStatus) -> String {
+    use std::fmt::Write;
     let dash = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
-    println!("Source        {} ({})", s.id, s.name);
-    println!(
+    let mut out = String::new();
+    let _ = writeln!(out, "Source        {} ({})", s.id, s.name);
+    let _ = writeln!(
+        out,
         "State         {} since {}",
         s.state.as_str(),
         dash(&s.since)
     );
-    println!("Last success  {}", dash(&s.last_success));
-    println!(
-        "Checkpoint    {}{}",
-        dash(&s.checkpoint),
-        if s.backlog_ranges > 0 {
-            format!(" (+{} backlog range(s))", s.backlog_ranges)
-        } else {
-            String::new()
-        }
+    let _ = writeln!(out, "Last success  {}", dash(&s.last_success));
+    let backlog = if s.backlog_ranges > 0 {
+        format!(" (+{} backlog range(s))", s.backlog_ranges)
+    } else {
+        String::new()
+    };
+    let _ = writeln!(out, "Checkpoint    {}{backlog}", dash(&s.checkpoint));
+    let reached = if s.quota_reached {
+        " (reached: resumes after 00:00 UTC)"
+    } else {
+        ""
+    };
+    let _ = writeln!(
+        out,
+        "Quota today   {} used, {} left of {}{reached}",
+        s.quota_used_today, s.quota_left_today, s.daily_request_limit
     );
-    println!(
-        "Quota today   {} used, {} left of {}{}",
-        s.quota_used_today,
-        s.quota_left_today,
-        s.daily_request_limit,
-        if s.quota_reached {
-            " (reached: resumes after 00:00 UTC)"
-        } else {
-            ""
-        }
-    );
-    println!(
+    let _ = writeln!(
+        out,
         "Forwarded     last run {}, today {}, total {}",
         s.forwarded_last_run, s.forwarded_today, s.forwarded_total
     );
+    if let Some(lag) = s.lag_seconds {
+        let _ = writeln!(
+            out,
+            "Lag           {lag} s behind the newest forwarded event"
+        );
+    }
     if let Some(deadline) = &s.retry_deadline {
-        println!("Retrying      until {deadline}");
+        let _ = writeln!(out, "Retrying      until {deadline}");
     }
     if s.blocked_until_update {
-        println!("Blocked       ThirdPartyConfigError: update the source to retry");
+        let _ = writeln!(
+            out,
+            "Blocked       ThirdPartyConfigError: update the source to retry"
+        );
     }
     for e in &s.health {
-        println!(
+        let _ = writeln!(
+            out,
             "Health        {} x{}: {}",
             e.kind.as_str(),
             e.count,
             e.message
         );
     }
-    println!();
+    out.push('\n');
+    out
 }
 
 /// Runs a (non-demo) command against `app`; returns the exit code.

@@ -31,8 +31,6 @@ pub const DEFAULT_RETRY_WINDOW_MINUTES: f64 = 90.0;
 /// Default `latenessWindowMinutes`: how late (backdated) an event may arrive and still be
 /// collected. Every run re-reads this window, which costs one request per 100 events in it.
 pub const DEFAULT_LATENESS_MINUTES: f64 = 60.0;
-/// The parser Sumo Logic's Cloud SIEM uses for KnowBe4 events.
-pub const SIEM_PARSER: &str = "/Parsers/System/KnowBe4/KnowBe4 KMSAT";
 
 /// The KnowBe4 regions: console host (what users copy from the browser) and API host.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -185,6 +183,34 @@ pub struct SourceSpec {
     pub destination: Option<DestinationSpec>,
 }
 
+impl ParsedSource {
+    /// The secrets to store, with `previous` (the stored ones) filling what this
+    /// configuration left out: an update may omit the API key to keep it. `None` when
+    /// there is no API key at all.
+    pub fn secrets(&self, previous: Option<&SourceSecrets>) -> Option<SourceSecrets> {
+        let api_key = self
+            .api_key
+            .clone()
+            .or_else(|| previous.map(|p| p.api_key.clone()))?;
+        let keep_destination = self.spec.destination.is_some();
+        let pick = |new: &Option<SecretString>, old: Option<&SecretString>| {
+            new.clone()
+                .or_else(|| old.filter(|_| keep_destination).cloned())
+        };
+        Some(SourceSecrets {
+            api_key,
+            destination_url: pick(
+                &self.destination_url,
+                previous.and_then(|p| p.destination_url.as_ref()),
+            ),
+            destination_token: pick(
+                &self.destination_token,
+                previous.and_then(|p| p.destination_token.as_ref()),
+            ),
+        })
+    }
+}
+
 impl SourceSpec {
     /// Metadata for the destination.
     pub fn sink_meta(&self) -> crate::sink::SourceMeta {
@@ -201,8 +227,12 @@ impl SourceSpec {
 pub struct ParsedSource {
     /// Validated configuration.
     pub spec: SourceSpec,
-    /// The API key and destination secrets; `None` for an update that kept the key.
-    pub secrets: Option<SourceSecrets>,
+    /// The API key; `None` for an update that keeps the stored one.
+    pub api_key: Option<SecretString>,
+    /// A per-source destination URL (a secret: Sumo URLs carry their token).
+    pub destination_url: Option<SecretString>,
+    /// A per-source destination token.
+    pub destination_token: Option<SecretString>,
 }
 
 /// Options of validation that come from the deployment, not the JSON.
@@ -450,12 +480,6 @@ fn validate_config(config: HostedConfig, options: ValidationOptions) -> Result<P
         }
     };
 
-    let secrets = api_key.map(|api_key| SourceSecrets {
-        api_key,
-        destination_url,
-        destination_token,
-    });
-
     Ok(ParsedSource {
         spec: SourceSpec {
             name,
@@ -472,7 +496,9 @@ fn validate_config(config: HostedConfig, options: ValidationOptions) -> Result<P
             lateness_window_secs: (lateness_minutes * 60.0).round() as u64,
             destination,
         },
-        secrets,
+        api_key,
+        destination_url,
+        destination_token,
     })
 }
 
@@ -759,6 +785,42 @@ mod tests {
             opts,
         )
         .unwrap();
-        assert!(parsed.secrets.is_none());
+        assert!(parsed.api_key.is_none());
+    }
+
+    #[test]
+    fn an_update_keeps_stored_secrets_it_does_not_replace() {
+        let opts = ValidationOptions {
+            allow_custom_base_url: false,
+            key_optional: true,
+        };
+        let stored = SourceSecrets {
+            api_key: SecretString::from("old-key"),
+            destination_url: Some(SecretString::from(
+                "https://collectors.example/receiver/old",
+            )),
+            destination_token: None,
+        };
+        let with_destination = parse_source_value(
+            hosted(serde_json::json!({"name":"n","region":"US",
+                "destination":{"format":"ndjson","url":"https://logs.example/new","token":"t"}})),
+            opts,
+        )
+        .unwrap();
+        let merged = with_destination.secrets(Some(&stored)).unwrap();
+        assert_eq!(merged.api_key.expose_secret(), "old-key");
+        assert_eq!(
+            merged.destination_url.unwrap().expose_secret(),
+            "https://logs.example/new"
+        );
+        let without =
+            parse_source_value(hosted(serde_json::json!({"name":"n","region":"US"})), opts)
+                .unwrap();
+        let merged = without.secrets(Some(&stored)).unwrap();
+        assert!(
+            merged.destination_url.is_none(),
+            "no per-source destination any more"
+        );
+        assert!(without.secrets(None).is_none(), "no key at all");
     }
 }

@@ -11,7 +11,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::app::{App, Settings, Vault};
-use crate::cli::print_status;
+use crate::cli::format_status;
 use crate::sim::{SimConfig, Simulator};
 use crate::sink::{DestinationConfig, Format};
 use crate::store::file::FileStore;
@@ -81,18 +81,10 @@ async fn demo(events: usize) -> Result<(), Box<dyn std::error::Error>> {
             r.outcome, r.detail, r.forwarded, r.requests
         );
     }
+    // stdout carries the events; the status goes with the other human output.
     for status in app.status(Some(&id)).await? {
-        print_status_stderr(&status);
+        eprint!("\n{}", format_status(&status));
     }
     sim.shutdown().await;
     Ok(())
-}
-
-fn print_status_stderr(status: &crate::app::SourceStatus) {
-    // stdout carries the events; the status goes with the other human output.
-    let _ = print_status;
-    eprintln!(
-        "{}",
-        serde_json::to_string_pretty(status).unwrap_or_default()
-    );
 }
