@@ -65,14 +65,15 @@ start_group() {
 # Build first: `cargo lambda watch` then starts the function at once, and a cold build
 # cannot hit the invoke timeout.
 log "Building the function and the simulator (debug)."
-cargo build --bins --quiet
+timeout 1800 cargo build --bins --quiet || fail "cargo build --bins"
 
 sim_port=$(free_port)
 start_group "$work/sim.log" cargo run --quiet --bin knowbe4-sim -- \
   --port "$sim_port" --api-key sim-key --events 150
 sim_pid=$last_pid
 base_url=""
-for _ in $(seq 1 600); do
+until_time=$((SECONDS + 60))
+while [ "$SECONDS" -lt "$until_time" ]; do
   base_url=$(sed -n 's/^knowbe4-sim listening on \(http:\/\/127\.0\.0\.1:[0-9]*\).*/\1/p' "$work/sim.log" | head -n 1)
   [ -n "$base_url" ] && break
   kill -0 "$sim_pid" 2>/dev/null || fail "the simulator exited"
@@ -86,11 +87,11 @@ lambda_port=$(free_port)
 start_group "$work/watch.log" env -u STATE_TABLE -u AWS_ENDPOINT_URL -u FORWARD_URL \
   -u FORWARD_URL_SECRET -u FORWARD_TOKEN -u FORWARD_TOKEN_SECRET \
   KNOWBE4_ALLOW_CUSTOM_BASE_URL=1 STATE_FILE="$work/state.json" FORWARD_FORMAT=stdout \
-  DEADLINE_MARGIN_SECS=5 \
   cargo lambda watch --ignore-changes -A 127.0.0.1 -P "$lambda_port"
 watch_pid=$last_pid
 ready=""
-for _ in $(seq 1 1200); do
+until_time=$((SECONDS + 300))
+while [ "$SECONDS" -lt "$until_time" ]; do
   if python3 -c "import socket; socket.create_connection(('127.0.0.1', $lambda_port), 0.2)" 2>/dev/null; then
     ready=yes
     break
@@ -187,7 +188,7 @@ log "Every payload in events/ ran."
 stop_all
 log "Building the x86-64 release bootstrap."
 rm -f target/lambda/knowbe4-source/bootstrap
-cargo lambda build --release --x86-64 --bin knowbe4-source >"$work/build.log" 2>&1 ||
+timeout 3600 cargo lambda build --release --x86-64 --bin knowbe4-source >"$work/build.log" 2>&1 ||
   fail "cargo lambda build --release --x86-64"
 [ -x target/lambda/knowbe4-source/bootstrap ] ||
   fail "target/lambda/knowbe4-source/bootstrap is missing"

@@ -106,7 +106,8 @@ pub struct App {
 }
 
 /// A management or collection request: the Lambda payload and what the CLI builds.
-#[derive(Debug, Deserialize)]
+/// `Debug` leaves the source JSON out: it holds the API key.
+#[derive(Deserialize)]
 #[serde(rename_all = "lowercase", deny_unknown_fields)]
 pub enum Action {
     /// Collect one source, or every source when `sourceId` is absent.
@@ -159,7 +160,43 @@ pub enum Action {
     List {},
 }
 
+impl std::fmt::Debug for Action {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (name, id) = match self {
+            Action::Collect { source_id } | Action::Status { source_id } => {
+                (self.name(), source_id.as_deref())
+            }
+            Action::Create { id, .. } => (self.name(), id.as_deref()),
+            Action::Update { source_id, .. }
+            | Action::Restart { source_id }
+            | Action::Delete { source_id }
+            | Action::Health { source_id } => (self.name(), Some(source_id.as_str())),
+            Action::List {} => (self.name(), None),
+        };
+        let mut out = f.debug_struct("Action");
+        out.field("action", &name).field("source_id", &id);
+        if matches!(self, Action::Create { .. } | Action::Update { .. }) {
+            out.field("source", &"[redacted]");
+        }
+        out.finish()
+    }
+}
+
 impl Action {
+    /// The action's name, as in payloads.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Action::Collect { .. } => "collect",
+            Action::Create { .. } => "create",
+            Action::Update { .. } => "update",
+            Action::Restart { .. } => "restart",
+            Action::Delete { .. } => "delete",
+            Action::Status { .. } => "status",
+            Action::Health { .. } => "health",
+            Action::List {} => "list",
+        }
+    }
+
     /// Parses a Lambda payload: an EventBridge scheduled event (collect every source) or
     /// an `{"action": ...}` object.
     pub fn from_payload(payload: serde_json::Value) -> Result<Action> {
@@ -187,14 +224,15 @@ impl Action {
             unreachable!("checked above")
         };
         let name = match rest.remove("action") {
-            Some(serde_json::Value::String(name)) => name,
-            _ => return Err(Error::config("action", "must be a string")),
+            Some(serde_json::Value::String(name)) if !name.is_empty() => name,
+            _ => return Err(Error::config("action", "must be a non-empty string")),
         };
         let tagged = serde_json::json!({ name.clone(): rest });
         serde_path_to_error::deserialize(tagged).map_err(|e| {
             let path = e.path().to_string();
             let field = path
                 .strip_prefix(&format!("{name}."))
+                .filter(|f| !f.is_empty())
                 .map(str::to_string)
                 .unwrap_or_else(|| "action".to_string());
             Error::config(field, e.inner().to_string())

@@ -137,6 +137,11 @@ pub enum WalkError {
     /// Events on a page are not newest first.
     #[error("page {0} is not sorted newest first")]
     Unordered(u32),
+    /// A full page held only events this walk already passed while the list did not
+    /// grow: the server is repeating pages (inserts above the walk position would have
+    /// raised `meta.count`). Taking the next page would skip what this one hides.
+    #[error("page {0} repeats events already read while the list did not grow")]
+    Repeating(u32),
     /// A page arrived that was not the one asked for.
     #[error("page {got} arrived while page {expected} was expected")]
     WrongPage {
@@ -202,6 +207,8 @@ pub struct Walker {
     delivered: u64,
     /// Events skipped as already delivered, for the run summary.
     duplicates: u64,
+    /// The walk stepped back a page after deletes: the next page repeats on purpose.
+    stepped_back: bool,
 }
 
 impl Walker {
@@ -241,6 +248,7 @@ impl Walker {
             last_count: None,
             delivered: 0,
             duplicates: 0,
+            stepped_back: false,
         }
     }
 
@@ -296,6 +304,14 @@ impl Walker {
             .any(|w| w[0].occurred < w[1].occurred)
         {
             return Err(WalkError::Unordered(page_no));
+        }
+        let expects_repeats = std::mem::take(&mut self.stepped_back);
+        let full_of_repeats =
+            page.events.len() >= PER_PAGE as usize && page.events.iter().all(|e| self.is_repeat(e));
+        let grew =
+            matches!((self.last_count, page.count), (Some(before), Some(now)) if now > before);
+        if full_of_repeats && !grew && !expects_repeats {
+            return Err(WalkError::Repeating(page_no));
         }
         match self.phase.clone() {
             Phase::Done => Ok(Vec::new()),
@@ -552,6 +568,7 @@ impl Walker {
             (Some(before), Some(now)) if now < before && self.page > 1 => {
                 let pages_back = (before - now).div_ceil(u64::from(PER_PAGE)) as u32;
                 self.page = self.page.saturating_sub(pages_back).max(1);
+                self.stepped_back = true;
                 true
             }
             _ => false,

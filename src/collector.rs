@@ -140,6 +140,7 @@ pub async fn collect_source(app: &App, id: &str, deadline: Instant) -> RunReport
         report,
         run_id,
         state: None,
+        pacing_chain: None,
     };
     run.execute(deadline).await;
     // Every request of the run was sent before now (in-flight ones were awaited or
@@ -183,6 +184,8 @@ struct Run<'a> {
     report: RunReport,
     run_id: String,
     state: Option<Versioned<SourceState>>,
+    /// Released when the last issued request passed the rate limiter.
+    pacing_chain: Option<tokio::sync::oneshot::Receiver<()>>,
 }
 
 /// Why the walk stopped early without an error.
@@ -374,7 +377,7 @@ impl Run<'_> {
                 Ok(events) => events,
                 Err(err) => {
                     let err = Error::KnowBe4 {
-                        message: err.to_string(),
+                        message: format!("KnowBe4 sent a malformed listing: {err}"),
                         status: None,
                         source: None,
                     };
@@ -504,12 +507,21 @@ impl Run<'_> {
         }
         self.report.requests += 1;
         let client = client.clone();
+        // Requests of a run leave in the order they were issued: each task waits for the
+        // previous one to pass the rate limiter (an aborted one releases it by dropping
+        // its sender).
+        let (paced, paced_rx) = tokio::sync::oneshot::channel::<()>();
+        let previous = self.pacing_chain.replace(paced_rx);
         Ok(InFlight {
             page,
             // Paced inside the task, right before sending: pacing first and sending from
             // a task scheduled later would let requests bunch up on the wire.
             handle: tokio::spawn(async move {
+                if let Some(previous) = previous {
+                    let _ = previous.await;
+                }
                 client.pace().await;
+                let _ = paced.send(());
                 crate::failpoint::hit("before_knowbe4_request");
                 client.events_page(page).await
             }),
@@ -551,27 +563,49 @@ impl Run<'_> {
         match answer {
             Ok(page) => Ok(page),
             Err(ApiError::QuotaExhausted) => Err(FetchFailure::Quota),
-            Err(err) if err.retriable() => {
+            Err(err) => {
+                // Answers sent ahead for later pages are dropped: the walk resumes from
+                // this page once it succeeds.
                 ahead.clear();
-                tracing::info!(source_id = %self.record.id, page, error = %err, "KnowBe4 request failed; retrying.");
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                self.may_send(budget, deadline)?;
-                self.fetch(client, page, day, limit, deadline).await
+                self.retry(client, page, (day, limit, budget), deadline, err)
+                    .await
             }
-            Err(err) => Err(FetchFailure::Api(err)),
         }
     }
 
-    async fn fetch(
+    /// Retries `page` after `failed`, with backoff (honouring `Retry-After`), up to
+    /// [`PAGE_ATTEMPTS`] requests in all. When the budget or the deadline leaves no room
+    /// for another attempt, the failure itself is returned: a failing KnowBe4 is reported,
+    /// never mistaken for a run that merely ran out of time.
+    async fn retry(
         &mut self,
         client: &KnowBe4Client,
         page_no: u32,
-        day: &str,
-        limit: u32,
+        (day, limit, budget): (&str, u32, u32),
         deadline: Instant,
+        failed: ApiError,
     ) -> std::result::Result<crate::checkpoint::Page, FetchFailure> {
-        let mut attempt = 0;
+        let mut failed = failed;
+        let mut attempt = 1;
         loop {
+            if !failed.retriable() || attempt >= PAGE_ATTEMPTS {
+                return Err(FetchFailure::Api(failed));
+            }
+            let backoff = match &failed {
+                ApiError::RateLimited {
+                    retry_after: Some(after),
+                } => (*after).min(Duration::from_secs(30)),
+                _ => Duration::from_millis(500 * 2u64.pow(attempt - 1)),
+            };
+            let needed =
+                backoff + self.app.settings.deadline_margin + self.app.settings.request_timeout;
+            if self.report.requests >= budget
+                || deadline.saturating_duration_since(Instant::now()) < needed
+            {
+                return Err(FetchFailure::Api(failed));
+            }
+            tracing::info!(source_id = %self.record.id, page = page_no, attempt, error = %failed, "KnowBe4 request failed; retrying.");
+            tokio::time::sleep(backoff).await;
             attempt += 1;
             match self
                 .app
@@ -586,28 +620,11 @@ impl Run<'_> {
             client.pace().await;
             self.report.requests += 1;
             crate::failpoint::hit("before_knowbe4_request");
-            let err = match client.events_page(page_no).await {
+            failed = match client.events_page(page_no).await {
                 Ok(page) => return Ok(page),
                 Err(ApiError::QuotaExhausted) => return Err(FetchFailure::Quota),
                 Err(err) => err,
             };
-            let left = deadline.saturating_duration_since(Instant::now());
-            if !err.retriable() || attempt >= PAGE_ATTEMPTS {
-                return Err(FetchFailure::Api(err));
-            }
-            let backoff = match &err {
-                ApiError::RateLimited {
-                    retry_after: Some(after),
-                } => (*after).min(Duration::from_secs(30)),
-                _ => Duration::from_millis(500 * 2u64.pow(attempt - 1)),
-            };
-            if left
-                < backoff + self.app.settings.deadline_margin + self.app.settings.request_timeout
-            {
-                return Err(FetchFailure::Api(err));
-            }
-            tracing::info!(source_id = %self.record.id, page = page_no, attempt, error = %err, "KnowBe4 request failed; retrying.");
-            tokio::time::sleep(backoff).await;
         }
     }
 

@@ -271,8 +271,11 @@ pub fn parse_source_value(
     value: serde_json::Value,
     options: ValidationOptions,
 ) -> Result<ParsedSource> {
+    // A bare `source` object (with `config`) is accepted as well as the whole document.
     let value = match value {
-        serde_json::Value::Object(map) if !map.contains_key("source") => {
+        serde_json::Value::Object(map)
+            if map.contains_key("config") && !map.contains_key("source") =>
+        {
             serde_json::json!({ "source": map })
         }
         other => other,
@@ -280,7 +283,20 @@ pub fn parse_source_value(
     let doc: HostedDocument = serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
         let message = scrub_serde_message(&e.inner().to_string());
-        Error::config(if path == "." { "source".into() } else { path }, message)
+        let field = match path.as_str() {
+            "." | "" => "source".to_string(),
+            // serde names an unknown empty key by its parent's path plus a dot.
+            p if p.ends_with('.') => p.trim_end_matches('.').to_string(),
+            p => p.to_string(),
+        };
+        Error::config(
+            if field.is_empty() {
+                "source".into()
+            } else {
+                field
+            },
+            message,
+        )
     })?;
     if let Some(version) = &doc.api_version
         && version != "v1"

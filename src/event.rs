@@ -75,7 +75,7 @@ pub struct RawEvent {
 /// Why an event object from KnowBe4 could not be used.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum EventParseError {
-    /// The object is not valid JSON or lacks a string `id`.
+    /// The object is not a JSON object with a string `id`.
     #[error("event has no string `id`")]
     MissingId,
     /// `occurred_date` is missing or not an RFC 3339 timestamp.
@@ -97,8 +97,18 @@ struct Keys<'a> {
 impl RawEvent {
     /// Reads `id` and `occurred_date` out of one event object, keeping the original text.
     pub fn from_raw(json: Box<RawValue>) -> Result<Self, EventParseError> {
-        let keys: Keys<'_> =
-            serde_json::from_str(json.get()).map_err(|_| EventParseError::MissingId)?;
+        let keys: Keys<'_> = match serde_json::from_str(json.get()) {
+            Ok(keys) => keys,
+            // A key of the wrong type: find out which, for a clear health event.
+            Err(_) => {
+                let value: serde_json::Value =
+                    serde_json::from_str(json.get()).map_err(|_| EventParseError::MissingId)?;
+                return Err(match value.get("id").and_then(|v| v.as_str()) {
+                    Some(id) => EventParseError::BadOccurredDate { id: id.to_string() },
+                    None => EventParseError::MissingId,
+                });
+            }
+        };
         let id = keys.id.ok_or(EventParseError::MissingId)?.into_owned();
         let occurred = keys
             .occurred_date

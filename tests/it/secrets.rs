@@ -481,9 +481,6 @@ async fn debug_output_errors_and_reports_hold_no_secret() {
 /// `Debug` of a create payload must not print the key it carries: anything that logs the
 /// action (`?action`) would leak it.
 #[test]
-#[ignore = "reason: secret in Debug: app::Action derives Debug and holds the raw source \
-            JSON, so format!(\"{action:?}\") of a create/update payload prints apiKey and \
-            destination url/token in clear"]
 fn the_debug_of_a_create_action_hides_the_key() {
     let key = canary("key");
     let payload = serde_json::json!({
@@ -556,11 +553,8 @@ async fn a_rotated_key_costs_one_401_and_one_secret_read() {
 
 /// Changing only the destination on update while keeping the stored key (`apiKey`
 /// omitted or `****`): the new destination URL is a secret too, and must be stored.
+/// (Regression: it used to be dropped, and every run then failed for want of a URL.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "reason: an update that keeps the key drops the new destination url/token: \
-            config.rs builds SourceSecrets only when apiKey is given and App::update \
-            stores secrets only then, so the source keeps no URL for its new destination \
-            and every run fails with 'destination.url is required'"]
 async fn an_update_keeping_the_key_still_stores_the_new_destination() {
     let key = canary("key");
     let h = harness(SimConfig {
@@ -592,4 +586,9 @@ async fn an_update_keeping_the_key_still_stores_the_new_destination() {
     let report = collect_source(&h.app, &id, deadline(30)).await;
     assert_eq!(report.outcome, Outcome::Collected, "{report:?}");
     assert_eq!(own_sink.event_ids().len(), 120);
+    assert!(h.sink.event_ids().is_empty());
+    for item in table_dump(&h).await {
+        assert!(!item.contains(&key), "{item}");
+        assert!(!item.contains(own_sink.token()), "{item}");
+    }
 }
