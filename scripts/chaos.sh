@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 seeds="${1:-10}"
 rm -rf target/chaos
 status=0
-CHAOS_SEEDS="$seeds" scripts/with-moto.sh cargo test --release --test chaos || status=$?
+CHAOS_SEEDS="$seeds" scripts/with-moto.sh cargo test --test chaos || status=$?
 python3 - "$seeds" <<'PY'
 import datetime, glob, json, platform, subprocess, sys
 rows = [json.load(open(p)) for p in sorted(glob.glob("target/chaos/*.json"))]

@@ -156,12 +156,8 @@ elif name == "collect":
     check(len(runs) == 1 and runs[0].get("outcome") == "collected", 'expected "outcome":"collected"')
     run = runs[0]
     print(f"collect: forwarded {run.get('forwarded')} events ({run.get('detail')})", file=sys.stderr)
-    if run.get("forwarded", 0) == 0:
-        # cargo lambda watch (1.9.x) sends `Lambda-Runtime-Deadline-Ms: 600000`, an epoch
-        # time in 1970: a function that honours the deadline stops at once. Tolerated only
-        # in that case; any other empty first collection fails.
-        check("deadline" in run.get("detail", ""), "expected events forwarded")
-        print("WARNING: collect forwarded nothing: cargo lambda watch's deadline is already past", file=sys.stderr)
+    # The simulator holds 150 events; the first collection must forward all of them.
+    check(run.get("forwarded") == 150, "expected the simulator's 150 events forwarded")
 elif name == "scheduled":
     check(isinstance(out.get("runs"), list) and len(out["runs"]) == 1, "expected one run")
 elif name in ("status", "list"):

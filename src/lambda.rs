@@ -28,7 +28,14 @@ impl From<Error> for Diagnostic {
 }
 
 /// The invocation's deadline as an `Instant`.
+///
+/// Lambda sends epoch milliseconds. `cargo lambda watch` sends a constant duration
+/// (600000) instead; a value that small cannot be an epoch time, so it is read as the
+/// milliseconds left.
 fn deadline_of(deadline_epoch_ms: u64) -> Instant {
+    if deadline_epoch_ms < 1_000_000_000_000 {
+        return Instant::now() + Duration::from_millis(deadline_epoch_ms);
+    }
     let now_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
@@ -55,4 +62,36 @@ pub async fn run() -> Result<(), lambda_runtime::Error> {
         move |event| async move { handle(app, event).await },
     ))
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deadlines_from_lambda_and_from_cargo_lambda_watch() {
+        let in_a_minute = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64
+            + 60_000;
+        let left = deadline_of(in_a_minute).saturating_duration_since(Instant::now());
+        assert!(left > Duration::from_secs(55) && left <= Duration::from_secs(60));
+        let left = deadline_of(600_000).saturating_duration_since(Instant::now());
+        assert!(left > Duration::from_secs(590));
+        let past = deadline_of(1_600_000_000_000);
+        assert!(past <= Instant::now());
+    }
+
+    #[test]
+    fn errors_become_lambda_diagnostics_named_by_kind() {
+        let d: Diagnostic = Error::config("action", "is required").into();
+        assert_eq!(d.error_type, "InvalidConfig");
+        let d: Diagnostic = Error::Destination {
+            message: "down".into(),
+            status: Some(503),
+        }
+        .into();
+        assert_eq!(d.error_type, "FirstPartyGenericError");
+    }
 }
