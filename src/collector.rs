@@ -487,6 +487,20 @@ impl Run<'_> {
         Ok(())
     }
 
+    /// Reserves one request in the day's quota ledger before it is sent.
+    async fn reserve(&self, day: &str, limit: u32) -> std::result::Result<(), FetchFailure> {
+        match self
+            .app
+            .store
+            .reserve_request(&self.record.id, day, limit)
+            .await
+        {
+            Ok(Reservation::Granted(_)) => Ok(()),
+            Ok(Reservation::Exhausted) => Err(FetchFailure::Quota),
+            Err(err) => Err(FetchFailure::Other(err)),
+        }
+    }
+
     /// Reserves, paces and sends a request for `page` without waiting for its answer.
     async fn issue(
         &mut self,
@@ -495,16 +509,7 @@ impl Run<'_> {
         day: &str,
         limit: u32,
     ) -> std::result::Result<InFlight, FetchFailure> {
-        match self
-            .app
-            .store
-            .reserve_request(&self.record.id, day, limit)
-            .await
-        {
-            Ok(Reservation::Granted(_)) => {}
-            Ok(Reservation::Exhausted) => return Err(FetchFailure::Quota),
-            Err(err) => return Err(FetchFailure::Other(err)),
-        }
+        self.reserve(day, limit).await?;
         self.report.requests += 1;
         let client = client.clone();
         // Requests of a run leave in the order they were issued: each task waits for the
@@ -607,16 +612,7 @@ impl Run<'_> {
             tracing::info!(source_id = %self.record.id, page = page_no, attempt, error = %failed, "KnowBe4 request failed; retrying.");
             tokio::time::sleep(backoff).await;
             attempt += 1;
-            match self
-                .app
-                .store
-                .reserve_request(&self.record.id, day, limit)
-                .await
-            {
-                Ok(Reservation::Granted(_)) => {}
-                Ok(Reservation::Exhausted) => return Err(FetchFailure::Quota),
-                Err(err) => return Err(FetchFailure::Other(err)),
-            }
+            self.reserve(day, limit).await?;
             client.pace().await;
             self.report.requests += 1;
             crate::failpoint::hit("before_knowbe4_request");
