@@ -9,8 +9,8 @@
 //! drain whatever is left; then every event that was not deleted must have been
 //! delivered (asserted) and duplicates are counted.
 //!
-//! A run is modelled in time too: its requests go out 260 ms apart (the client's
-//! pacing), each answered after 300 ms, and events that arrive meanwhile are in the list
+//! A run is modelled in time too: its requests go out `REQUEST_SPACING` apart (the
+//! client's pacing), each answered after 300 ms, and events that arrive meanwhile are in the list
 //! for the later pages. Only the walker's requests are counted: the collector's
 //! speculative requests while draining a backlog are not modelled here.
 //!
@@ -21,6 +21,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::time::Instant;
 
 use knowbe4_source::checkpoint::{Checkpoint, PER_PAGE, Page, Step, Walker};
+use knowbe4_source::knowbe4::REQUEST_SPACING;
 use knowbe4_source::quota::run_budget;
 use knowbe4_source::{EventTime, RawEvent};
 use rand::rngs::StdRng;
@@ -34,8 +35,6 @@ const HOUR_MS: i64 = 3_600_000;
 const DAY_MS: i64 = 24 * HOUR_MS;
 /// 2026-03-02T00:00:00Z, the simulated day.
 const DAY_START_UNIX_MS: i64 = 1_772_409_600_000;
-/// The client's request spacing (4 per second with a margin).
-const REQUEST_SPACING_MS: i64 = 260;
 /// Round trip of one KnowBe4 request.
 const LATENCY_MS: i64 = 300;
 /// Forwarding and saving the checkpoint at the end of a run.
@@ -187,7 +186,7 @@ fn run_once(
             break;
         }
         if requests > 0 {
-            clock += REQUEST_SPACING_MS;
+            clock += REQUEST_SPACING.as_millis() as i64;
         }
         world.advance(clock);
         requests += 1;
@@ -218,6 +217,10 @@ struct Report {
     requests_day2: u32,
     runs_without_budget: usize,
     backlog_end_day1: usize,
+    /// Unfinished ranges in the checkpoint at 24:00.
+    gaps_end_day1: usize,
+    /// Whether the dedupe window had overflowed (narrowed) at 24:00.
+    narrowed_end_day1: bool,
     lag_secs: Vec<f64>,
     deleted_undelivered: usize,
     duplicates: u64,
@@ -296,12 +299,17 @@ fn simulate(s: &Scenario) -> Report {
     let mut collected_day1 = 0;
     let mut runs_without_budget = 0;
     let mut backlog_end_day1 = 0;
+    let mut gaps_end_day1 = 0;
+    let mut narrowed_end_day1 = false;
     let runs_per_day = (DAY_MS / interval_ms) as usize;
+    let trace = std::env::var_os("DAY_SIM_TRACE").is_some();
     for k in 0..2 * runs_per_day {
         let start = k as i64 * interval_ms;
         if start == DAY_MS {
             // Day 1 is over: what arrived in it and is still to deliver.
             backlog_end_day1 = undelivered(&world, |at| (0..DAY_MS).contains(&at));
+            gaps_end_day1 = checkpoint.gaps.len();
+            narrowed_end_day1 = checkpoint.recent_floor.is_some();
         }
         world.advance(start);
         let now = utc(start);
@@ -309,12 +317,30 @@ fn simulate(s: &Scenario) -> Report {
         let used = used_by_day.entry(day).or_default();
         let budget = run_budget(quota, *used, now, s.interval_secs);
         if budget == 0 {
+            if trace {
+                eprintln!("{} {:>6}s budget=0", s.name, start / 1000);
+            }
             if start < DAY_MS {
                 runs_without_budget += 1;
             }
             continue;
         }
         let outcome = run_once(&mut world, &mut checkpoint, start, budget, s.lateness_secs);
+        if trace {
+            eprintln!(
+                "{} {:>6}s budget={:>3} requests={:>3} delivered={:>4} gaps={:>2} recent={:>4} high={:?}",
+                s.name,
+                start / 1000,
+                budget,
+                outcome.requests,
+                outcome.delivered,
+                checkpoint.gaps.len(),
+                checkpoint.recent.len(),
+                checkpoint
+                    .high
+                    .map(|h| (h.0 / NS_PER_MS - DAY_START_UNIX_MS) / 1000)
+            );
+        }
         *used += outcome.requests;
         assert!(*used <= quota, "{}: quota overrun ({used})", s.name);
         if start < DAY_MS {
@@ -324,20 +350,21 @@ fn simulate(s: &Scenario) -> Report {
     let requests_day1 = used_by_day.get("2026-03-02").copied().unwrap_or(0);
     let requests_day2 = used_by_day.get("2026-03-03").copied().unwrap_or(0);
 
-    // Settle: no more arrivals; a fresh quota (day 3) drains what is left.
+    // Settle: no more arrivals; the following days' quotas drain what is left.
     world.live = false;
     let mut settle_runs = 0;
-    let mut used_day3 = 0u32;
     let mut start = 2 * DAY_MS;
     while settle_runs < MAX_SETTLE_RUNS
         && (undelivered(&world, |_| true) > 0 || !checkpoint.gaps.is_empty())
     {
         let now = utc(start);
-        let budget = run_budget(quota, used_day3, now, s.interval_secs);
+        let used = used_by_day
+            .entry(knowbe4_source::quota::utc_day(now))
+            .or_default();
+        let budget = run_budget(quota, *used, now, s.interval_secs);
         if budget > 0 {
-            used_day3 +=
-                run_once(&mut world, &mut checkpoint, start, budget, s.lateness_secs).requests;
-            assert!(used_day3 <= quota, "{}: quota overrun on day 3", s.name);
+            *used += run_once(&mut world, &mut checkpoint, start, budget, s.lateness_secs).requests;
+            assert!(*used <= quota, "{}: quota overrun while settling", s.name);
         }
         settle_runs += 1;
         start += interval_ms;
@@ -393,6 +420,8 @@ fn simulate(s: &Scenario) -> Report {
         requests_day2,
         runs_without_budget,
         backlog_end_day1,
+        gaps_end_day1,
+        narrowed_end_day1,
         lag_secs,
         deleted_undelivered,
         duplicates,
@@ -457,13 +486,13 @@ fn main() {
             ..base
         },
         Scenario {
-            name: "50 seats, lateness 35 min",
-            lateness_secs: 35 * 60,
+            name: "50 seats, a run every 10 min",
+            interval_secs: 600,
             ..base
         },
     ];
     println!(
-        "Simulated UTC day (2026-03-02): a run every {} s, an event every ~{} s (exponential), \
+        "Simulated UTC day (2026-03-02): a run every {} s (unless stated), an event every ~{} s (exponential), \
          {:.0}% backdated by up to {} min, {} deletes/day.\n",
         base.interval_secs,
         base.mean_gap_secs,
@@ -472,7 +501,7 @@ fn main() {
         base.deletes_per_day
     );
     println!(
-        "| scenario | quota/day | events arrived (day 1) | collected by day-1 runs | requests day 1 (quota use) | requests per 1,000 events | runs with no budget | day-1 backlog at 24:00 | lag median | lag p95 | lag max | duplicates | lost | sim time |"
+        "| scenario | quota/day | events arrived (day 1) | collected by day-1 runs | requests day 1 (quota use) | requests per 1,000 events | runs with no budget (day 1) | at 24:00: day-1 events undelivered, gaps | lag median | lag p95 | lag max | duplicates | lost | sim time |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for s in &scenarios {
@@ -483,7 +512,7 @@ fn main() {
             f64::from(r.requests_day1) * 1000.0 / r.collected_day1 as f64
         };
         println!(
-            "| {} | {} | {} ({} deleted before delivery) | {} | {} / {} ({:.0}%; day 2: {}) | {:.1} | {} | {} | {} | {} | {} | {} | 0 (asserted; {} settling runs) | {} ms |",
+            "| {} | {} | {} ({} deleted before delivery) | {} | {} / {} ({:.0}%; day 2: {}) | {:.1} | {} | {} events, {} gaps{} | {} | {} | {} | {} | 0 (asserted; {} settling runs) | {} ms |",
             s.name,
             r.quota,
             r.arrived,
@@ -496,6 +525,12 @@ fn main() {
             per_1000,
             r.runs_without_budget,
             r.backlog_end_day1,
+            r.gaps_end_day1,
+            if r.narrowed_end_day1 {
+                ", window narrowed"
+            } else {
+                ""
+            },
             duration(percentile(&r.lag_secs, 50.0)),
             duration(percentile(&r.lag_secs, 95.0)),
             duration(r.lag_secs.last().copied().unwrap_or(0.0)),

@@ -28,8 +28,10 @@ use knowbe4_source::{EventTime, RawEvent};
 use secrecy::SecretString;
 use time::OffsetDateTime;
 
-/// Pages fed to the walker per iteration (one collector flush is 1,000 events).
+/// Pages per collector flush (`FLUSH_EVENTS` = 1,000 events).
 const WALK_PAGES: u32 = 10;
+/// Pages of the long first-run walk.
+const LONG_WALK_PAGES: u32 = 100;
 /// The simulator's key.
 const KEY: &str = "bench-key";
 /// Hours the simulator spreads its events over.
@@ -66,6 +68,37 @@ fn page_bodies(rt: &tokio::runtime::Runtime, pages: u32) -> Vec<Vec<u8>> {
         sim.shutdown().await;
         bodies
     })
+}
+
+/// A first run over `pages` (the whole list: the last page ends the walk), with a
+/// snapshot after every `WALK_PAGES` pages as the collector's flushes take one.
+fn walk(pages: Vec<Vec<RawEvent>>, now: EventTime, total: usize) -> Checkpoint {
+    let mut walker = Walker::new(Checkpoint::default(), now, (SPAN_HOURS + 1) * 3600, 3600);
+    let count = Some(total as u64);
+    let last_page = pages.len() as u32;
+    let mut delivered = 0;
+    let mut snapshot = Checkpoint::default();
+    for (i, events) in pages.into_iter().enumerate() {
+        let page_no = i as u32 + 1;
+        assert_eq!(walker.next_step(), Step::Fetch(page_no));
+        let last = page_no == last_page;
+        delivered += walker
+            .on_page(
+                page_no,
+                Page {
+                    events,
+                    count,
+                    last,
+                },
+            )
+            .expect("well formed")
+            .len();
+        if page_no.is_multiple_of(WALK_PAGES) || last {
+            snapshot = walker.snapshot();
+        }
+    }
+    assert_eq!(delivered, total);
+    black_box(snapshot)
 }
 
 /// The NDJSON body `sink::http` builds for a batch: raw JSON, `\n` after each event.
@@ -107,7 +140,7 @@ fn benches(c: &mut Criterion) {
         .enable_all()
         .build()
         .expect("runtime");
-    let bodies = page_bodies(&rt, WALK_PAGES);
+    let bodies = page_bodies(&rt, 1);
     let first = &bodies[0];
     let sample = parse_page(first, 1).expect("the simulator's page parses");
     assert_eq!(sample.events.len(), 100);
@@ -125,46 +158,35 @@ fn benches(c: &mut Criterion) {
     });
     group.finish();
 
-    // The walker: ten pages in order, then the snapshot saved after the flush.
-    let pages: Vec<Vec<RawEvent>> = bodies
-        .iter()
-        .map(|body| parse_page(body, 1).expect("parses").events)
-        .collect();
-    let events: usize = pages.iter().map(Vec::len).sum();
+    // The walker: pages in order with the snapshot the collector saves after each flush
+    // (every 1,000 events): one flush (10 pages), and a 10,000-event first run (100 pages,
+    // ten flushes), to show how the cost per event grows with the length of a head walk.
     let now = EventTime::from_datetime(OffsetDateTime::now_utc());
+    let long: Vec<Vec<RawEvent>> = page_bodies(&rt, LONG_WALK_PAGES)
+        .iter()
+        .zip(1..)
+        .map(|(body, page_no)| parse_page(body, page_no).expect("parses").events)
+        .collect();
     let mut group = c.benchmark_group("walker");
-    group.throughput(Throughput::Elements(events as u64));
-    group.bench_function("first_run_10_pages_and_snapshot", |b| {
-        b.iter_batched(
-            || pages.clone(),
-            |pages| {
-                let mut walker =
-                    Walker::new(Checkpoint::default(), now, (SPAN_HOURS + 1) * 3600, 3600);
-                let mut delivered = 0;
-                let count = Some(events as u64);
-                for (i, events) in pages.into_iter().enumerate() {
-                    let page_no = i as u32 + 1;
-                    assert_eq!(walker.next_step(), Step::Fetch(page_no));
-                    let last = page_no == WALK_PAGES;
-                    let out = walker
-                        .on_page(
-                            page_no,
-                            Page {
-                                events,
-                                count,
-                                last,
-                            },
-                        )
-                        .expect("well formed");
-                    delivered += out.len();
-                }
-                assert_eq!(delivered, events);
-                black_box(walker.snapshot())
-            },
-            BatchSize::SmallInput,
-        )
-    });
+    for (name, pages) in [
+        (
+            "first_run_10_pages_1_snapshot",
+            &long[..WALK_PAGES as usize],
+        ),
+        ("first_run_100_pages_10_snapshots", &long[..]),
+    ] {
+        let events: usize = pages.iter().map(Vec::len).sum();
+        group.throughput(Throughput::Elements(events as u64));
+        group.bench_function(name, |b| {
+            b.iter_batched(
+                || pages.to_vec(),
+                |pages| walk(pages, now, events),
+                BatchSize::LargeInput,
+            )
+        });
+    }
     group.finish();
+    let pages: Vec<Vec<RawEvent>> = long[..WALK_PAGES as usize].to_vec();
 
     // The destination: encode, gzip, send.
     let batch: Vec<RawEvent> = pages.concat();

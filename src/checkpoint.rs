@@ -194,6 +194,8 @@ pub struct Walker {
     /// Ids delivered by the head walk of this run.
     head_delivered: Vec<SeenId>,
     head_seen: HashSet<String>,
+    /// Events the head walk delivered (for gap page estimates).
+    head_new: u64,
     /// `base.recent` as a set, for dedupe.
     recent_ids: HashSet<String>,
     /// Cursor of the current walk: last processed time and the ids processed at it.
@@ -241,6 +243,7 @@ impl Walker {
             gaps_todo,
             head_delivered: Vec::new(),
             head_seen: HashSet::new(),
+            head_new: 0,
             recent_ids,
             cursor: None,
             passed: 0,
@@ -354,11 +357,20 @@ impl Walker {
                 self.duplicates += 1;
                 continue;
             }
-            self.head_seen.insert(event.id.clone());
-            self.head_delivered.push(SeenId {
-                t: event.occurred,
-                id: event.id.clone(),
-            });
+            self.head_new += 1;
+            // Only ids the checkpoint will keep are remembered: those inside the
+            // lateness window below this walk's top (the new high-water mark is at
+            // least that high). Older ones lie above every gap and would be pruned, so a
+            // backlog walk holds a window's worth of ids, not the whole backlog.
+            if top.is_some_and(|top| {
+                event.occurred.0 >= top.min(self.now).0.saturating_sub(self.lateness_ns)
+            }) {
+                self.head_seen.insert(event.id.clone());
+                self.head_delivered.push(SeenId {
+                    t: event.occurred,
+                    id: event.id.clone(),
+                });
+            }
             out.push(event);
         }
         self.delivered += out.len() as u64;
@@ -374,7 +386,7 @@ impl Walker {
     fn finish_head(&mut self, top: Option<EventTime>) {
         // Events listed above each gap grew by the new events this head walk delivered
         // (re-read window events were already above it).
-        let head_count = self.head_delivered.len() as u64;
+        let head_count = std::mem::take(&mut self.head_new);
         self.base = self.head_snapshot(top, None);
         self.recent_ids = self.base.recent.iter().map(|s| s.id.clone()).collect();
         for gap in &mut self.gaps_todo {
