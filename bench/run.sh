@@ -71,7 +71,7 @@ start_sim() {
     PIDS+=("$SIM_PID")
     BASE=""
     for i in $(seq 1 600); do # up to 60 s (200,000 events take a moment to generate)
-        BASE="$(sed -n 's/^knowbe4-sim listening on //p' "$WORK/$name.sim.out")"
+        BASE="$(sed -n 's/^knowbe4-sim listening on //p' "$WORK/$name.sim.out" 2>/dev/null || true)"
         [[ -n "$BASE" ]] && return 0
         kill -0 "$SIM_PID" 2>/dev/null || break
         sleep 0.1
@@ -224,7 +224,7 @@ SINK_PID=$!
 PIDS+=("$SINK_PID")
 SINK_URL=""
 for i in $(seq 1 100); do
-    SINK_URL="$(head -n1 "$WORK/sink.out")"
+    SINK_URL="$(head -n1 "$WORK/sink.out" 2>/dev/null || true)"
     [[ -n "$SINK_URL" ]] && break
     sleep 0.1
 done
