@@ -1,17 +1,18 @@
 //! A simulated day of collection, pure: the real [`Walker`] and [`run_budget`] against an
-//! in-memory KnowBe4 event list, with a scheduled run every five minutes.
+//! in-memory KnowBe4 event list, with a scheduled run every five minutes (ten in one
+//! scenario).
 //!
 //! Each scenario simulates two UTC days of arrivals (plus two hours of history collected
 //! before the first day starts) and measures the first day: requests spent per 1,000
 //! events collected, requests used against the daily quota (asserted never above it),
 //! and collection lag (from an event's arrival in KnowBe4 to the end of the run that
-//! delivered it). After the second day, arrivals stop and settling runs on a fresh quota
-//! drain whatever is left; then every event that was not deleted must have been
+//! delivered it). After the second day, arrivals stop and settling runs on the following
+//! days' quotas drain whatever is left; then every event that was not deleted must have been
 //! delivered (asserted) and duplicates are counted.
 //!
 //! A run is modelled in time too: its requests go out `REQUEST_SPACING` apart (the
-//! client's pacing), each answered after 300 ms, and events that arrive meanwhile are in the list
-//! for the later pages. Only the walker's requests are counted: the collector's
+//! client's pacing), each answered after 300 ms, and events that arrive meanwhile are in
+//! the list for the later pages. Only the walker's requests are counted: the collector's
 //! speculative requests while draining a backlog are not modelled here.
 //!
 //! `cargo bench --bench day_simulation` prints one markdown table.

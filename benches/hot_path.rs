@@ -1,8 +1,9 @@
 //! Per-event CPU cost of the collector's hot path, measured with criterion:
 //! - `parse_page`: one realistic 100-event `GET /events` body, as the simulator serves it
 //!   (the simulator's event JSON: user, risk, metadata, escaped and non-ASCII text);
-//! - the `Walker` taking ten such pages (1,000 events) on a first run, then the snapshot
-//!   the collector saves after forwarding them;
+//! - the `Walker` on a first run of 10 and of 100 such pages, with the snapshot the
+//!   collector saves after each flush of 1,000 events (the longer walk shows whether the
+//!   cost per event grows with the length of a walk);
 //! - the destination path: NDJSON encoding and gzip exactly as `sink::http` builds a batch
 //!   (the encoder is crate-private, so it is mirrored here: each event's raw JSON plus
 //!   `\n`, gzip at `Compression::fast()`), the same at the default level for comparison,
