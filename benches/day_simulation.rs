@@ -21,7 +21,7 @@ use std::cmp::Reverse;
 use std::collections::{BTreeSet, HashMap};
 use std::time::Instant;
 
-use knowbe4_source::checkpoint::{Checkpoint, PER_PAGE, Page, Step, Walker};
+use knowbe4_source::checkpoint::{Checkpoint, DEFAULT_PAGE_SIZE, Page, Step, Walker};
 use knowbe4_source::knowbe4::REQUEST_SPACING;
 use knowbe4_source::quota::run_budget;
 use knowbe4_source::{EventTime, RawEvent};
@@ -74,8 +74,10 @@ struct List {
 }
 
 impl List {
+    /// Page `page` as the recorded reading serves it: 50 events a page whatever was
+    /// asked, `count` counting the page, `total_pages` and `limit_value` sent.
     fn page(&self, page: u32) -> Page {
-        let per_page = PER_PAGE as usize;
+        let per_page = DEFAULT_PAGE_SIZE as usize;
         let start = (page as usize - 1) * per_page;
         let events: Vec<RawEvent> = self
             .events
@@ -88,9 +90,13 @@ impl List {
                 json: RawValue::from_string(format!("{{\"id\":\"{id}\"}}")).expect("valid JSON"),
             })
             .collect();
+        let total_pages = self.events.len().div_ceil(per_page) as u64;
         Page {
-            last: start + events.len() >= self.events.len(),
-            count: Some(self.events.len() as u64),
+            more: Some(u64::from(page) < total_pages),
+            count: Some(events.len() as u64),
+            limit: Some(per_page as u32),
+            total_pages: Some(total_pages),
+            undated: Vec::new(),
             events,
         }
     }

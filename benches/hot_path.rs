@@ -89,7 +89,8 @@ fn walk(pages: Vec<Vec<RawEvent>>, now: EventTime, total: usize) -> Checkpoint {
                 Page {
                     events,
                     count,
-                    last,
+                    more: Some(!last),
+                    ..Page::default()
                 },
             )
             .expect("well formed")

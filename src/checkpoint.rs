@@ -26,8 +26,59 @@
 //! are sorted, so a probe tells whether the gap starts earlier or later).
 //!
 //! Within a walk a cursor (the last processed `occurred_date` and the ids processed at
-//! it) skips repeats caused by inserts above the walk position; a drop of `meta.count`
-//! between pages (deletes above) makes the walk step back a page so nothing is skipped.
+//! it) skips repeats caused by inserts above the walk position; a shrinking list size
+//! between pages (deletes above) makes the walk step back so nothing is skipped.
+//!
+//! # What the walk assumes of KnowBe4, under each reading
+//! The public record leaves several paging details open (`shared/reference/
+//! knowbe4-api.md`, facts tagged UNKNOWN or DOC-only). The walk reads everything it uses
+//! from each response and works under every reading:
+//!
+//! | detail | readings | what the walk does |
+//! |---|---|---|
+//! | page size | `per_page=100` honoured, or capped at 50 (both recordings say `limit_value: 50`), or anything else | asks for 100, takes `limit_value` (else the largest page seen in the run) as the page size; all page arithmetic (gap `above_hint` → page, probes, `passed`) uses it |
+//! | end of list | `next_page`, `is_last_page`, `total_pages`/`current_page`, any subset present | ends where they say; fields that disagree, more events than `limit_value`, or a page shorter than `limit_value` (or empty) that claims more pages are malformed; with none present, a page shorter than the page size ends the list |
+//! | `meta.count` | counts the list, counts the page, or is absent | never used to decide the end of the list. The run learns which it is (a page with more after it whose `count` exceeds its events counts the list; one whose `count` equals its events counts the page) and uses it only as a list size |
+//! | `total_pages` | present or absent | a list size at page resolution, for deletes, probes and speculation |
+//!
+//! Deletes above the walk position between two page requests shift the later pages up
+//! by the number deleted, so the first events of the next page would be skipped:
+//! - `count` counts the list: the drop is exact; the walk steps back `ceil(drop / page
+//!   size)` pages and the cursor skips what it already read. (A delete above and an insert
+//!   below within one page interval cancel out and can still skip an event at the edge:
+//!   page-number paging cannot show it.)
+//! - only `total_pages`: a drop of n pages means at most (n+1)·size−1 deletes; the walk
+//!   steps back n+1 pages. Fewer deletes than it takes to change `total_pages` are not
+//!   visible.
+//! - neither (or too few deletes for `total_pages` to move): the shift cannot be seen
+//!   from the responses. Seeing it would take one more request per page boundary
+//!   (re-reading the previous page), doubling the quota every multi-page walk spends on an
+//!   account whose quota is shared; the collector does not pay that. What bounds the
+//!   damage: only deletes that land between two page requests of one walk (~270 ms
+//!   apart) and above its position matter, a skipped event inside the lateness window is
+//!   found by the next head walk (it is not in `recent`), and inserts at the top (the
+//!   common change) show as repeats, which prove no skip at that boundary. The property
+//!   tests run deletes between pages only under the reading where `count` is the list
+//!   total, and between runs under every reading.
+//!
+//! Step-backs are bounded: after [`MAX_STEP_BACKS`] in one run, or a shift of more than
+//! [`MAX_PAGES_BACK`] pages, the walk stops for this run and the rest of its range stays
+//! a gap, found by content (not page number) by the next run.
+//!
+//! # Termination
+//! Whatever the server answers, a run's walk makes at most: one request per page of the
+//! list down to its lower bound (page numbers only increase, except step-backs), plus
+//! [`MAX_PROBES`] probes and one boundary page per gap, plus [`MAX_STEP_BACKS`] ×
+//! [`MAX_PAGES_BACK`] re-read pages, plus one malformed page asked again. A page of only
+//! repeats is refused (`Repeating`) unless a growing list size explains it (once per
+//! walk when no size is sent), so a server repeating pages cannot make the walk loop;
+//! a page that is not the one asked for (`current_page`) is malformed. The run's request
+//! budget (its share of the daily quota) caps every walk in any case. The property tests
+//! check the bound on every request under every reading.
+//!
+//! An event whose `occurred_date` is missing or out of range takes its nearest dated
+//! neighbour's time on the page (or the walk's position) and is forwarded as sent; its
+//! id is reported. It never fails a page.
 //!
 //! # The invariant
 //! After every saved checkpoint: every event that was visible in KnowBe4 during a walk and
@@ -44,9 +95,7 @@
 //!   DynamoDB's 400 KB; when more ids fall in the window, the oldest are dropped and the
 //!   head walk stops above them (`recent_floor`), narrowing the window rather than
 //!   re-delivering: this is reported by `status`.
-//! - A delete above the walk position *and* a backdated insert below it within the same
-//!   page interval cancel out in `meta.count` and can skip one event at a page edge; the
-//!   walk cannot detect that with page-number paging.
+//! - Deletes between two page requests of one walk: see the readings above.
 //! - Gaps are bounded ([`MAX_GAPS`]); beyond it the two oldest merge, which re-delivers
 //!   the range between them (duplicates, never a loss).
 
@@ -60,8 +109,20 @@ use crate::event::{EventTime, RawEvent};
 pub const MAX_RECENT_IDS: usize = 2000;
 /// Unfinished ranges kept before the oldest are merged.
 pub const MAX_GAPS: usize = 32;
-/// Events per page requested from KnowBe4 (its maximum).
+/// Events per page *asked for* (a vendor doc's maximum). What KnowBe4 serves may be fewer
+/// (both recorded pages say `limit_value: 50`): page arithmetic always uses the page size
+/// read from the responses ([`Walker::page_size`]), never this.
 pub const PER_PAGE: u32 = 100;
+/// Page size assumed before any page said otherwise: the recorded `limit_value`.
+pub const DEFAULT_PAGE_SIZE: u32 = 50;
+/// Placeholder time of an event whose `occurred_date` could not be read and that had no
+/// dated neighbour on its page; the walker gives it the walk's position.
+pub const UNDATED: EventTime = EventTime(i64::MAX);
+/// Step-backs (re-reading pages after deletes shifted the list) allowed per walk before
+/// the walk stops for this run and leaves the rest as a gap, found by content next run.
+pub const MAX_STEP_BACKS: u32 = 3;
+/// Pages one step-back may re-read; more deletes than that stop the walk the same way.
+pub const MAX_PAGES_BACK: u32 = 4;
 /// Probes allowed to find a gap's first page before walking on from the nearest one.
 const MAX_PROBES: u32 = 12;
 
@@ -115,11 +176,48 @@ fn format_version() -> u32 {
 pub struct Page {
     /// Events on the page, newest first.
     pub events: Vec<RawEvent>,
-    /// `meta.count`: total events, when KnowBe4 said.
+    /// `meta.count`, when sent. Whether it counts this page or the whole list is not
+    /// publicly known; the walker finds out from the pages themselves.
     pub count: Option<u64>,
-    /// Whether this is the last page (`next_page` null, `is_last_page`, or fewer than a
-    /// full page of events).
-    pub last: bool,
+    /// `meta.limit_value`: the page size the server actually serves.
+    pub limit: Option<u32>,
+    /// `meta.total_pages`, when sent.
+    pub total_pages: Option<u64>,
+    /// Whether more pages follow, from `next_page` / `is_last_page` / `total_pages`;
+    /// `None` when the response says nothing about it.
+    pub more: Option<bool>,
+    /// Ids of events whose `occurred_date` was missing or unreadable (forwarded as sent,
+    /// placed at their neighbour's time).
+    pub undated: Vec<String>,
+}
+
+impl Page {
+    /// A page that says whether more follow, as a model server or a test builds it.
+    pub fn new(events: Vec<RawEvent>, more: bool) -> Page {
+        Page {
+            events,
+            more: Some(more),
+            ..Page::default()
+        }
+    }
+
+    /// Whether this page ends the list, for a walk whose pages hold `page_size` events:
+    /// what the response says, else a page shorter than a full one.
+    pub fn is_last(&self, page_size: u32) -> bool {
+        match self.more {
+            Some(more) => !more,
+            None => self.events.is_empty() || self.events.len() < page_size as usize,
+        }
+    }
+}
+
+/// A list size a response told, in the unit it told it in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ListSize {
+    /// `meta.count`, once the walk saw that it counts the whole list.
+    Events(u64),
+    /// `meta.total_pages` (at the served page size).
+    Pages(u64),
 }
 
 /// What the walker wants next.
@@ -142,6 +240,9 @@ pub enum WalkError {
     /// raised `meta.count`). Taking the next page would skip what this one hides.
     #[error("page {0} repeats events already read while the list did not grow")]
     Repeating(u32),
+    /// A page that says more pages follow holds fewer events than a full page.
+    #[error("page {0} is short but says more pages follow")]
+    ShortPage(u32),
     /// A page arrived that was not the one asked for.
     #[error("page {got} arrived while page {expected} was expected")]
     WrongPage {
@@ -204,7 +305,23 @@ pub struct Walker {
     passed: u64,
     /// The page to fetch next within the current walk.
     page: u32,
-    last_count: Option<u64>,
+    /// The list size the previous page of this walk told (to see deletes and inserts).
+    last_size: Option<ListSize>,
+    /// `meta.limit_value` as last sent: the page size KnowBe4 serves.
+    limit: Option<u32>,
+    /// The most events any page of this run held (the page size without `limit_value`).
+    largest_page: u32,
+    /// Whether `meta.count` counts the whole list (`Some(true)`), only the page
+    /// (`Some(false)`), or is not known yet; learned from pages that have more after them.
+    count_is_total: Option<bool>,
+    /// Step-backs taken in this run (bounded by [`MAX_STEP_BACKS`]).
+    step_backs: u32,
+    /// Full pages of repeats seen without a list size to explain them.
+    unexplained_repeats: u32,
+    /// The walk stopped for this run (too many deletes to re-read); the rest stays a gap.
+    halted: bool,
+    /// Events without a readable `occurred_date` in this run: (count, first few ids).
+    undated: (u64, Vec<String>),
     /// Events of this run, for status and metrics.
     delivered: u64,
     /// Events skipped as already delivered, for the run summary.
@@ -248,7 +365,14 @@ impl Walker {
             cursor: None,
             passed: 0,
             page: 1,
-            last_count: None,
+            last_size: None,
+            limit: None,
+            largest_page: 0,
+            count_is_total: None,
+            step_backs: 0,
+            unexplained_repeats: 0,
+            halted: false,
+            undated: (0, Vec::new()),
             delivered: 0,
             duplicates: 0,
             stepped_back: false,
@@ -257,6 +381,9 @@ impl Walker {
 
     /// The next request of the walk.
     pub fn next_step(&self) -> Step {
+        if self.halted {
+            return Step::Done;
+        }
         match self.phase {
             Phase::Done => Step::Done,
             Phase::Locate { page, .. } => Step::Fetch(page),
@@ -289,8 +416,57 @@ impl Walker {
         self.duplicates
     }
 
+    /// The page size KnowBe4 serves, as far as this run has seen: `limit_value`, else the
+    /// largest page, else [`DEFAULT_PAGE_SIZE`].
+    pub fn page_size(&self) -> u32 {
+        match (self.limit, self.largest_page) {
+            (Some(limit), _) => limit.max(1),
+            (None, 0) => DEFAULT_PAGE_SIZE,
+            (None, largest) => largest,
+        }
+    }
+
+    /// Whether this run learned that `meta.count` counts the whole list.
+    pub fn count_is_total(&self) -> Option<bool> {
+        self.count_is_total
+    }
+
+    /// Events of this run whose `occurred_date` could not be read, and the first ids.
+    pub fn undated(&self) -> (u64, &[String]) {
+        (self.undated.0, &self.undated.1)
+    }
+
+    /// Whether the walk stopped early because deletes kept shifting the list.
+    pub fn halted(&self) -> bool {
+        self.halted
+    }
+
+    /// Learns the page size and the meaning of `count` from `page`, and returns the list
+    /// size it tells, if any.
+    fn learn(&mut self, page_no: u32, page: &Page) -> Option<ListSize> {
+        if let Some(limit) = page.limit {
+            self.limit = Some(limit);
+        }
+        let len = page.events.len() as u64;
+        self.largest_page = self.largest_page.max(len as u32);
+        if let Some(count) = page.count {
+            if count > len && (page.more == Some(true) || page_no > 1) {
+                // More events than the page holds: a list total (or at least not the page).
+                self.count_is_total = Some(true);
+            } else if count == len && page.more == Some(true) {
+                // A page with more after it counted only itself.
+                self.count_is_total = Some(false);
+            }
+        }
+        match (self.count_is_total, page.count, page.total_pages) {
+            (Some(true), Some(count), _) => Some(ListSize::Events(count)),
+            (_, _, Some(pages)) => Some(ListSize::Pages(pages)),
+            _ => None,
+        }
+    }
+
     /// Feeds the page asked for; returns the events to deliver, in page order.
-    pub fn on_page(&mut self, page_no: u32, page: Page) -> Result<Vec<RawEvent>, WalkError> {
+    pub fn on_page(&mut self, page_no: u32, mut page: Page) -> Result<Vec<RawEvent>, WalkError> {
         let expected = match self.next_step() {
             Step::Fetch(p) => p,
             Step::Done => return Ok(Vec::new()),
@@ -301,6 +477,7 @@ impl Walker {
                 got: page_no,
             });
         }
+        self.place_undated(&mut page);
         if page
             .events
             .windows(2)
@@ -308,24 +485,60 @@ impl Walker {
         {
             return Err(WalkError::Unordered(page_no));
         }
-        let expects_repeats = std::mem::take(&mut self.stepped_back);
-        let full_of_repeats =
-            page.events.len() >= PER_PAGE as usize && page.events.iter().all(|e| self.is_repeat(e));
-        let grew =
-            matches!((self.last_count, page.count), (Some(before), Some(now)) if now > before);
-        if full_of_repeats && !grew && !expects_repeats {
-            return Err(WalkError::Repeating(page_no));
+        let size = self.learn(page_no, &page);
+        let page_size = self.page_size();
+        if page.more == Some(true) && page.events.len() < page_size as usize {
+            return Err(WalkError::ShortPage(page_no));
         }
+        let expects_repeats = std::mem::take(&mut self.stepped_back);
+        let full_of_repeats = !page.events.is_empty()
+            && page.events.len() >= page_size as usize
+            && page.events.iter().all(|e| self.is_repeat(e));
+        let grew = match (self.last_size, size) {
+            (Some(ListSize::Events(before)), Some(ListSize::Events(now)))
+            | (Some(ListSize::Pages(before)), Some(ListSize::Pages(now))) => now > before,
+            _ => false,
+        };
+        if full_of_repeats && !grew && !expects_repeats {
+            // A whole page of events already read: inserts above (which a list size would
+            // show) or a server repeating pages. Without a size to tell, allow it once.
+            let unexplained = size.is_none() && self.unexplained_repeats == 0;
+            if !unexplained {
+                return Err(WalkError::Repeating(page_no));
+            }
+            self.unexplained_repeats += 1;
+        }
+        let last = page.is_last(page_size);
         match self.phase.clone() {
             Phase::Done => Ok(Vec::new()),
-            Phase::Head { lower, top } => Ok(self.head_page(page_no, page, lower, top)),
+            Phase::Head { lower, top } => Ok(self.head_page(page_no, page, last, size, lower, top)),
             Phase::Locate {
                 page: p,
                 known_above,
                 known_below,
                 probes,
-            } => Ok(self.locate_page(p, page, known_above, known_below, probes)),
-            Phase::Gap => Ok(self.gap_page(page)),
+            } => Ok(self.locate_page(p, page, last, size, known_above, known_below, probes)),
+            Phase::Gap => Ok(self.gap_page(page, last, size)),
+        }
+    }
+
+    /// Gives undated events (no dated neighbour on their page) the walk's position, so
+    /// they are delivered in place; counts them for the run report.
+    fn place_undated(&mut self, page: &mut Page) {
+        if page.undated.is_empty() {
+            return;
+        }
+        let at = self.cursor.as_ref().map(|(t, _)| *t).unwrap_or(self.now);
+        for event in &mut page.events {
+            if event.occurred == UNDATED {
+                event.occurred = at;
+            }
+        }
+        self.undated.0 += page.undated.len() as u64;
+        for id in page.undated.drain(..) {
+            if self.undated.1.len() < 10 {
+                self.undated.1.push(id);
+            }
         }
     }
 
@@ -333,16 +546,18 @@ impl Walker {
         &mut self,
         page_no: u32,
         page: Page,
+        last: bool,
+        size: Option<ListSize>,
         lower: EventTime,
         top: Option<EventTime>,
     ) -> Vec<RawEvent> {
-        if self.step_back_on_delete(page.count) {
+        if self.step_back_on_delete(size) {
             return Vec::new();
         }
         let top = top.or_else(|| page.events.first().map(|e| e.occurred));
         self.phase = Phase::Head { lower, top };
         let mut out = Vec::new();
-        let mut reached_bottom = page.last || page.events.is_empty();
+        let mut reached_bottom = last || page.events.is_empty();
         for event in page.events {
             if self.is_repeat(&event) {
                 self.duplicates += 1;
@@ -400,11 +615,12 @@ impl Walker {
     fn start_next_gap(&mut self) {
         self.cursor = None;
         self.passed = 0;
-        self.last_count = None;
+        self.last_size = None;
+        let page_size = u64::from(self.page_size());
         match self.gaps_todo.first() {
             None => self.phase = Phase::Done,
             Some(gap) => {
-                let page = u32::try_from(gap.above_hint / u64::from(PER_PAGE))
+                let page = u32::try_from(gap.above_hint / page_size)
                     .unwrap_or(u32::MAX - 1)
                     .saturating_add(1);
                 self.phase = Phase::Locate {
@@ -429,15 +645,19 @@ impl Walker {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn locate_page(
         &mut self,
         p: u32,
         page: Page,
+        last: bool,
+        size: Option<ListSize>,
         known_above: u32,
         known_below: Option<u32>,
         probes: u32,
     ) -> Vec<RawEvent> {
         let gap = self.gaps_todo[0].clone();
+        let page_size = u64::from(self.page_size());
         let probes = probes + 1;
         let first = page.events.first().map(|e| Self::place_in_gap(&gap, e));
         let all_above = !page.events.is_empty()
@@ -447,7 +667,7 @@ impl Walker {
                 .all(|e| Self::place_in_gap(&gap, e) == Place::Above);
         let give_up = probes >= MAX_PROBES;
         if all_above {
-            if page.last {
+            if last {
                 // Nothing at or below the gap exists any more: it is done.
                 self.complete_gap();
                 return Vec::new();
@@ -462,7 +682,8 @@ impl Walker {
                 // The gap starts on the next page.
                 self.phase = Phase::Gap;
                 self.page = p + 1;
-                self.passed = u64::from(p) * u64::from(PER_PAGE);
+                self.passed = u64::from(p) * page_size;
+                self.last_size = size;
                 return Vec::new();
             }
             self.phase = Phase::Locate {
@@ -480,13 +701,16 @@ impl Walker {
             // which costs requests but cannot skip anything.
             self.phase = Phase::Gap;
             self.page = known_above + 1;
-            self.passed = u64::from(known_above) * u64::from(PER_PAGE);
+            self.passed = u64::from(known_above) * page_size;
             return Vec::new();
         }
         if may_start_earlier {
-            let last_page = page
-                .count
-                .map(|c| u32::try_from(c.div_ceil(u64::from(PER_PAGE))).unwrap_or(u32::MAX));
+            let last_page = match size {
+                Some(ListSize::Events(count)) => Some(count.div_ceil(page_size)),
+                Some(ListSize::Pages(pages)) => Some(pages),
+                None => None,
+            }
+            .map(|pages| u32::try_from(pages).unwrap_or(u32::MAX));
             let prev = match last_page {
                 // Past the end of the list: the gap starts on the last page or before.
                 Some(last) if page.events.is_empty() && last > known_above && last < p => last,
@@ -504,17 +728,18 @@ impl Walker {
         // This page is where the gap starts (or the nearest one we will find).
         self.phase = Phase::Gap;
         self.page = p;
-        self.passed = u64::from(p - 1) * u64::from(PER_PAGE);
-        self.gap_page(page)
+        self.passed = u64::from(p - 1) * page_size;
+        self.last_size = None;
+        self.gap_page(page, last, size)
     }
 
-    fn gap_page(&mut self, page: Page) -> Vec<RawEvent> {
-        if self.step_back_on_delete(page.count) {
+    fn gap_page(&mut self, page: Page, last: bool, size: Option<ListSize>) -> Vec<RawEvent> {
+        if self.step_back_on_delete(size) {
             return Vec::new();
         }
         let gap = self.gaps_todo[0].clone();
         let mut out = Vec::new();
-        let mut done = page.last || page.events.is_empty();
+        let mut done = last || page.events.is_empty();
         for event in page.events {
             if self.is_repeat(&event) {
                 self.duplicates += 1;
@@ -571,20 +796,36 @@ impl Walker {
         }
     }
 
-    /// When `meta.count` dropped since the previous page, events above the walk position
-    /// were deleted and the pages moved up: re-read the previous page instead of skipping.
-    fn step_back_on_delete(&mut self, count: Option<u64>) -> bool {
-        let previous = self.last_count;
-        self.last_count = count.or(previous);
-        match (previous, count) {
-            (Some(before), Some(now)) if now < before && self.page > 1 => {
-                let pages_back = (before - now).div_ceil(u64::from(PER_PAGE)) as u32;
-                self.page = self.page.saturating_sub(pages_back).max(1);
-                self.stepped_back = true;
-                true
+    /// When the list size shrank since the previous page, events above the walk position
+    /// were deleted and the pages moved up: re-read the pages they moved into instead of
+    /// skipping. Without a list size this cannot be seen (see the design doc). When the
+    /// shift is too large or keeps happening, the walk stops for this run: the rest of
+    /// the range stays a gap, found again by content (not page number) next run.
+    fn step_back_on_delete(&mut self, size: Option<ListSize>) -> bool {
+        let previous = self.last_size;
+        self.last_size = size.or(previous);
+        let page_size = u64::from(self.page_size());
+        let pages_back = match (previous, size) {
+            (Some(ListSize::Events(before)), Some(ListSize::Events(now))) if now < before => {
+                (before - now).div_ceil(page_size)
             }
-            _ => false,
+            // `total_pages` dropped by n: between (n-1)·size+1 and (n+1)·size-1 deletes.
+            (Some(ListSize::Pages(before)), Some(ListSize::Pages(now))) if now < before => {
+                before - now + 1
+            }
+            _ => return false,
+        };
+        if self.page <= 1 {
+            return false;
         }
+        self.step_backs += 1;
+        if self.step_backs > MAX_STEP_BACKS || pages_back > u64::from(MAX_PAGES_BACK) {
+            self.halted = true;
+            return true;
+        }
+        self.page = self.page.saturating_sub(pages_back as u32).max(1);
+        self.stepped_back = true;
+        true
     }
 
     /// The checkpoint after a head walk that reached `cursor` (or finished, when `None`).
@@ -802,26 +1043,96 @@ mod tests {
             let key = self.events.iter().nth(i).cloned().unwrap();
             self.events.remove(&key);
         }
-        fn page(&self, page: u32) -> Page {
-            let start = (page as usize - 1) * PER_PAGE as usize;
+        fn page(&self, page: u32, reading: &ModelReading) -> Page {
+            let size = reading.page_size as usize;
+            let start = (page as usize - 1) * size;
             let events: Vec<RawEvent> = self
                 .events
                 .iter()
                 .skip(start)
-                .take(PER_PAGE as usize)
+                .take(size)
                 .map(|(t, id)| RawEvent {
                     id: id.clone(),
                     occurred: EventTime(t.0),
                     json: RawValue::from_string(format!("{{\"id\":\"{id}\"}}")).unwrap(),
                 })
                 .collect();
+            let total = self.events.len() as u64;
+            let total_pages = total.div_ceil(size as u64);
             Page {
-                last: start + events.len() >= self.events.len(),
-                count: Some(self.events.len() as u64),
+                more: reading.says_more.then_some(u64::from(page) < total_pages),
+                count: match reading.count {
+                    ModelCount::Page => Some(events.len() as u64),
+                    ModelCount::Total => Some(total),
+                    ModelCount::Absent => None,
+                },
+                limit: reading.limit_value.then_some(size as u32),
+                total_pages: reading.total_pages.then_some(total_pages),
+                undated: Vec::new(),
                 events,
             }
         }
     }
+
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    enum ModelCount {
+        Page,
+        Total,
+        Absent,
+    }
+
+    /// One reading of KnowBe4's unconfirmed paging details, as the model server plays it.
+    #[derive(Clone, Copy, Debug)]
+    struct ModelReading {
+        page_size: u32,
+        count: ModelCount,
+        total_pages: bool,
+        limit_value: bool,
+        /// Whether `next_page` / `is_last_page` are sent.
+        says_more: bool,
+    }
+
+    /// Every combination of: count per page / per list / absent; `total_pages` present /
+    /// absent; `limit_value` 50 / 100 / absent (absent: pages of 50 or 100, unlabelled);
+    /// `next_page` present / absent.
+    fn readings() -> Vec<ModelReading> {
+        let mut all = Vec::new();
+        for count in [ModelCount::Page, ModelCount::Total, ModelCount::Absent] {
+            for total_pages in [true, false] {
+                for (page_size, limit_value) in [(50, true), (100, true), (50, false), (100, false)]
+                {
+                    for says_more in [true, false] {
+                        all.push(ModelReading {
+                            page_size,
+                            count,
+                            total_pages,
+                            limit_value,
+                            says_more,
+                        });
+                    }
+                }
+            }
+        }
+        all
+    }
+
+    impl ModelReading {
+        /// Whether a list size is observable between pages with one-event resolution
+        /// (`count` as the list total): only then can a delete above the walk position
+        /// between two page requests always be seen (see the design doc).
+        fn exact_size(&self) -> bool {
+            self.count == ModelCount::Total
+        }
+    }
+
+    /// The convenient reading the tests used before readings existed.
+    const LIST_TOTAL_100: ModelReading = ModelReading {
+        page_size: 100,
+        count: ModelCount::Total,
+        total_pages: true,
+        limit_value: true,
+        says_more: true,
+    };
 
     struct Scenario {
         seed: u64,
@@ -829,6 +1140,7 @@ mod tests {
         budget: std::ops::Range<u32>,
         mutate: bool,
         crash_every: Option<usize>,
+        reading: ModelReading,
     }
 
     /// Runs a seeded scenario and returns (lost ids, duplicate deliveries, requests).
@@ -871,6 +1183,9 @@ mod tests {
             let crash = !settling && s.crash_every.is_some_and(|n| run % n == n - 1);
             let mut unsaved: Vec<String> = Vec::new();
             let mut used = 0;
+            let gaps_at_start = saved.gaps.len() as u64;
+            let mut largest_list = list.events.len() as u64;
+            let deletes_between_pages = s.reading.exact_size();
             while let Step::Fetch(p) = walker.next_step() {
                 if used == budget {
                     break;
@@ -878,9 +1193,21 @@ mod tests {
                 used += 1;
                 requests += 1;
                 if s.mutate && !settling && rng.random_bool(0.3) {
-                    mutate(&mut list, &mut rng, now, lateness);
+                    mutate(&mut list, &mut rng, now, lateness, deletes_between_pages);
                 }
-                let page = list.page(p);
+                largest_list = largest_list.max(list.events.len() as u64);
+                // Termination bound: every page of the list once, plus the probes of
+                // each gap, the step-backs and a page to confirm each boundary.
+                let bound = largest_list.div_ceil(u64::from(s.reading.page_size))
+                    + (u64::from(MAX_PROBES) + 2) * (gaps_at_start + 1)
+                    + u64::from(MAX_STEP_BACKS * MAX_PAGES_BACK)
+                    + 2;
+                assert!(
+                    u64::from(used) <= bound,
+                    "{:?}: run {run} made {used} requests, bound {bound}",
+                    s.reading
+                );
+                let page = list.page(p, &s.reading);
                 let out = walker.on_page(p, page).expect("pages are well formed");
                 for e in out {
                     unsaved.push(e.id);
@@ -909,7 +1236,7 @@ mod tests {
             now += rng.random_range(60..900) * SEC;
             if s.mutate && !settling {
                 for _ in 0..rng.random_range(0..150) {
-                    mutate(&mut list, &mut rng, now, lateness);
+                    mutate(&mut list, &mut rng, now, lateness, true);
                 }
             }
         }
@@ -924,8 +1251,14 @@ mod tests {
         (lost, dups, requests)
     }
 
-    fn mutate(list: &mut List, rng: &mut StdRng, now: i64, lateness: u64) {
-        match rng.random_range(0..10) {
+    /// Inserts a new event, a backdated one, or (when `deletes`) deletes one at random.
+    fn mutate(list: &mut List, rng: &mut StdRng, now: i64, lateness: u64, deletes: bool) {
+        let roll = if deletes {
+            rng.random_range(0..10)
+        } else {
+            rng.random_range(0..8)
+        };
+        match roll {
             0..=5 => {
                 list.insert(now - rng.random_range(0..30) * SEC, rng);
             }
@@ -940,64 +1273,116 @@ mod tests {
     }
 
     #[test]
-    fn a_quiet_list_is_collected_once_in_one_run() {
-        let (lost, dups, _) = run(Scenario {
-            seed: 1,
-            runs: 1,
-            budget: 10_000..10_001,
-            mutate: false,
-            crash_every: None,
-        });
-        assert!(lost.is_empty(), "lost {}", lost.len());
-        assert_eq!(dups, 0);
-    }
-
-    #[test]
-    fn short_runs_resume_through_gaps_without_loss_or_duplicates() {
-        for seed in 0..20 {
+    fn a_quiet_list_is_collected_once_in_one_run_under_every_reading() {
+        for reading in readings() {
             let (lost, dups, _) = run(Scenario {
-                seed,
-                runs: 40,
-                budget: 1..4,
+                seed: 1,
+                runs: 1,
+                budget: 10_000..10_001,
                 mutate: false,
                 crash_every: None,
+                reading,
             });
-            assert!(lost.is_empty(), "seed {seed}: lost {}", lost.len());
-            assert_eq!(dups, 0, "seed {seed}");
+            assert!(lost.is_empty(), "{reading:?}: lost {}", lost.len());
+            assert_eq!(dups, 0, "{reading:?}");
         }
     }
 
     #[test]
-    fn inserts_backdates_and_deletes_during_walks_lose_nothing() {
-        for seed in 0..30 {
+    fn short_runs_resume_through_gaps_without_loss_or_duplicates_under_every_reading() {
+        for (i, reading) in readings().into_iter().enumerate() {
+            for seed in 0..4 {
+                let seed = seed * 100 + i as u64;
+                let (lost, dups, _) = run(Scenario {
+                    seed,
+                    runs: 40,
+                    budget: 1..4,
+                    mutate: false,
+                    crash_every: None,
+                    reading,
+                });
+                assert!(
+                    lost.is_empty(),
+                    "{reading:?} seed {seed}: lost {}",
+                    lost.len()
+                );
+                assert_eq!(dups, 0, "{reading:?} seed {seed}");
+            }
+        }
+    }
+
+    #[test]
+    fn inserts_backdates_and_deletes_during_walks_lose_nothing_under_every_reading() {
+        // Deletes between two page requests of a walk only where `count` tells the list's
+        // size; under the other readings they happen between runs (see the design doc).
+        for (i, reading) in readings().into_iter().enumerate() {
+            for seed in 0..6 {
+                let seed = seed * 100 + i as u64;
+                let (lost, dups, _) = run(Scenario {
+                    seed,
+                    runs: 30,
+                    budget: 1..6,
+                    mutate: true,
+                    crash_every: None,
+                    reading,
+                });
+                assert!(
+                    lost.is_empty(),
+                    "{reading:?} seed {seed}: lost {}",
+                    lost.len()
+                );
+                assert_eq!(dups, 0, "{reading:?} seed {seed}");
+            }
+        }
+    }
+
+    #[test]
+    fn crashes_only_repeat_the_unsaved_batch_under_every_reading() {
+        for (i, reading) in readings().into_iter().enumerate() {
+            for seed in 0..4 {
+                let seed = seed * 100 + i as u64;
+                let (lost, _dups, _) = run(Scenario {
+                    seed,
+                    runs: 30,
+                    budget: 1..6,
+                    mutate: true,
+                    crash_every: Some(3),
+                    reading,
+                });
+                assert!(
+                    lost.is_empty(),
+                    "{reading:?} seed {seed}: lost {}",
+                    lost.len()
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_convenient_reading_keeps_its_old_guarantees() {
+        for seed in 0..20 {
             let (lost, dups, _) = run(Scenario {
                 seed,
                 runs: 30,
                 budget: 1..6,
                 mutate: true,
                 crash_every: None,
+                reading: LIST_TOTAL_100,
             });
-            assert!(lost.is_empty(), "seed {seed}: lost {:?}", lost.len());
+            assert!(lost.is_empty(), "seed {seed}: lost {}", lost.len());
             assert_eq!(dups, 0, "seed {seed}");
         }
     }
 
     #[test]
-    fn crashes_only_repeat_the_unsaved_batch() {
-        for seed in 0..20 {
-            let (lost, _dups, _) = run(Scenario {
-                seed,
-                runs: 30,
-                budget: 1..6,
-                mutate: true,
-                crash_every: Some(3),
-            });
-            assert!(lost.is_empty(), "seed {seed}: lost {}", lost.len());
+    fn steady_state_uses_one_request_per_served_page_of_new_events() {
+        for reading in readings() {
+            steady_state(reading);
         }
     }
 
-    #[test]
-    fn steady_state_uses_one_request_per_hundred_new_events() {
+    fn steady_state(reading: ModelReading) {
+        let size = reading.page_size as usize;
         let mut rng = StdRng::seed_from_u64(7);
         let mut list = List::default();
         let mut now = 1_700_000_000 * SEC;
@@ -1007,7 +1392,7 @@ mod tests {
         let mut cp = Checkpoint::default();
         let mut walker = Walker::new(cp.clone(), EventTime(now), 3600, 600);
         while let Step::Fetch(p) = walker.next_step() {
-            walker.on_page(p, list.page(p)).unwrap();
+            walker.on_page(p, list.page(p, &reading)).unwrap();
         }
         cp = walker.snapshot();
         for new_events in [0usize, 30, 99, 150, 250] {
@@ -1023,17 +1408,44 @@ mod tests {
             let mut got = 0;
             while let Step::Fetch(p) = walker.next_step() {
                 requests += 1;
-                got += walker.on_page(p, list.page(p)).unwrap().len();
+                got += walker.on_page(p, list.page(p, &reading)).unwrap().len();
             }
             cp = walker.snapshot();
-            assert_eq!(got, new_events);
-            // One request per 100 events from the top of the list down to the window's
+            assert_eq!(got, new_events, "{reading:?}");
+            // One request per served page from the top of the list down to the window's
             // edge, plus at most one to confirm the boundary.
             assert!(in_window >= new_events);
             assert!(
-                requests <= in_window.div_ceil(100) + 1,
-                "{new_events} new, {in_window} in the window: {requests} requests"
+                requests <= in_window.div_ceil(size) + 1,
+                "{reading:?}: {new_events} new, {in_window} in the window: {requests} requests"
             );
+        }
+    }
+
+    /// A server whose last page is partly filled and whose `count` counts the page: the
+    /// walk of the first release looped between the last two pages forever.
+    #[test]
+    fn a_partly_filled_last_page_with_count_per_page_ends_the_walk() {
+        let mut rng = StdRng::seed_from_u64(3);
+        let mut list = List::default();
+        let now = 1_700_000_000 * SEC;
+        for i in 0..250 {
+            list.insert(now - i * 60 * SEC, &mut rng);
+        }
+        for reading in readings() {
+            let mut walker = Walker::new(Checkpoint::default(), EventTime(now), 86_400, 600);
+            let mut requests = 0;
+            let mut got = 0;
+            while let Step::Fetch(p) = walker.next_step() {
+                requests += 1;
+                assert!(
+                    requests <= 10,
+                    "{reading:?}: no end after {requests} requests"
+                );
+                got += walker.on_page(p, list.page(p, &reading)).unwrap().len();
+            }
+            assert_eq!(got, 250, "{reading:?}");
+            assert!(requests <= 250usize.div_ceil(reading.page_size as usize) + 1);
         }
     }
 
@@ -1045,20 +1457,12 @@ mod tests {
             occurred: EventTime(t * SEC),
             json: RawValue::from_string("{}".into()).unwrap(),
         };
-        let page = Page {
-            events: vec![ev(10, "a"), ev(20, "b")],
-            count: Some(2),
-            last: true,
-        };
+        let page = Page::new(vec![ev(10, "a"), ev(20, "b")], false);
         assert_eq!(
             walker.on_page(1, page).unwrap_err(),
             WalkError::Unordered(1)
         );
-        let page = Page {
-            events: vec![],
-            count: Some(0),
-            last: true,
-        };
+        let page = Page::new(vec![], false);
         assert!(matches!(
             walker.on_page(3, page),
             Err(WalkError::WrongPage { .. })
@@ -1070,15 +1474,14 @@ mod tests {
     fn future_dated_events_cannot_push_the_high_mark_past_now() {
         let now = 1_000 * SEC;
         let mut walker = Walker::new(Checkpoint::default(), EventTime(now), 3600, 600);
-        let page = Page {
-            events: vec![RawEvent {
+        let page = Page::new(
+            vec![RawEvent {
                 id: "f".into(),
                 occurred: EventTime(now + 10_000 * SEC),
                 json: RawValue::from_string("{}".into()).unwrap(),
             }],
-            count: Some(1),
-            last: true,
-        };
+            false,
+        );
         assert_eq!(walker.on_page(1, page).unwrap().len(), 1);
         assert_eq!(walker.snapshot().high, Some(EventTime(now)));
     }

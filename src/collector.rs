@@ -31,6 +31,8 @@ use crate::store::Reservation;
 pub const FLUSH_EVENTS: usize = 1000;
 /// Attempts per KnowBe4 page within one run for retriable failures.
 const PAGE_ATTEMPTS: u32 = 4;
+/// Times a malformed page is asked for again within a run (each ask is a quota call).
+const MALFORMED_RETRIES: u32 = 1;
 /// Health events are kept this long (DynamoDB TTL).
 const HEALTH_TTL_SECS: i64 = 30 * 86_400;
 
@@ -79,6 +81,10 @@ pub struct RunReport {
     pub state: Option<Lifecycle>,
     /// Seconds from the newest forwarded `occurred_date` to the end of the run.
     pub lag_seconds: Option<u64>,
+    /// Events whose `occurred_date` was missing or unreadable: forwarded as KnowBe4 sent
+    /// them, placed in the walk at their neighbour's time (their ids are logged).
+    #[serde(default)]
+    pub undated_events: u64,
 }
 
 impl RunReport {
@@ -99,6 +105,7 @@ impl RunReport {
             duration_ms: 0,
             state: None,
             lag_seconds: None,
+            undated_events: 0,
         }
     }
 }
@@ -372,7 +379,7 @@ impl Run<'_> {
                 self.transition(Lifecycle::Collecting, "Collecting events.")
                     .await?;
             }
-            shape = PageShape::of(&page, page_no);
+            shape = PageShape::of(&page, page_no, &walker);
             let events = match walker.on_page(page_no, page) {
                 Ok(events) => events,
                 Err(err) => {
@@ -388,13 +395,18 @@ impl Run<'_> {
             };
             fetched_total += events.len() as u64;
             self.report.duplicates_dropped = walker.duplicates();
+            let (undated, ids) = walker.undated();
+            if undated > self.report.undated_events {
+                tracing::warn!(source_id = %self.record.id, undated, first_ids = ?ids, "KnowBe4 sent events without a readable occurred_date; they are forwarded as sent.");
+                self.report.undated_events = undated;
+            }
             buffer.extend(events);
             if buffer.len() >= FLUSH_EVENTS {
                 self.flush(&destination, &meta, &mut buffer, &walker, deadline)
                     .await?;
             }
         };
-        ahead.clear();
+        self.discard(&mut ahead, &day).await;
         self.flush(&destination, &meta, &mut buffer, &walker, deadline)
             .await?;
         self.report.fetched = fetched_total;
@@ -517,8 +529,11 @@ impl Run<'_> {
         // its sender).
         let (paced, paced_rx) = tokio::sync::oneshot::channel::<()>();
         let previous = self.pacing_chain.replace(paced_rx);
+        let started = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let started_in_task = started.clone();
         Ok(InFlight {
             page,
+            started,
             // Paced inside the task, right before sending: pacing first and sending from
             // a task scheduled later would let requests bunch up on the wire.
             handle: tokio::spawn(async move {
@@ -526,6 +541,7 @@ impl Run<'_> {
                     let _ = previous.await;
                 }
                 client.pace().await;
+                started_in_task.store(true, std::sync::atomic::Ordering::SeqCst);
                 let _ = paced.send(());
                 crate::failpoint::hit("before_knowbe4_request");
                 client.events_page(page).await
@@ -547,7 +563,7 @@ impl Run<'_> {
     ) -> std::result::Result<crate::checkpoint::Page, FetchFailure> {
         if ahead.front().map(|r| r.page) != Some(page) {
             // The walk went elsewhere (a step back, a gap probe): those answers are moot.
-            ahead.clear();
+            self.discard(ahead, day).await;
         }
         if ahead.is_empty() {
             self.may_send(budget, deadline)?;
@@ -565,13 +581,16 @@ impl Run<'_> {
             Ok(answer) => answer,
             Err(join) => Err(ApiError::Transport(format!("request task failed: {join}"))),
         };
+        if matches!(answer, Err(ApiError::NotSent(_))) {
+            self.unreserve(day).await;
+        }
         match answer {
             Ok(page) => Ok(page),
             Err(ApiError::QuotaExhausted) => Err(FetchFailure::Quota),
             Err(err) => {
                 // Answers sent ahead for later pages are dropped: the walk resumes from
                 // this page once it succeeds.
-                ahead.clear();
+                self.discard(ahead, day).await;
                 self.retry(client, page, (day, limit, budget), deadline, err)
                     .await
             }
@@ -592,8 +611,14 @@ impl Run<'_> {
     ) -> std::result::Result<crate::checkpoint::Page, FetchFailure> {
         let mut failed = failed;
         let mut attempt = 1;
+        let mut malformed = 0;
         loop {
-            if !failed.retriable() || attempt >= PAGE_ATTEMPTS {
+            // A malformed answer is likely deterministic: asking again spends the account's
+            // shared quota, so it is asked again once, not with the full backoff series.
+            if matches!(failed, ApiError::Malformed(_)) {
+                malformed += 1;
+            }
+            if !failed.retriable() || attempt >= PAGE_ATTEMPTS || malformed > MALFORMED_RETRIES {
                 return Err(FetchFailure::Api(failed));
             }
             let backoff = match &failed {
@@ -619,8 +644,33 @@ impl Run<'_> {
             failed = match client.events_page(page_no).await {
                 Ok(page) => return Ok(page),
                 Err(ApiError::QuotaExhausted) => return Err(FetchFailure::Quota),
+                Err(err @ ApiError::NotSent(_)) => {
+                    self.unreserve(day).await;
+                    err
+                }
                 Err(err) => err,
             };
+        }
+    }
+
+    /// Gives back the reservation of a request that never reached KnowBe4.
+    async fn unreserve(&mut self, day: &str) {
+        self.report.requests = self.report.requests.saturating_sub(1);
+        if let Err(err) = self.app.store.release_request(&self.record.id, day).await {
+            // Keeping the reservation only over-counts: the ledger stays on the safe side.
+            tracing::warn!(source_id = %self.record.id, error = %err, "Could not give back an unsent request's quota reservation.");
+        }
+    }
+
+    /// Cancels the requests sent ahead; those that had not started sending give their
+    /// quota reservation back.
+    async fn discard(&mut self, ahead: &mut VecDeque<InFlight>, day: &str) {
+        for mut request in ahead.drain(..).collect::<Vec<_>>() {
+            request.handle.abort();
+            let _ = (&mut request.handle).await;
+            if !request.started.load(std::sync::atomic::Ordering::SeqCst) {
+                self.unreserve(day).await;
+            }
         }
     }
 
@@ -744,6 +794,9 @@ enum FetchFailure {
 /// sent yet, so no request leaves after the run ends (and releases its lease).
 struct InFlight {
     page: u32,
+    /// Set once the task passed the rate limiter and began sending: until then the
+    /// request provably never reached KnowBe4.
+    started: std::sync::Arc<std::sync::atomic::AtomicBool>,
     handle: tokio::task::JoinHandle<std::result::Result<crate::checkpoint::Page, ApiError>>,
 }
 
@@ -759,35 +812,49 @@ struct PageShape {
     newest: EventTime,
     oldest: EventTime,
     events: usize,
-    /// Pages left in the whole list, from `meta.count`: fetching past it is waste.
+    /// Events a full page holds (`limit_value`, as the walker learned it).
+    page_size: u32,
+    /// Pages left in the whole list, when the response told the list's size
+    /// (`total_pages`, or `count` once the walk saw it counts the list): fetching past it
+    /// is waste.
     pages_left: Option<u64>,
 }
 
 impl PageShape {
-    fn of(page: &crate::checkpoint::Page, page_no: u32) -> Option<PageShape> {
-        if page.last || page.events.len() < crate::checkpoint::PER_PAGE as usize {
+    fn of(page: &crate::checkpoint::Page, page_no: u32, walker: &Walker) -> Option<PageShape> {
+        // The walker learns this page's size only when it reads the page, after this.
+        let page_size = page
+            .limit
+            .unwrap_or_else(|| walker.page_size().max(page.events.len() as u32));
+        if page.is_last(page_size) {
             return None;
         }
+        let from_count = match (walker.count_is_total(), page.count) {
+            (Some(true), Some(count)) => Some(count.div_ceil(u64::from(page_size))),
+            _ => None,
+        };
+        let pages_left = page
+            .total_pages
+            .or(from_count)
+            .map(|pages| pages.saturating_sub(u64::from(page_no)));
         Some(PageShape {
             next_page: page_no + 1,
             newest: page.events.first()?.occurred,
             oldest: page.events.last()?.occurred,
             events: page.events.len(),
-            pages_left: page.count.map(|count| {
-                count
-                    .div_ceil(u64::from(crate::checkpoint::PER_PAGE))
-                    .saturating_sub(u64::from(page_no))
-            }),
+            page_size,
+            pages_left,
         })
     }
 }
 
 /// How many requests to keep in flight: one (no speculation) at the start of a walk and
 /// while probing, else the pages the walk still seems to need (from the event density of
-/// the last page and the walk's floor), at most `max` (`Settings::max_in_flight`: with
-/// 270 ms spacing and ~1 s latency, four or five keep the rate limit saturated).
-/// Steady-state runs, whose walk ends on its first page, thus never spend quota on pages
-/// they do not need.
+/// the last page and the walk's floor, capped by the pages the list has left when the
+/// response told), at most `max` (`Settings::max_in_flight`: with 270 ms spacing and
+/// ~1 s latency, four or five keep the rate limit saturated). Steady-state runs, whose
+/// walk ends on its first page, thus never spend quota on pages they do not need; without
+/// `total_pages` a drain may send up to `max - 1` requests past the list's end.
 fn speculation_depth(walker: &Walker, shape: Option<&PageShape>, max: usize) -> usize {
     let (Some(floor), Some(shape)) = (walker.sequential_floor(), shape) else {
         return 1;
@@ -797,7 +864,7 @@ fn speculation_depth(walker: &Walker, shape: Option<&PageShape>, max: usize) -> 
     }
     let span = (shape.newest.0 - shape.oldest.0).max(1) as f64;
     let left = (shape.oldest.0 - floor.0) as f64 / span * shape.events as f64;
-    let mut pages = (left / f64::from(crate::checkpoint::PER_PAGE)).ceil() as usize;
+    let mut pages = (left / f64::from(shape.page_size.max(1))).ceil() as usize;
     if let Some(in_list) = shape.pages_left {
         pages = pages.min(in_list as usize);
     }

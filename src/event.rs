@@ -97,6 +97,19 @@ struct Keys<'a> {
 impl RawEvent {
     /// Reads `id` and `occurred_date` out of one event object, keeping the original text.
     pub fn from_raw(json: Box<RawValue>) -> Result<Self, EventParseError> {
+        Self::parse(json).map_err(|(err, _)| err)
+    }
+
+    /// As [`from_raw`](Self::from_raw), giving the object back on failure (so an event
+    /// without a usable date can still be forwarded as sent).
+    pub fn parse(json: Box<RawValue>) -> Result<Self, (EventParseError, Box<RawValue>)> {
+        match Self::keys(&json) {
+            Ok((id, occurred)) => Ok(RawEvent { id, occurred, json }),
+            Err(err) => Err((err, json)),
+        }
+    }
+
+    fn keys(json: &RawValue) -> Result<(String, EventTime), EventParseError> {
         let keys: Keys<'_> = match serde_json::from_str(json.get()) {
             Ok(keys) => keys,
             // A key of the wrong type: find out which, for a clear health event.
@@ -115,7 +128,7 @@ impl RawEvent {
             .as_deref()
             .and_then(EventTime::parse)
             .ok_or_else(|| EventParseError::BadOccurredDate { id: id.clone() })?;
-        Ok(RawEvent { id, occurred, json })
+        Ok((id, occurred))
     }
 
     /// The event's JSON text as KnowBe4 sent it.

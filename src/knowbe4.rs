@@ -26,8 +26,12 @@ use crate::event::RawEvent;
 /// request (80 ms per window) for scheduling and network jitter, so the server never
 /// counts five in one second.
 pub const REQUEST_SPACING: Duration = Duration::from_millis(270);
-/// Largest response body accepted (a full page is ~100 KB; this bounds hostile ones).
-pub const MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
+/// Largest response body accepted: a real 100-event page is ~55 KB, so 2 MiB is ample
+/// and bounds what a hostile or broken server can make a 128 MB Lambda hold.
+pub const MAX_BODY_BYTES: usize = 2 * 1024 * 1024;
+/// Longest event id accepted (KnowBe4's are 36-byte UUIDs); longer ids make the page
+/// malformed rather than bloat the checkpoint.
+pub const MAX_ID_BYTES: usize = 128;
 
 /// Why a request did not yield a page.
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +60,10 @@ pub enum ApiError {
     /// Could not connect, timed out, TLS or DNS failure, reset.
     #[error("KnowBe4 could not be reached: {0}")]
     Transport(String),
+    /// The request provably never left this process (DNS failure, connection refused):
+    /// KnowBe4 did not see it, so it did not spend the account's quota.
+    #[error("KnowBe4 could not be reached: {0}")]
+    NotSent(String),
     /// The body is not the documented shape.
     #[error("KnowBe4 sent a malformed response: {0}")]
     Malformed(String),
@@ -68,6 +76,7 @@ impl ApiError {
             self,
             ApiError::RateLimited { .. }
                 | ApiError::Transport(_)
+                | ApiError::NotSent(_)
                 | ApiError::Malformed(_)
                 | ApiError::Status {
                     status: 408 | 500..=599
@@ -83,7 +92,7 @@ impl ApiError {
             ApiError::QuotaExhausted => "quota_exhausted",
             ApiError::RateLimited { .. } => "rate_limited",
             ApiError::Status { .. } => "http_status",
-            ApiError::Transport(_) => "transport",
+            ApiError::Transport(_) | ApiError::NotSent(_) => "transport",
             ApiError::Malformed(_) => "malformed",
         }
     }
@@ -129,12 +138,23 @@ struct EventsBody {
     meta: Option<Meta>,
 }
 
+/// Kaminari's pagination block. Every member is optional: which ones KnowBe4 sends, and
+/// what `count` counts, is not publicly confirmed (see `checkpoint`'s design doc).
 #[derive(Deserialize)]
 struct Meta {
     count: Option<u64>,
+    limit_value: Option<u64>,
+    total_pages: Option<u64>,
+    current_page: Option<u64>,
     is_out_of_range: Option<bool>,
+    #[serde(default, deserialize_with = "present")]
     next_page: Option<serde_json::Value>,
     is_last_page: Option<bool>,
+}
+
+/// Tells a present `null` (`Some(Null)`) from an absent member (`None`).
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<serde_json::Value>, D::Error> {
+    serde_json::Value::deserialize(d).map(Some)
 }
 
 /// Request spacing for `base`: [`REQUEST_SPACING`], except that a loopback base URL (the
@@ -251,7 +271,15 @@ impl KnowBe4Client {
             .timeout(self.timeout)
             .send()
             .await
-            .map_err(transport)?;
+            .map_err(|e| {
+                if e.is_connect() {
+                    // reqwest reports DNS and refused/unreachable connections as connect
+                    // errors: nothing reached KnowBe4.
+                    not_sent(e)
+                } else {
+                    transport(e)
+                }
+            })?;
         let status = response.status().as_u16();
         let retry_after = response
             .headers()
@@ -262,11 +290,9 @@ impl KnowBe4Client {
         let body = read_capped(response).await?;
         match status {
             200 => parse_page(&body, page),
-            204 => Ok(Page {
-                events: Vec::new(),
-                count: None,
-                last: true,
-            }),
+            // No evidence that KnowBe4 answers 204 (it came from a template in one client):
+            // an empty body is not a page.
+            204 => Err(ApiError::Malformed("HTTP 204 with no body".into())),
             401 | 403 => Err(ApiError::Unauthorized(status)),
             404 => Err(ApiError::NotKnowBe4),
             429 if String::from_utf8_lossy(&body).contains("Limit Exceeded") => {
@@ -275,6 +301,13 @@ impl KnowBe4Client {
             429 => Err(ApiError::RateLimited { retry_after }),
             _ => Err(ApiError::Status { status }),
         }
+    }
+}
+
+fn not_sent(err: reqwest::Error) -> ApiError {
+    match transport(err) {
+        ApiError::Transport(detail) => ApiError::NotSent(detail),
+        other => other,
     }
 }
 
@@ -322,9 +355,16 @@ async fn read_capped(response: reqwest::Response) -> Result<Vec<u8>, ApiError> {
 /// Parses the `GET /events` body of page `page_no` into a page; any deviation is
 /// `Malformed`.
 ///
-/// A page with fewer than `per_page` events ends the list, so a short page that also
-/// claims more pages follow (`next_page`, `is_last_page: false`, or a `count` beyond it)
-/// is refused: taking it as the end would skip every event after it.
+/// Nothing here assumes a page size or what `meta.count` counts: whether more pages
+/// follow is read from `next_page`, `is_last_page` and `total_pages` / `current_page`,
+/// whichever are present, and the page is malformed only when they contradict each
+/// other or the events on the page under every reading (a page with more events than
+/// `limit_value`; fewer than `limit_value`, or none, while more pages follow; a
+/// `current_page` that is not the page asked for).
+///
+/// An event whose `occurred_date` is missing or out of range does not fail the page: it
+/// takes the time of its nearest dated neighbour on the page (so the walk keeps its
+/// place) and its id is listed in [`Page::undated`]; it is forwarded as sent.
 pub fn parse_page(body: &[u8], page_no: u32) -> Result<Page, ApiError> {
     let parsed: EventsBody = serde_json::from_slice(body).map_err(|e| {
         let head: String = String::from_utf8_lossy(&body[..body.len().min(40)])
@@ -336,30 +376,142 @@ pub fn parse_page(body: &[u8], page_no: u32) -> Result<Page, ApiError> {
     let meta = parsed
         .meta
         .ok_or_else(|| ApiError::Malformed("the response has no `meta`".into()))?;
-    let mut events = Vec::with_capacity(parsed.data.len());
-    for raw in parsed.data {
-        events.push(RawEvent::from_raw(raw).map_err(|e| ApiError::Malformed(e.to_string()))?);
+    let malformed = |what: String| Err(ApiError::Malformed(format!("page {page_no}: {what}")));
+    if let Some(current) = meta.current_page
+        && current != u64::from(page_no)
+    {
+        return malformed(format!("`current_page` is {current}"));
     }
-    let full = events.len() >= PER_PAGE as usize;
-    let next_page = meta.next_page.as_ref().is_some_and(|v| !v.is_null());
-    // Past the end, Kaminari-style paging says `is_last_page: false` and
-    // `is_out_of_range: true`; only `next_page` and `count` then speak of more pages.
-    let out_of_range = meta.is_out_of_range == Some(true);
-    let says_more = next_page || (meta.is_last_page == Some(false) && !out_of_range);
-    let count_says_more = meta
-        .count
-        .map(|count| count > u64::from(page_no) * u64::from(PER_PAGE));
-    if !full && (says_more || count_says_more == Some(true)) {
-        return Err(ApiError::Malformed(format!(
-            "page {page_no} holds {} events but the response says more pages follow",
-            events.len()
-        )));
+    let limit = match meta.limit_value {
+        Some(0) => return malformed("`limit_value` is 0".into()),
+        Some(limit) => Some(u32::try_from(limit).unwrap_or(u32::MAX)),
+        None => None,
+    };
+    if let Some(limit) = limit
+        && parsed.data.len() > limit as usize
+    {
+        return malformed(format!(
+            "{} events, more than `limit_value` {limit}",
+            parsed.data.len()
+        ));
+    }
+    let mut events = Vec::with_capacity(parsed.data.len());
+    let mut undated = Vec::new();
+    for raw in parsed.data {
+        match RawEvent::parse(raw) {
+            Ok(event) => events.push(Some(event)),
+            Err((crate::event::EventParseError::BadOccurredDate { id }, raw)) => {
+                undated.push((events.len(), id, raw));
+                events.push(None);
+            }
+            Err((err, _)) => return malformed(err.to_string()),
+        }
+    }
+    let events = impute_dates(events, &undated);
+    if let Some(event) = events.iter().find(|e| e.id.len() > MAX_ID_BYTES) {
+        return malformed(format!(
+            "an event id is {} bytes long (at most {MAX_ID_BYTES})",
+            event.id.len()
+        ));
+    }
+    let more = more_pages(&meta, page_no)
+        .map_err(|what| ApiError::Malformed(format!("page {page_no}: {what}")))?;
+    if let (true, Some(count), Some(limit)) = (events.is_empty(), meta.count, limit)
+        && meta.is_out_of_range != Some(true)
+        && count > u64::from(page_no.saturating_sub(1)) * u64::from(limit)
+    {
+        // Per page it would be 0; per list, this page would hold events.
+        return malformed(format!("no events, but `count` is {count}"));
+    }
+    if more == Some(true) {
+        if events.is_empty() {
+            return malformed("no events, but the response says more pages follow".into());
+        }
+        if let Some(limit) = limit
+            && events.len() < limit as usize
+        {
+            return malformed(format!(
+                "{} events, fewer than `limit_value` {limit}, but the response says more pages follow",
+                events.len()
+            ));
+        }
     }
     Ok(Page {
-        last: !full || (!says_more && count_says_more != Some(true)),
         events,
         count: meta.count,
+        limit,
+        total_pages: meta.total_pages,
+        more,
+        undated: undated.into_iter().map(|(_, id, _)| id).collect(),
     })
+}
+
+/// Whether more pages follow page `page_no`, from whichever of `next_page`,
+/// `is_last_page` and `total_pages` the response has; `None` when none says. Fields that
+/// disagree are an error.
+fn more_pages(meta: &Meta, page_no: u32) -> Result<Option<bool>, String> {
+    let out_of_range = meta.is_out_of_range == Some(true);
+    let mut claims: Vec<(&str, bool)> = Vec::new();
+    if let Some(next) = &meta.next_page {
+        claims.push(("next_page", !next.is_null()));
+    }
+    // Past the end Kaminari says `is_last_page: false` and `is_out_of_range: true`.
+    match meta.is_last_page {
+        Some(last) if !(out_of_range && !last) => claims.push(("is_last_page", !last)),
+        _ => {}
+    }
+    if let Some(total) = meta.total_pages {
+        claims.push(("total_pages", u64::from(page_no) < total));
+    }
+    match claims.split_first() {
+        None => Ok(None),
+        Some(((_, first), rest)) => match rest.iter().find(|(_, more)| more != first) {
+            None => Ok(Some(*first)),
+            Some((name, _)) => Err(format!(
+                "`{}` and `{name}` disagree on whether more pages follow",
+                claims[0].0
+            )),
+        },
+    }
+}
+
+/// Gives each undated event the time of its nearest dated neighbour (the one before it,
+/// else the one after), keeping the page's order; a page with no dated event at all gets
+/// [`UNDATED`], which the walker replaces with its position.
+fn impute_dates(
+    events: Vec<Option<RawEvent>>,
+    undated: &[(usize, String, Box<RawValue>)],
+) -> Vec<RawEvent> {
+    if undated.is_empty() {
+        return events.into_iter().flatten().collect();
+    }
+    let times: Vec<Option<crate::event::EventTime>> = events
+        .iter()
+        .map(|e| e.as_ref().map(|e| e.occurred))
+        .collect();
+    let mut raws: HashMap<usize, (String, Box<RawValue>)> = undated
+        .iter()
+        .map(|(i, id, raw)| (*i, (id.clone(), raw.clone())))
+        .collect();
+    events
+        .into_iter()
+        .enumerate()
+        .map(|(i, event)| match event {
+            Some(event) => event,
+            None => {
+                let (id, json) = raws.remove(&i).expect("every undated slot is listed");
+                let occurred = times[..i]
+                    .iter()
+                    .rev()
+                    .flatten()
+                    .chain(times[i..].iter().flatten())
+                    .next()
+                    .copied()
+                    .unwrap_or(crate::checkpoint::UNDATED);
+                RawEvent { id, occurred, json }
+            }
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -372,7 +524,8 @@ mod tests {
             "meta":{"count":1,"next_page":null,"is_last_page":true}}"#;
         let page = parse_page(body, 1).unwrap();
         assert_eq!(page.events.len(), 1);
-        assert!(page.last);
+        assert!(page.is_last(50));
+        assert_eq!(page.more, Some(false));
         assert_eq!(page.count, Some(1));
         assert!(page.events[0].as_json().contains("\"extra\":1"));
     }
@@ -383,7 +536,7 @@ mod tests {
             &b"<html>Service Unavailable</html>"[..],
             br#"{"data":{"id":"a"},"meta":{}}"#,
             br#"{"data":[]}"#,
-            br#"{"data":[{"id":"a"}],"meta":{}}"#,
+            br#"{"data":[{"occurred_date":"2024-01-02T03:04:05Z"}],"meta":{}}"#,
             br#"{"data":[{"id":"a","occurred_date":"2024-01-0"#,
             b"",
         ] {
@@ -409,6 +562,11 @@ mod tests {
         unsafe { std::env::remove_var("KNOWBE4_SIM_REQUEST_SPACING_MS") };
     }
 
+    fn events(n: usize) -> String {
+        let event = r#"{"id":"a","occurred_date":"2024-01-02T03:04:05Z"}"#;
+        vec![event; n].join(",")
+    }
+
     #[test]
     fn a_short_page_that_claims_more_is_refused_not_taken_as_the_end() {
         let empty_middle =
@@ -417,24 +575,98 @@ mod tests {
             parse_page(empty_middle, 2),
             Err(ApiError::Malformed(_))
         ));
-        let counted = br#"{"data":[],"meta":{"count":500}}"#;
+        let counted = br#"{"data":[],"meta":{"count":500,"limit_value":50}}"#;
         assert!(matches!(
             parse_page(counted, 2),
             Err(ApiError::Malformed(_))
         ));
+        let short = format!(
+            r#"{{"data":[{}],"meta":{{"limit_value":50,"next_page":3}}}}"#,
+            events(49)
+        );
+        assert!(matches!(
+            parse_page(short.as_bytes(), 2),
+            Err(ApiError::Malformed(_))
+        ));
         let end = br#"{"data":[],"meta":{"count":100,"next_page":null}}"#;
-        assert!(parse_page(end, 2).unwrap().last);
+        assert!(parse_page(end, 2).unwrap().is_last(100));
         let beyond = br#"{"data":[],"meta":{"count":100,"next_page":null,"is_last_page":false,"is_out_of_range":true}}"#;
-        assert!(parse_page(beyond, 9).unwrap().last);
-        let event = r#"{"id":"a","occurred_date":"2024-01-02T03:04:05Z"}"#;
-        let full = format!(
-            r#"{{"data":[{}],"meta":{{"count":250,"next_page":null}}}}"#,
-            vec![event; 100].join(",")
+        assert!(parse_page(beyond, 9).unwrap().is_last(100));
+    }
+
+    #[test]
+    fn the_page_size_comes_from_the_response_not_the_request() {
+        // Asked for 100, served 50 with more to follow: a full page, not a malformed one.
+        let capped = format!(
+            r#"{{"data":[{}],"meta":{{"count":50,"limit_value":50,"total_pages":69,"current_page":1,"next_page":2,"is_last_page":false}}}}"#,
+            events(50)
         );
-        assert!(
-            !parse_page(full.as_bytes(), 2).unwrap().last,
-            "count says a third page exists"
+        let page = parse_page(capped.as_bytes(), 1).unwrap();
+        assert_eq!(page.limit, Some(50));
+        assert_eq!(page.more, Some(true));
+        // More events than `limit_value` is malformed under every reading.
+        let over = format!(
+            r#"{{"data":[{}],"meta":{{"limit_value":50,"next_page":null}}}}"#,
+            events(51)
         );
+        assert!(matches!(
+            parse_page(over.as_bytes(), 1),
+            Err(ApiError::Malformed(_))
+        ));
+        // A partly filled last page whose `count` counts the page ends the list.
+        let last = format!(
+            r#"{{"data":[{}],"meta":{{"count":7,"limit_value":50,"total_pages":5,"current_page":5,"next_page":null,"is_last_page":true}}}}"#,
+            events(7)
+        );
+        assert_eq!(parse_page(last.as_bytes(), 5).unwrap().more, Some(false));
+        // Without any "more" field, the walker decides from the page's fullness.
+        let bare = format!(r#"{{"data":[{}],"meta":{{}}}}"#, events(50));
+        let page = parse_page(bare.as_bytes(), 1).unwrap();
+        assert_eq!(page.more, None);
+        assert!(!page.is_last(50));
+        assert!(page.is_last(100));
+    }
+
+    #[test]
+    fn fields_that_disagree_are_malformed() {
+        for meta in [
+            r#"{"next_page":2,"is_last_page":true}"#,
+            r#"{"next_page":null,"total_pages":3}"#,
+            r#"{"current_page":2}"#,
+            r#"{"limit_value":0}"#,
+        ] {
+            let body = format!(r#"{{"data":[{}],"meta":{meta}}}"#, events(1));
+            assert!(
+                matches!(parse_page(body.as_bytes(), 1), Err(ApiError::Malformed(_))),
+                "{meta}"
+            );
+        }
+    }
+
+    #[test]
+    fn undated_events_are_kept_in_place_and_long_ids_refused() {
+        let body = br#"{"data":[
+            {"id":"a","occurred_date":"2024-01-02T03:04:05Z"},
+            {"id":"b"},
+            {"id":"c","occurred_date":"99999-01-01T00:00:00Z"},
+            {"id":"d","occurred_date":"2024-01-01T00:00:00Z"}],"meta":{"next_page":null}}"#;
+        let page = parse_page(body, 1).unwrap();
+        assert_eq!(page.undated, vec!["b".to_string(), "c".to_string()]);
+        assert_eq!(page.events[1].occurred, page.events[0].occurred);
+        assert_eq!(page.events[1].as_json(), r#"{"id":"b"}"#);
+        let alone = br#"{"data":[{"id":"b","occurred_date":null}],"meta":{}}"#;
+        assert_eq!(
+            parse_page(alone, 1).unwrap().events[0].occurred,
+            crate::checkpoint::UNDATED
+        );
+        let long = format!(
+            r#"{{"data":[{{"id":"{}","occurred_date":"2024-01-02T03:04:05Z"}}],"meta":{{}}}}"#,
+            "x".repeat(129)
+        );
+        assert!(matches!(
+            parse_page(long.as_bytes(), 1),
+            Err(ApiError::Malformed(_))
+        ));
     }
 
     #[test]

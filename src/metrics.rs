@@ -156,6 +156,7 @@ mod tests {
             backlog: false,
             duration_ms: 812,
             state: Some(Lifecycle::Error),
+            undated_events: 0,
             lag_seconds: Some(42),
         };
         let line = run_line(&report, 1_700_000_000_000);

@@ -8,7 +8,7 @@ use std::io::Write;
 use std::time::Duration;
 
 use clap::Parser;
-use knowbe4_source::sim::{SimConfig, Simulator};
+use knowbe4_source::sim::{CountMode, Reading, SimConfig, Simulator};
 
 /// Command-line options.
 #[derive(Debug, Parser)]
@@ -64,6 +64,22 @@ struct Args {
     /// Events deleted each `--delete-every-secs`.
     #[arg(long, default_value_t = 1)]
     delete_count: usize,
+    /// Largest `per_page` honoured (KnowBe4's cap is unconfirmed: 50 or 100).
+    #[arg(long, default_value_t = 50)]
+    max_per_page: u64,
+    /// `per_page` when a request names none.
+    #[arg(long, default_value_t = 50)]
+    default_per_page: u64,
+    /// What `meta.count` counts: `page` (the events on the page), `total` (the list), or
+    /// `absent`.
+    #[arg(long, default_value = "page", value_parser = ["page", "total", "absent"])]
+    count_mode: String,
+    /// Leave `meta.total_pages` out.
+    #[arg(long)]
+    no_total_pages: bool,
+    /// Leave `meta.limit_value` out.
+    #[arg(long)]
+    no_limit_value: bool,
 }
 
 #[tokio::main]
@@ -85,6 +101,17 @@ async fn main() -> std::io::Result<()> {
         daily_quota: args.daily_quota,
         wrong_key_status: args.wrong_key_status,
         enforce_rate_limit: !args.no_rate_limit,
+        reading: Reading {
+            max_per_page: args.max_per_page.max(1),
+            default_per_page: args.default_per_page.max(1),
+            count_mode: match args.count_mode.as_str() {
+                "total" => CountMode::Total,
+                "absent" => CountMode::Absent,
+                _ => CountMode::Page,
+            },
+            total_pages: !args.no_total_pages,
+            limit_value: !args.no_limit_value,
+        },
     };
     let sim = std::sync::Arc::new(Simulator::spawn_on(config, args.port).await?);
     {

@@ -65,6 +65,111 @@ pub struct SimConfig {
     pub wrong_key_status: u16,
     /// Whether the 5th request within a second is answered 429 (it is counted either way).
     pub enforce_rate_limit: bool,
+    /// Which reading of the API's unconfirmed details to play.
+    pub reading: Reading,
+}
+
+/// What `meta.count` counts: the public record cannot tell (every recorded page is a
+/// single page, where both readings give the same number).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CountMode {
+    /// The events on this page (Kaminari's `count` on a paged relation).
+    Page,
+    /// The events in the whole list.
+    Total,
+    /// No `count` at all.
+    Absent,
+}
+
+/// One reading of the User Event API's details that nobody public can confirm (see
+/// `shared/reference/knowbe4-api.md`, facts tagged UNKNOWN or DOC-only). The default is
+/// the least convenient reading the recordings allow: `count` per page, pages capped at
+/// 50 (both recorded pages say `limit_value: 50`), `total_pages` sent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reading {
+    /// Largest `per_page` the server honours (50 or 100: UNKNOWN).
+    pub max_per_page: u64,
+    /// `per_page` when the request names none (50 recorded).
+    pub default_per_page: u64,
+    /// What `meta.count` counts.
+    pub count_mode: CountMode,
+    /// Whether `meta.total_pages` is sent (it is on recorded pages).
+    pub total_pages: bool,
+    /// Whether `meta.limit_value` is sent (it is on recorded pages).
+    pub limit_value: bool,
+}
+
+impl Default for Reading {
+    fn default() -> Self {
+        Reading {
+            max_per_page: 50,
+            default_per_page: 50,
+            count_mode: CountMode::Page,
+            total_pages: true,
+            limit_value: true,
+        }
+    }
+}
+
+impl Reading {
+    /// The readings every important test runs under: {count per page, count per list} ×
+    /// {cap 50, cap 100}, then the sparser ones (no `total_pages`; no `count`; no
+    /// `limit_value`).
+    pub fn matrix() -> Vec<Reading> {
+        let base = Reading::default();
+        vec![
+            base,
+            Reading {
+                count_mode: CountMode::Total,
+                ..base
+            },
+            Reading {
+                max_per_page: 100,
+                ..base
+            },
+            Reading {
+                max_per_page: 100,
+                count_mode: CountMode::Total,
+                ..base
+            },
+            Reading {
+                total_pages: false,
+                ..base
+            },
+            Reading {
+                count_mode: CountMode::Absent,
+                total_pages: false,
+                limit_value: false,
+                max_per_page: 100,
+                ..base
+            },
+        ]
+    }
+
+    /// The first four cells of [`matrix`](Self::matrix): the readings the issue's
+    /// acceptance names, for the slower scenario tests.
+    pub fn core() -> Vec<Reading> {
+        Reading::matrix().into_iter().take(4).collect()
+    }
+}
+
+impl fmt::Display for Reading {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let count = match self.count_mode {
+            CountMode::Page => "count=page",
+            CountMode::Total => "count=total",
+            CountMode::Absent => "count=absent",
+        };
+        write!(f, "{count} cap={}", self.max_per_page)?;
+        if !self.total_pages {
+            write!(f, " no-total-pages")?;
+        }
+        if !self.limit_value {
+            write!(f, " no-limit-value")?;
+        }
+        Ok(())
+    }
 }
 
 impl Default for SimConfig {
@@ -78,6 +183,7 @@ impl Default for SimConfig {
             daily_quota: None,
             wrong_key_status: 401,
             enforce_rate_limit: true,
+            reading: Reading::default(),
         }
     }
 }
@@ -93,6 +199,7 @@ impl fmt::Debug for SimConfig {
             .field("daily_quota", &self.daily_quota)
             .field("wrong_key_status", &self.wrong_key_status)
             .field("enforce_rate_limit", &self.enforce_rate_limit)
+            .field("reading", &self.reading)
             .finish()
     }
 }

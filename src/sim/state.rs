@@ -13,7 +13,7 @@ use serde::Serialize;
 use time::{Date, OffsetDateTime};
 
 use super::events::{self, EVENT_TYPES};
-use super::{Fault, RequestRecord, SimConfig, SimStats};
+use super::{CountMode, Fault, Reading, RequestRecord, SimConfig, SimStats};
 
 /// Requests allowed in any trailing [`RATE_WINDOW`]; the next one is answered 429.
 pub(crate) const RATE_LIMIT: usize = 4;
@@ -85,9 +85,12 @@ fn reason(status: u16) -> &'static str {
 /// The pagination block of a list response (Kaminari's names, as KnowBe4 sends them).
 #[derive(Debug, Clone, Serialize)]
 pub(crate) struct Meta {
-    count: u64,
-    limit_value: u64,
-    total_pages: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    count: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    limit_value: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    total_pages: Option<u64>,
     current_page: u64,
     next_page: Option<u64>,
     prev_page: Option<u64>,
@@ -97,13 +100,19 @@ pub(crate) struct Meta {
 }
 
 impl Meta {
-    fn new(count: u64, per_page: u64, page: u64) -> Self {
+    /// The block for page `page` of a `per_page` listing of `count` events, which holds
+    /// `on_page` of them, as `reading` says the server fills it in.
+    fn new(count: u64, per_page: u64, page: u64, on_page: u64, reading: &Reading) -> Self {
         let total_pages = count.div_ceil(per_page);
         let is_out_of_range = page > total_pages;
         Meta {
-            count,
-            limit_value: per_page,
-            total_pages,
+            count: match reading.count_mode {
+                CountMode::Page => Some(on_page),
+                CountMode::Total => Some(count),
+                CountMode::Absent => None,
+            },
+            limit_value: reading.limit_value.then_some(per_page),
+            total_pages: reading.total_pages.then_some(total_pages),
             current_page: page,
             next_page: (page < total_pages).then_some(page + 1),
             prev_page: (page > 1 && !is_out_of_range).then(|| page - 1),
@@ -133,17 +142,22 @@ struct ListQuery {
 
 impl ListQuery {
     /// Reads the query leniently, as Rails would: unknown or malformed values fall back
-    /// to the defaults.
-    fn parse(query: &str) -> Self {
+    /// to the defaults; `per_page` is capped at the reading's maximum.
+    fn parse(query: &str, reading: &Reading) -> Self {
         let mut page = 1;
-        let mut per_page = 50;
+        let mut per_page = reading.default_per_page;
         let mut order_by = OrderBy::OccurredDate;
         let mut direction = None;
         for pair in query.split('&') {
             let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
             match key {
                 "page" => page = value.parse::<u64>().unwrap_or(1).max(1),
-                "per_page" => per_page = value.parse::<u64>().unwrap_or(50).clamp(1, 100),
+                "per_page" => {
+                    per_page = value
+                        .parse::<u64>()
+                        .unwrap_or(reading.default_per_page)
+                        .clamp(1, reading.max_per_page.max(1))
+                }
                 "order_by" => {
                     order_by = match value {
                         "id" => OrderBy::Id,
@@ -181,6 +195,8 @@ pub(crate) struct State {
     wrong_key_status: u16,
     /// Whether requests over the rate get 429 (they are counted either way).
     enforce_rate_limit: bool,
+    /// The reading of the API's unconfirmed details this server plays.
+    reading: Reading,
     /// Delay before answering each API request.
     pub latency_ms: u64,
     /// The `account_id` every event carries.
@@ -219,6 +235,7 @@ impl State {
             daily_quota: config.daily_quota,
             wrong_key_status: config.wrong_key_status,
             enforce_rate_limit: config.enforce_rate_limit,
+            reading: config.reading,
             latency_ms: config.latency_ms,
             account_id,
             rng,
@@ -456,7 +473,7 @@ impl State {
         let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
         match (method, segments.as_slice()) {
             ("GET", ["events"]) => {
-                let query = ListQuery::parse(query);
+                let query = ListQuery::parse(query, &self.reading);
                 match self.take_fault() {
                     Some(fault) => {
                         let faulted = fault != Fault::Pass;
@@ -490,7 +507,8 @@ impl State {
                 let data: Vec<_> = (0..EVENT_TYPES.len())
                     .map(events::event_type_json)
                     .collect();
-                let meta = Meta::new(data.len() as u64, 100, 1);
+                // `GET /event_types` answers `meta: {"count": N}` only [REC].
+                let meta = serde_json::json!({ "count": data.len() });
                 let body = serde_json::json!({ "data": data, "meta": meta }).to_string();
                 (Reply::json(200, body), false)
             }
@@ -504,7 +522,6 @@ impl State {
     /// The events of one page, serialised, and the page's `meta`.
     fn page(&self, query: &ListQuery) -> (Vec<String>, Meta) {
         let count = self.by_id.len() as u64;
-        let meta = Meta::new(count, query.per_page, query.page);
         let skip =
             usize::try_from((query.page - 1).saturating_mul(query.per_page)).unwrap_or(usize::MAX);
         let take = query.per_page as usize;
@@ -564,10 +581,17 @@ impl State {
                     .collect()
             }
         };
-        let items = keys
+        let items: Vec<String> = keys
             .into_iter()
             .map(|(at, id, seed)| events::event_json(self.account_id, id, at, seed))
             .collect();
+        let meta = Meta::new(
+            count,
+            query.per_page,
+            query.page,
+            items.len() as u64,
+            &self.reading,
+        );
         (items, meta)
     }
 
@@ -608,9 +632,15 @@ impl State {
             }
             Fault::EmptyPage => {
                 let page = query.page;
-                let mut meta = Meta::new(self.by_id.len() as u64, query.per_page, page);
-                meta.count = meta.count.max(query.per_page * page + 1);
-                meta.total_pages = meta.total_pages.max(page + 1);
+                let mut meta = Meta::new(
+                    self.by_id.len() as u64,
+                    query.per_page,
+                    page,
+                    0,
+                    &self.reading,
+                );
+                meta.count = meta.count.map(|c| c.max(query.per_page * page + 1));
+                meta.total_pages = meta.total_pages.map(|t| t.max(page + 1));
                 meta.next_page = Some(page + 1);
                 meta.is_last_page = false;
                 meta.is_out_of_range = false;

@@ -9,11 +9,18 @@ use super::*;
 
 const KEY: &str = "sim-key";
 
-/// A config without rate enforcement, for tests that are not about the rate.
+/// A config without rate enforcement, for tests that are not about the rate, playing the
+/// reading where `per_page=100` is honoured and `count` is the list total (the tests of
+/// the other readings say so).
 fn config(events: usize) -> SimConfig {
     SimConfig {
         events,
         enforce_rate_limit: false,
+        reading: Reading {
+            max_per_page: 100,
+            count_mode: CountMode::Total,
+            ..Reading::default()
+        },
         ..SimConfig::default()
     }
 }
@@ -99,7 +106,7 @@ async fn paging_covers_every_event_once_newest_first() {
 }
 
 #[tokio::test]
-async fn per_page_defaults_to_50_and_clamps_at_100() {
+async fn per_page_defaults_to_50_and_clamps_at_100_when_100_is_honoured() {
     let sim = start(config(300)).await;
     let client = reqwest::Client::new();
     let (_, body) = list(&client, &sim, "").await;
@@ -714,4 +721,43 @@ async fn a_new_key_refuses_the_old_one() {
     assert_eq!(response.status().as_u16(), 200);
     let authorized: Vec<bool> = sim.requests().iter().map(|r| r.authorized).collect();
     assert_eq!(authorized, [true, false, true]);
+}
+
+/// Each reading of the unconfirmed details is played as named.
+#[tokio::test]
+async fn every_reading_is_played() {
+    let client = reqwest::Client::new();
+    for reading in Reading::matrix() {
+        let sim = start(SimConfig {
+            events: 120,
+            enforce_rate_limit: false,
+            reading,
+            ..SimConfig::default()
+        })
+        .await;
+        let size = reading.max_per_page.min(100);
+        let last = 120u64.div_ceil(size);
+        let (status, body) = list(&client, &sim, &format!("page={last}&per_page=100")).await;
+        assert_eq!(status, 200);
+        let on_last = 120 - (last - 1) * size;
+        assert_eq!(body["data"].as_array().unwrap().len() as u64, on_last);
+        let meta = &body["meta"];
+        match reading.count_mode {
+            CountMode::Page => assert_eq!(meta["count"], on_last, "{reading}"),
+            CountMode::Total => assert_eq!(meta["count"], 120, "{reading}"),
+            CountMode::Absent => assert!(meta.get("count").is_none(), "{reading}"),
+        }
+        assert_eq!(
+            meta.get("total_pages").is_some(),
+            reading.total_pages,
+            "{reading}"
+        );
+        assert_eq!(
+            meta.get("limit_value").is_some(),
+            reading.limit_value,
+            "{reading}"
+        );
+        assert_eq!(meta["next_page"], Value::Null, "{reading}");
+        assert_eq!(meta["current_page"], last, "{reading}");
+    }
 }

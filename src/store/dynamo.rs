@@ -711,6 +711,35 @@ impl StateStore for DynamoStore {
         }
     }
 
+    async fn release_request(&self, id: &str, day: &str) -> Result<()> {
+        let result = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(Self::key(id, format!("{SK_QUOTA_PREFIX}{day}"))))
+            .condition_expression("#used > :zero")
+            .update_expression("ADD #used :minus_one")
+            .expression_attribute_names("#used", "used")
+            .expression_attribute_values(":zero", n(0))
+            .expression_attribute_values(":minus_one", n(-1))
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(()),
+            Err(err)
+                if err
+                    .as_service_error()
+                    .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
+            {
+                Ok(())
+            }
+            Err(err) => Err(Error::store(
+                format!("DynamoDB UpdateItem releasing a request of {id} on {day}"),
+                err,
+            )),
+        }
+    }
+
     async fn quota_used(&self, id: &str, day: &str) -> Result<u32> {
         match self.get(id, &format!("{SK_QUOTA_PREFIX}{day}")).await? {
             Some(item) => number(&item, "used", "QUOTA", id),

@@ -387,6 +387,18 @@ impl StateStore for FileStore {
         .await
     }
 
+    async fn release_request(&self, id: &str, day: &str) -> Result<()> {
+        let id = id.to_string();
+        let day = day.to_string();
+        self.with_doc(true, move |d| {
+            if let Some(used) = d.quota.get_mut(&id).and_then(|days| days.get_mut(&day)) {
+                *used = used.saturating_sub(1);
+            }
+            Ok(())
+        })
+        .await
+    }
+
     async fn quota_used(&self, id: &str, day: &str) -> Result<u32> {
         let id = id.to_string();
         let day = day.to_string();

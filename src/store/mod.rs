@@ -95,6 +95,11 @@ pub trait StateStore: Send + Sync {
     /// fewer than `limit` are reserved: an atomic conditional increment.
     async fn reserve_request(&self, id: &str, day: &str, limit: u32) -> Result<Reservation>;
 
+    /// Gives back one reservation of `day` for a request that provably never reached
+    /// KnowBe4 (DNS failure, connection refused): it spent none of the account's quota.
+    /// Never takes the count below zero.
+    async fn release_request(&self, id: &str, day: &str) -> Result<()>;
+
     /// Requests reserved for `day`.
     async fn quota_used(&self, id: &str, day: &str) -> Result<u32>;
 

@@ -147,6 +147,14 @@ impl StateStore for FaultyStore {
             self.inner.reserve_request(id, day, limit)
         )
     }
+    async fn release_request(&self, id: &str, day: &str) -> Result<()> {
+        faulty!(
+            self,
+            "release_request",
+            true,
+            self.inner.release_request(id, day)
+        )
+    }
     async fn quota_used(&self, id: &str, day: &str) -> Result<u32> {
         faulty!(self, "quota_used", false, self.inner.quota_used(id, day))
     }
