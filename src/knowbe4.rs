@@ -416,13 +416,6 @@ pub fn parse_page(body: &[u8], page_no: u32) -> Result<Page, ApiError> {
     }
     let more = more_pages(&meta, page_no)
         .map_err(|what| ApiError::Malformed(format!("page {page_no}: {what}")))?;
-    if let (true, Some(count), Some(limit)) = (events.is_empty(), meta.count, limit)
-        && meta.is_out_of_range != Some(true)
-        && count > u64::from(page_no.saturating_sub(1)) * u64::from(limit)
-    {
-        // Per page it would be 0; per list, this page would hold events.
-        return malformed(format!("no events, but `count` is {count}"));
-    }
     if more == Some(true) {
         if events.is_empty() {
             return malformed("no events, but the response says more pages follow".into());
@@ -435,6 +428,13 @@ pub fn parse_page(body: &[u8], page_no: u32) -> Result<Page, ApiError> {
                 events.len()
             ));
         }
+    }
+    if let (true, Some(count), Some(limit)) = (events.is_empty(), meta.count, limit)
+        && meta.is_out_of_range != Some(true)
+        && count > u64::from(page_no.saturating_sub(1)) * u64::from(limit)
+    {
+        // Per page it would be 0; per list, this page would hold events.
+        return malformed(format!("no events, but `count` is {count}"));
     }
     Ok(Page {
         events,
@@ -457,7 +457,7 @@ fn more_pages(meta: &Meta, page_no: u32) -> Result<Option<bool>, String> {
     }
     // Past the end Kaminari says `is_last_page: false` and `is_out_of_range: true`.
     match meta.is_last_page {
-        Some(last) if !(out_of_range && !last) => claims.push(("is_last_page", !last)),
+        Some(last) if !out_of_range || last => claims.push(("is_last_page", !last)),
         _ => {}
     }
     if let Some(total) = meta.total_pages {

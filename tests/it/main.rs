@@ -8,4 +8,6 @@ mod helpers;
 mod hostile;
 mod lifecycle;
 mod payloads;
+mod readings;
+mod recorded;
 mod secrets;
