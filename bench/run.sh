@@ -3,12 +3,15 @@
 #
 #   bash bench/run.sh                      # everything: ~6 minutes once built
 #   SKIP_CARGO_BENCH=1 bash bench/run.sh   # without the two `cargo bench` targets
+#   DRAIN_ONLY=1 bash bench/run.sh         # only the rate-bound drains (~8 minutes)
 #
 # Builds the release binaries, then for each scenario starts `knowbe4-sim` on a free
 # 127.0.0.1 port (`--port 0`), creates a source in a fresh local state file and runs
 # `knowbe4-source collect --source bench` against it:
-#   1. rate-bound draining: 200 pages (20,000 events) at 800 ms latency, pipelined
-#      (default) and one request at a time (KNOWBE4_MAX_IN_FLIGHT=1);
+#   1. rate-bound draining: 200 pages at 800 ms latency, pipelined (default) under every
+#      reading of the API's unconfirmed paging details (count per page / per list /
+#      absent, cap 50 / 100, total_pages and limit_value sent or not), and one request
+#      at a time (KNOWBE4_MAX_IN_FLIGHT=1) under the recorded reading;
 #   2. bounded memory and CPU per event: 200,000 events in one run, no rate limit,
 #      KNOWBE4_SIM_REQUEST_SPACING_MS=1, under /usr/bin/time -v, events to stdout
 #      (/dev/null) and then to a `sumo` destination (a loopback HTTP server in Python
@@ -166,18 +169,38 @@ SPACING_MS="${SPACING_MS:-260}"
 
 P=200
 LATENCY=800
-for mode in pipelined one-at-a-time; do
-    log "rate-bound draining: $P pages, $LATENCY ms latency, $mode"
-    start_sim "rate-$mode" --events $((P * 100)) --latency-ms "$LATENCY" --span-hours 48
-    create_source "rate-$mode"
+# Every reading of the API's unconfirmed paging details (see src/sim/mod.rs `Reading`):
+# the drain must hold its target under each. P pages of whatever size the reading serves.
+READINGS=(
+    "count=page cap=50|--count-mode page --max-per-page 50"
+    "count=total cap=50|--count-mode total --max-per-page 50"
+    "count=page cap=100|--count-mode page --max-per-page 100"
+    "count=total cap=100|--count-mode total --max-per-page 100"
+    "count=page cap=50, no total_pages|--count-mode page --max-per-page 50 --no-total-pages"
+    "no count, cap=100, no total_pages, no limit_value|--count-mode absent --max-per-page 100 --no-total-pages --no-limit-value"
+)
+DRAINS=()
+for reading in "${READINGS[@]}"; do
+    DRAINS+=("pipelined|$reading")
+done
+DRAINS+=("one-at-a-time|${READINGS[0]}")
+for drain in "${DRAINS[@]}"; do
+    IFS='|' read -r mode label args <<<"$drain"
+    cap="$(sed -n 's/.*--max-per-page \([0-9]*\).*/\1/p' <<<"$args")"
+    events=$((P * cap))
+    name="rate-$mode-$(tr -c 'a-z0-9' '-' <<<"$label")"
+    log "rate-bound draining: $P pages ($events events), $LATENCY ms latency, $mode, $label"
+    # shellcheck disable=SC2086
+    start_sim "$name" --events "$events" --latency-ms "$LATENCY" --span-hours 48 $args
+    create_source "$name"
     if [[ $mode == pipelined ]]; then
-        collect "rate-$mode"
+        collect "$name"
     else
-        collect "rate-$mode" KNOWBE4_MAX_IN_FLIGHT=1
+        collect "$name" KNOWBE4_MAX_IN_FLIGHT=1
     fi
-    dur="$(report "rate-$mode" duration_ms)"
-    fwd="$(report "rate-$mode" forwarded)"
-    req="$(report "rate-$mode" requests)"
+    dur="$(report "$name" duration_ms)"
+    fwd="$(report "$name" forwarded)"
+    req="$(report "$name" requests)"
     sim_req="$(sim_stat requests)"
     viol="$(sim_stat rate_violations)"
     gaps="$(curl -sf "$BASE/_sim/requests" | py "
@@ -191,11 +214,16 @@ print(f'median gap between requests {g[len(g)//2]} ms, first to last request {(t
     else
         target="≈ P × 0.8 = $(py "print(f'{$P*$LATENCY/1000:.1f}')") s (+ pacing)"
     fi
-    row "Rate-bound drain, P=$P pages (20,000 events), $LATENCY ms latency, $mode" \
+    row "Rate-bound drain, P=$P pages ($events events), $LATENCY ms latency, $mode; reading: $label" \
         "**$(secs "$dur") s** (run report duration_ms; process wall $(secs "$WALL_MS") s)" \
         "$target" \
         "$req requests by the run, $sim_req seen by the sim ($viol over 4/s); $fwd events forwarded; $gaps"
 done
+
+if [[ -n "${DRAIN_ONLY:-}" ]]; then
+    printf '%s\n' "| scenario | result | target | detail |" "|---|---|---|---|" "${ROWS[@]}"
+    exit 0
+fi
 
 # --- 2. bounded memory and CPU per event ---------------------------------------------
 

@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Runs the whole test suite: unit tests, the integration tests (tests/it), the DynamoDB
-# store tests and the chaos suite (tests/chaos, CHAOS_SEEDS seeds per class, default 2),
-# against moto's server started on a free loopback port. Extra arguments go to `cargo test`.
+# store tests and the chaos suite (tests/chaos, CHAOS_SEEDS seeds per class, default 4: one
+# per reading of the API's unconfirmed details, {count per page, per list} × {cap 50,
+# cap 100}), against moto's server started on a free loopback port. Extra arguments go to
+# `cargo test`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export CHAOS_SEEDS="${CHAOS_SEEDS:-4}"
 scripts/with-moto.sh cargo test --all-targets "$@"
 scripts/with-moto.sh cargo test --doc
