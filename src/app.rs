@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use tokio::time::Instant;
 
+use crate::account::account_id;
 use crate::collector::{RunReport, collect_source};
 use crate::config::{ValidationOptions, parse_source_value};
 use crate::error::{Error, Result};
@@ -123,6 +124,9 @@ pub enum Action {
         /// The id to use (default: derived from the name).
         #[serde(default)]
         id: Option<String>,
+        /// Create it even when a source with the same account and destination exists.
+        #[serde(default, rename = "allowDuplicate")]
+        allow_duplicate: bool,
     },
     /// Replace a source's configuration (the API key may be omitted to keep it).
     Update {
@@ -259,12 +263,20 @@ pub struct SourceStatus {
     pub backlog_ranges: usize,
     /// Whether the dedupe window overflowed and narrowed (see the checkpoint docs).
     pub lateness_window_narrowed: bool,
-    /// Requests used today (UTC).
+    /// Requests used today (UTC) by every source of the KnowBe4 account.
     pub quota_used_today: u32,
-    /// Requests left today for this source.
+    /// Requests left today for the account's sources.
     pub quota_left_today: u32,
-    /// The source's daily limit (after `quotaShare`).
+    /// The account's daily limit for this deployment: the smallest `dailyRequestLimit`
+    /// (after `quotaShare`) among the sources sharing the account.
     pub daily_request_limit: u32,
+    /// The KnowBe4 account id (a hash of API host and key; see `account`), once a run
+    /// has read the key.
+    pub account: Option<String>,
+    /// The sources (this one included) sharing the account's quota and rate.
+    pub account_sources: Vec<String>,
+    /// Set when those sources were configured with different limits.
+    pub account_note: Option<String>,
     /// Whether the daily quota is used up (not an error).
     pub quota_reached: bool,
     /// Events forwarded by the last run.
@@ -392,6 +404,20 @@ impl App {
         Ok(secrets)
     }
 
+    /// The id of the destination a source with `spec` and `secrets` forwards to.
+    fn destination_id(&self, spec: &crate::config::SourceSpec, secrets: &SourceSecrets) -> String {
+        match &spec.destination {
+            Some(own) => crate::account::destination_id(
+                own.format.as_str(),
+                secrets.destination_url.as_ref(),
+            ),
+            None => crate::account::destination_id(
+                self.default_destination.format.as_str(),
+                self.default_destination.url.as_ref(),
+            ),
+        }
+    }
+
     /// The destination for a source: its own, or the deployment's default.
     pub fn destination_for(
         &self,
@@ -437,8 +463,12 @@ impl App {
                 let reports = self.collect(source_id.as_deref(), deadline).await?;
                 Ok(serde_json::json!({ "runs": reports }))
             }
-            Action::Create { source, id } => {
-                let id = self.create(source, id).await?;
+            Action::Create {
+                source,
+                id,
+                allow_duplicate,
+            } => {
+                let id = self.create_with(source, id, allow_duplicate).await?;
                 Ok(serde_json::json!({ "sourceId": id, "state": Lifecycle::Pending }))
             }
             Action::Update { source_id, source } => {
@@ -498,10 +528,35 @@ impl App {
 
     /// Validates and stores a new source (state `Pending`); returns its id.
     pub async fn create(&self, source: serde_json::Value, id: Option<String>) -> Result<String> {
+        self.create_with(source, id, false).await
+    }
+
+    /// Creates a source; unless `allow_duplicate`, refuses one whose KnowBe4 account and
+    /// destination both equal an existing source's (it would forward every event twice
+    /// and halve the account's budget), naming that source.
+    pub async fn create_with(
+        &self,
+        source: serde_json::Value,
+        id: Option<String>,
+        allow_duplicate: bool,
+    ) -> Result<String> {
         let parsed = parse_source_value(source, self.settings.validation)?;
         let secrets = parsed
             .secrets(None)
             .ok_or_else(|| Error::config("source.config.apiKey", "is required"))?;
+        let account = account_id(&parsed.spec.api_base, &secrets.api_key);
+        let destination = self.destination_id(&parsed.spec, &secrets);
+        if !allow_duplicate
+            && let Some(twin) = self.store.list_sources().await?.into_iter().find(|r| {
+                r.account.as_deref() == Some(&account)
+                    && r.destination.as_deref() == Some(&destination)
+            })
+        {
+            return Err(Error::Conflict(format!(
+                "source {} already collects this KnowBe4 account into the same destination; use --allow-duplicate (allowDuplicate in a payload) to create another anyway",
+                twin.id
+            )));
+        }
         let id = match id {
             Some(id) if valid_id(&id) => id,
             Some(_) => {
@@ -548,6 +603,8 @@ impl App {
             config_version: 1,
             created_at: now,
             updated_at: now,
+            account: Some(account),
+            destination: Some(destination),
         };
         if let Err(err) = self
             .store
@@ -608,6 +665,8 @@ impl App {
         })?;
         record.secret_ref = self.put_secrets(id, &secrets).await?;
         self.secrets_cache.lock().expect("not poisoned").remove(id);
+        record.account = Some(account_id(&parsed.spec.api_base, &secrets.api_key));
+        record.destination = Some(self.destination_id(&parsed.spec, &secrets));
         record.spec = parsed.spec;
         record.config_version += 1;
         record.updated_at = now_ms();
@@ -698,9 +757,26 @@ impl App {
         for record in records {
             let state = self.store.load_state(&record.id).await?.map(|s| s.value);
             let state = state.unwrap_or_else(|| SourceState::new(record.created_at));
-            let used = self.store.quota_used(&record.id, &today).await?;
+            let (used, members) = match &state.account {
+                Some(account) => (
+                    self.store.quota_used(account, &today).await?,
+                    self.store.account_members(account, now_ms()).await?,
+                ),
+                None => (0, Default::default()),
+            };
             let health = self.store.list_health(&record.id, 5).await?;
-            let limit = record.spec.daily_request_limit;
+            let limit = members.limit().unwrap_or(record.spec.daily_request_limit);
+            let account_note = members.disagree().then(|| {
+                let limits: Vec<String> = members
+                    .members
+                    .iter()
+                    .map(|(id, limit)| format!("{id}: {limit}"))
+                    .collect();
+                format!(
+                    "the sources sharing this account give different daily limits ({}); the smallest applies",
+                    limits.join(", ")
+                )
+            });
             let now_ns = EventTime::from_datetime(now);
             out.push(SourceStatus {
                 id: record.id.clone(),
@@ -714,6 +790,9 @@ impl App {
                 quota_used_today: used,
                 quota_left_today: limit.saturating_sub(used),
                 daily_request_limit: limit,
+                account: state.account.clone(),
+                account_sources: members.members.iter().map(|(id, _)| id.clone()).collect(),
+                account_note,
                 quota_reached: state.counters.quota_exhausted_day.as_deref()
                     == Some(today.as_str())
                     || used >= limit,

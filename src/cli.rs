@@ -71,6 +71,10 @@ pub enum SourcesCommand {
         /// The id to use (default: derived from the name).
         #[arg(long)]
         id: Option<String>,
+        /// Create it even if a source with the same KnowBe4 account and destination
+        /// exists (every event would be forwarded twice and the account's budget shared).
+        #[arg(long)]
+        allow_duplicate: bool,
     },
     /// Replace a source's configuration (the API key may be omitted to keep it).
     Update {
@@ -115,10 +119,15 @@ impl Command {
     pub fn action(&self) -> Result<Option<(Action, bool)>> {
         Ok(Some(match self {
             Command::Sources { command } => match command {
-                SourcesCommand::Create { file, id } => (
+                SourcesCommand::Create {
+                    file,
+                    id,
+                    allow_duplicate,
+                } => (
                     Action::Create {
                         source: read_json(file)?,
                         id: id.clone(),
+                        allow_duplicate: *allow_duplicate,
                     },
                     false,
                 ),

@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use tokio::time::Instant;
 
+use crate::account::account_id;
 use crate::app::App;
 use crate::checkpoint::{Step, Walker};
 use crate::error::{Error, HealthKind, Result};
@@ -25,7 +26,7 @@ use crate::quota::{run_budget, utc_day};
 use crate::state::{
     HealthEvent, Lease, Lifecycle, RetryStreak, SourceRecord, SourceState, Versioned,
 };
-use crate::store::Reservation;
+use crate::store::{Reservation, SendSlot};
 
 /// Events buffered before they are forwarded and checkpointed together.
 pub const FLUSH_EVENTS: usize = 1000;
@@ -148,6 +149,7 @@ pub async fn collect_source(app: &App, id: &str, deadline: Instant) -> RunReport
         run_id,
         state: None,
         pacing_chain: None,
+        account: None,
     };
     run.execute(deadline).await;
     // Every request of the run was sent before now (in-flight ones were awaited or
@@ -193,6 +195,9 @@ struct Run<'a> {
     state: Option<Versioned<SourceState>>,
     /// Released when the last issued request passed the rate limiter.
     pacing_chain: Option<tokio::sync::oneshot::Receiver<()>>,
+    /// The KnowBe4 account (API host + key) whose ledger and send slots this run uses;
+    /// known once the key is loaded (the stored one until then, for `fill_quota`).
+    account: Option<String>,
 }
 
 /// Why the walk stopped early without an error.
@@ -294,6 +299,30 @@ impl Run<'_> {
             &self.run_id,
             self.app.settings.request_timeout,
         );
+        // The limits are the account's: every source using this key shares them.
+        let account = account_id(&self.record.spec.api_base, &secrets.api_key);
+        let members = self
+            .app
+            .store
+            .join_account(
+                &account,
+                &self.record.id,
+                self.record.spec.daily_request_limit,
+                now_ms(),
+            )
+            .await?;
+        self.account = Some(account.clone());
+        if self
+            .state
+            .as_ref()
+            .expect("loaded")
+            .value
+            .account
+            .as_deref()
+            != Some(&account)
+        {
+            self.state_mut().account = Some(account.clone());
+        }
         // The previous holder's last requests may still be in the current rate window.
         let wait = self.lease.quiet_until - now_ms();
         if wait > 0 {
@@ -302,9 +331,16 @@ impl Run<'_> {
 
         let now = OffsetDateTime::now_utc();
         let day = utc_day(now);
-        let limit = self.record.spec.daily_request_limit;
-        let used = self.app.store.quota_used(&self.record.id, &day).await?;
-        let budget = run_budget(limit, used, now, self.app.settings.schedule_interval_secs);
+        let limit = members
+            .limit()
+            .unwrap_or(self.record.spec.daily_request_limit);
+        let used = self.app.store.quota_used(&account, &day).await?;
+        // Sources sharing the account take equal turns at each interval's allowance, so
+        // none starves another; the ledger keeps the account's day within its limit.
+        let budget = fair_share(
+            run_budget(limit, used, now, self.app.settings.schedule_interval_secs),
+            members.count(),
+        );
         if budget == 0 {
             return Ok(Stop::Budget);
         }
@@ -499,14 +535,13 @@ impl Run<'_> {
         Ok(())
     }
 
-    /// Reserves one request in the day's quota ledger before it is sent.
+    /// Reserves one request in the account's quota ledger for the day before it is sent.
     async fn reserve(&self, day: &str, limit: u32) -> std::result::Result<(), FetchFailure> {
-        match self
-            .app
-            .store
-            .reserve_request(&self.record.id, day, limit)
-            .await
-        {
+        let account = self
+            .account
+            .as_deref()
+            .expect("the account is known before requests");
+        match self.app.store.reserve_request(account, day, limit).await {
             Ok(Reservation::Granted(_)) => Ok(()),
             Ok(Reservation::Exhausted) => Err(FetchFailure::Quota),
             Err(err) => Err(FetchFailure::Other(err)),
@@ -531,6 +566,7 @@ impl Run<'_> {
         let previous = self.pacing_chain.replace(paced_rx);
         let started = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let started_in_task = started.clone();
+        let slots = self.slot_claimer();
         Ok(InFlight {
             page,
             started,
@@ -541,6 +577,11 @@ impl Run<'_> {
                     let _ = previous.await;
                 }
                 client.pace().await;
+                if let Err(err) = slots.claim().await {
+                    return Err(ApiError::NotSent(format!(
+                        "the account's send slot could not be claimed: {err}"
+                    )));
+                }
                 started_in_task.store(true, std::sync::atomic::Ordering::SeqCst);
                 let _ = paced.send(());
                 crate::failpoint::hit("before_knowbe4_request");
@@ -639,6 +680,12 @@ impl Run<'_> {
             attempt += 1;
             self.reserve(day, limit).await?;
             client.pace().await;
+            if let Err(err) = self.slot_claimer().claim().await {
+                // Reserved but never sent: give the reservation back.
+                self.report.requests += 1;
+                self.unreserve(day).await;
+                return Err(FetchFailure::Other(err));
+            }
             self.report.requests += 1;
             crate::failpoint::hit("before_knowbe4_request");
             failed = match client.events_page(page_no).await {
@@ -653,10 +700,26 @@ impl Run<'_> {
         }
     }
 
+    /// What a request task needs to claim the account's send slot.
+    fn slot_claimer(&self) -> SlotClaimer {
+        SlotClaimer {
+            store: self.app.store.clone(),
+            account: self
+                .account
+                .clone()
+                .expect("the account is known before requests"),
+            spacing_ms: crate::knowbe4::spacing_for(&self.record.spec.api_base).as_millis() as i64,
+        }
+    }
+
     /// Gives back the reservation of a request that never reached KnowBe4.
     async fn unreserve(&mut self, day: &str) {
         self.report.requests = self.report.requests.saturating_sub(1);
-        if let Err(err) = self.app.store.release_request(&self.record.id, day).await {
+        let account = self
+            .account
+            .as_deref()
+            .expect("the account is known before requests");
+        if let Err(err) = self.app.store.release_request(account, day).await {
             // Keeping the reservation only over-counts: the ledger stays on the safe side.
             tracing::warn!(source_id = %self.record.id, error = %err, "Could not give back an unsent request's quota reservation.");
         }
@@ -775,11 +838,64 @@ impl Run<'_> {
 
     async fn fill_quota(&mut self) {
         let day = utc_day(OffsetDateTime::now_utc());
-        if let Ok(used) = self.app.store.quota_used(&self.record.id, &day).await {
+        let Some(account) = self
+            .account
+            .clone()
+            .or_else(|| self.state.as_ref()?.value.account.clone())
+        else {
+            return;
+        };
+        if let Ok(used) = self.app.store.quota_used(&account, &day).await {
             self.report.quota_used = used;
             self.report.quota_left = self.record.spec.daily_request_limit.saturating_sub(used);
         }
     }
+}
+
+/// Claims the account's next send slot in the state store, waiting while another
+/// process (or another source of this one) holds it: the 4 requests per second hold for
+/// the account across every process. In-process pacing (the governor limiter) runs
+/// first, so one process's own requests rarely find the slot held.
+struct SlotClaimer {
+    store: std::sync::Arc<dyn crate::store::StateStore>,
+    account: String,
+    spacing_ms: i64,
+}
+
+impl SlotClaimer {
+    /// Waits for the slot; gives up after [`MAX_SLOT_WAITS`] busy answers.
+    async fn claim(&self) -> Result<()> {
+        for _ in 0..MAX_SLOT_WAITS {
+            let now = now_ms();
+            match self
+                .store
+                .claim_send_slot(&self.account, now, self.spacing_ms)
+                .await?
+            {
+                SendSlot::Granted => return Ok(()),
+                SendSlot::Busy(until) => {
+                    let wait = (until - now).clamp(1, 2_000) as u64;
+                    tokio::time::sleep(Duration::from_millis(wait)).await;
+                }
+            }
+        }
+        Err(Error::Store {
+            message: format!("the account's send slot stayed taken for {MAX_SLOT_WAITS} tries"),
+            source: None,
+        })
+    }
+}
+
+/// Busy answers a request waits through for its account's send slot (each at most the
+/// holder's slot, ~270 ms): 16 concurrent senders to one account clear in one round.
+const MAX_SLOT_WAITS: u32 = 64;
+
+/// A run's share of the interval's budget when `sources` share the account.
+fn fair_share(budget: u32, sources: u32) -> u32 {
+    if budget == 0 {
+        return 0;
+    }
+    budget.div_ceil(sources.max(1)).max(1)
 }
 
 enum FetchFailure {

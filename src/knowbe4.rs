@@ -16,7 +16,6 @@ use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use serde_json::value::RawValue;
-use sha2::{Digest, Sha256};
 
 use crate::checkpoint::{PER_PAGE, Page};
 use crate::error::Error;
@@ -160,7 +159,7 @@ fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<serde_json::
 /// Request spacing for `base`: [`REQUEST_SPACING`], except that a loopback base URL (the
 /// simulator) may set `KNOWBE4_SIM_REQUEST_SPACING_MS` so benchmarks can measure CPU and
 /// memory without waiting on the real API's rate. It never applies to a KnowBe4 host.
-fn spacing_for(base: &str) -> Duration {
+pub fn spacing_for(base: &str) -> Duration {
     let loopback = reqwest::Url::parse(base)
         .is_ok_and(|u| matches!(u.host_str(), Some("127.0.0.1" | "localhost" | "[::1]")));
     let custom = std::env::var("KNOWBE4_SIM_REQUEST_SPACING_MS")
@@ -178,11 +177,7 @@ fn spacing_for(base: &str) -> Duration {
 fn limiter_for(base: &str, key: &SecretString) -> Arc<DefaultDirectRateLimiter> {
     static LIMITERS: OnceLock<Mutex<HashMap<String, Arc<DefaultDirectRateLimiter>>>> =
         OnceLock::new();
-    let mut hasher = Sha256::new();
-    hasher.update(base.as_bytes());
-    hasher.update([0]);
-    hasher.update(key.expose_secret().as_bytes());
-    let account = hex::encode(hasher.finalize());
+    let account = crate::account::account_id(base, key);
     let quota = Quota::with_period(spacing_for(base))
         .expect("non-zero period")
         .allow_burst(NonZeroU32::MIN);

@@ -10,6 +10,7 @@
 //! - [`secrets`]: a source's secrets and their stored form.
 //! - [`knowbe4`]: the User Event API client, paced at 4 requests per second.
 //! - [`metrics`]: CloudWatch Embedded Metric Format lines for runs and health events.
+//! - [`account`]: the account id (API host + key) that the quota, pacing and sharing key on.
 //! - [`quota`]: how much of the daily quota a run may spend.
 //! - [`store`]: the state store trait, with DynamoDB and local-file implementations.
 //! - [`failpoint`]: crash-test hooks (`KNOWBE4_SOURCE_FAILPOINT`).
@@ -19,6 +20,7 @@
 //! - [`sim`]: a KnowBe4 User Event API simulator on loopback (tests, benchmarks, demo).
 //! - [`recording_sink`]: an HTTP destination on loopback that records what it receives.
 
+pub mod account;
 pub mod app;
 pub mod checkpoint;
 pub mod cli;

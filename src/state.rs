@@ -43,6 +43,13 @@ pub struct SourceRecord {
     pub created_at: Millis,
     /// When the configuration last changed.
     pub updated_at: Millis,
+    /// The KnowBe4 account id (hash of API host and key, see [`crate::account`]), for the
+    /// duplicate guard; absent on sources stored before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub account: Option<String>,
+    /// The destination id (hash of format and URL), for the duplicate guard.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destination: Option<String>,
 }
 
 /// The lifecycle states of the hosted source.
@@ -141,6 +148,10 @@ pub struct SourceState {
     pub last_success: Option<Millis>,
     /// Counters for `status` and metrics.
     pub counters: RunCounters,
+    /// The KnowBe4 account id (see [`crate::account`]) the last run collected from, so
+    /// `status` can show the account's shared budget without reading the key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub account: Option<String>,
 }
 
 impl SourceState {
@@ -154,6 +165,7 @@ impl SourceState {
             blocked_config_version: None,
             last_success: None,
             counters: RunCounters::default(),
+            account: None,
         };
         state.history.push_back(Transition {
             state: Lifecycle::Pending,

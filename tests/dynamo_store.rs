@@ -71,6 +71,8 @@ fn record(id: &str) -> SourceRecord {
         config_version: 1,
         created_at: 1_000,
         updated_at: 1_000,
+        account: None,
+        destination: None,
     }
 }
 

@@ -11,8 +11,16 @@
 //! | `CONFIG`              | `doc` (JSON of `SourceRecord`), `name`, `config_version`       | `create_source`, `update_source`                |
 //! | `STATE`               | `doc` (JSON of `SourceState`), `version`                       | `create_source` (version 1), `save_state`       |
 //! | `LEASE`               | `owner`, `fence`, `expires_at_ms`, `quiet_until`               | `acquire_lease`, `renew_lease`, `release_lease` |
-//! | `QUOTA#<YYYY-MM-DD>`  | `used`, `expires_at` (TTL: end of that UTC day + 3 days)       | `reserve_request`                               |
 //! | `HEALTH#<streak_key>` | `doc` (JSON of `HealthEvent`), `last_seen`, `expires_at` (TTL) | `put_health`                                    |
+//!
+//! The limits belong to the KnowBe4 account (API host + key, see [`crate::account`]), so
+//! its items live in the partition `pk = "ACCOUNT#<account id>"`:
+//!
+//! | `sk`                  | Attributes                                                     | Written by                                      |
+//! |-----------------------|----------------------------------------------------------------|-------------------------------------------------|
+//! | `QUOTA#<YYYY-MM-DD>`  | `used`, `expires_at` (TTL: end of that UTC day + 3 days)       | `reserve_request`, `release_request`            |
+//! | `PACE`                | `next_ms`: until when the last send slot is held (epoch ms)     | `claim_send_slot`                               |
+//! | `MEMBERS`             | `m#<source id>` = `<limit>:<last seen ms>` per source           | `join_account`                                  |
 //!
 //! ## Conditions
 //!
@@ -30,7 +38,11 @@
 //!   (`delete_source` removes `LEASE` too, so a re-created source starts at fence 1
 //!   again; owners are unique run ids, so a run of the deleted source still cannot match.)
 //! - `reserve_request` is an `UpdateItem` that `ADD`s 1 to `used` only while
-//!   `used < limit`: concurrent runs can never reserve more than the limit.
+//!   `used < limit`: concurrent runs of every source of the account can never reserve
+//!   more than the limit.
+//! - `claim_send_slot` is an `UpdateItem` that sets `next_ms = now + spacing` only while
+//!   `next_ms <= now`: two processes can never hold overlapping slots, so no one-second
+//!   window sees more than four requests to the account from all of them.
 //!
 //! TTL deletes late (up to about two days), so nothing here relies on it for
 //! correctness: quota items are keyed by day and health events are capped by `limit`.
@@ -51,7 +63,7 @@ use aws_sdk_dynamodb::types::{
     WriteRequest,
 };
 
-use super::{Reservation, StateStore};
+use super::{AccountMembers, MEMBER_TTL_MS, Reservation, SendSlot, StateStore};
 use crate::error::{Error, Result};
 use crate::state::{HealthEvent, Lease, Millis, SourceRecord, SourceState, Versioned};
 
@@ -72,6 +84,12 @@ const SK_STATE: &str = "STATE";
 const SK_LEASE: &str = "LEASE";
 /// Sort key prefix of the quota ledger items.
 const SK_QUOTA_PREFIX: &str = "QUOTA#";
+/// Sort key of an account's send-slot record.
+const SK_PACE: &str = "PACE";
+/// Sort key of an account's member list.
+const SK_MEMBERS: &str = "MEMBERS";
+/// Attribute name prefix of one member in `MEMBERS`.
+const MEMBER_PREFIX: &str = "m#";
 /// Sort key prefix of the health event items.
 const SK_HEALTH_PREFIX: &str = "HEALTH#";
 /// How long a day's quota item outlives the day (TTL), in seconds.
@@ -195,6 +213,30 @@ impl DynamoStore {
     /// The primary key of one item of source `id`.
     fn key(id: &str, sk: impl Into<String>) -> Item {
         HashMap::from([(PK.to_string(), s(source_pk(id))), (SK.to_string(), s(sk))])
+    }
+
+    /// The primary key of one item of account `account`.
+    fn account_key(account: &str, sk: impl Into<String>) -> Item {
+        HashMap::from([
+            (PK.to_string(), s(format!("ACCOUNT#{account}"))),
+            (SK.to_string(), s(sk)),
+        ])
+    }
+
+    /// A consistent GetItem of one account item.
+    async fn get_account_item(&self, account: &str, sk: &str) -> Result<Option<Item>> {
+        let out = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .set_key(Some(Self::account_key(account, sk)))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| {
+                Error::store(format!("DynamoDB GetItem on {sk} of account {account}"), e)
+            })?;
+        Ok(out.item)
     }
 
     /// A consistent GetItem of one item.
@@ -670,7 +712,8 @@ impl StateStore for DynamoStore {
         }
     }
 
-    async fn reserve_request(&self, id: &str, day: &str, limit: u32) -> Result<Reservation> {
+    async fn reserve_request(&self, account: &str, day: &str, limit: u32) -> Result<Reservation> {
+        let id = account;
         // The condition below lets the first reservation of a day through, so a zero
         // limit has to be answered here.
         if limit == 0 {
@@ -681,7 +724,10 @@ impl StateStore for DynamoStore {
             .client
             .update_item()
             .table_name(&self.table)
-            .set_key(Some(Self::key(id, format!("{SK_QUOTA_PREFIX}{day}"))))
+            .set_key(Some(Self::account_key(
+                id,
+                format!("{SK_QUOTA_PREFIX}{day}"),
+            )))
             .condition_expression("attribute_not_exists(#used) OR #used < :limit")
             .update_expression("ADD #used :one SET #ttl = :ttl")
             .expression_attribute_names("#used", "used")
@@ -711,12 +757,16 @@ impl StateStore for DynamoStore {
         }
     }
 
-    async fn release_request(&self, id: &str, day: &str) -> Result<()> {
+    async fn release_request(&self, account: &str, day: &str) -> Result<()> {
+        let id = account;
         let result = self
             .client
             .update_item()
             .table_name(&self.table)
-            .set_key(Some(Self::key(id, format!("{SK_QUOTA_PREFIX}{day}"))))
+            .set_key(Some(Self::account_key(
+                id,
+                format!("{SK_QUOTA_PREFIX}{day}"),
+            )))
             .condition_expression("#used > :zero")
             .update_expression("ADD #used :minus_one")
             .expression_attribute_names("#used", "used")
@@ -740,10 +790,83 @@ impl StateStore for DynamoStore {
         }
     }
 
-    async fn quota_used(&self, id: &str, day: &str) -> Result<u32> {
-        match self.get(id, &format!("{SK_QUOTA_PREFIX}{day}")).await? {
-            Some(item) => number(&item, "used", "QUOTA", id),
+    async fn quota_used(&self, account: &str, day: &str) -> Result<u32> {
+        match self
+            .get_account_item(account, &format!("{SK_QUOTA_PREFIX}{day}"))
+            .await?
+        {
+            Some(item) => number(&item, "used", "QUOTA", account),
             None => Ok(0),
+        }
+    }
+
+    async fn join_account(
+        &self,
+        account: &str,
+        source_id: &str,
+        limit: u32,
+        now: Millis,
+    ) -> Result<AccountMembers> {
+        let out = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(Self::account_key(account, SK_MEMBERS)))
+            .update_expression("SET #member = :entry")
+            .expression_attribute_names("#member", format!("{MEMBER_PREFIX}{source_id}"))
+            .expression_attribute_values(":entry", s(format!("{limit}:{now}")))
+            .return_values(ReturnValue::AllNew)
+            .send()
+            .await
+            .map_err(|e| {
+                Error::store(format!("DynamoDB UpdateItem joining account {account}"), e)
+            })?;
+        Ok(members_of(&out.attributes.unwrap_or_default(), now))
+    }
+
+    async fn account_members(&self, account: &str, now: Millis) -> Result<AccountMembers> {
+        Ok(self
+            .get_account_item(account, SK_MEMBERS)
+            .await?
+            .map(|item| members_of(&item, now))
+            .unwrap_or_default())
+    }
+
+    async fn claim_send_slot(
+        &self,
+        account: &str,
+        now: Millis,
+        spacing_ms: i64,
+    ) -> Result<SendSlot> {
+        let result = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(Self::account_key(account, SK_PACE)))
+            .condition_expression("attribute_not_exists(#next) OR #next <= :now")
+            .update_expression("SET #next = :next")
+            .expression_attribute_names("#next", "next_ms")
+            .expression_attribute_values(":now", n(now))
+            .expression_attribute_values(":next", n(now + spacing_ms))
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(SendSlot::Granted),
+            Err(err)
+                if err
+                    .as_service_error()
+                    .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
+            {
+                let held = match self.get_account_item(account, SK_PACE).await? {
+                    Some(item) => number::<i64>(&item, "next_ms", "PACE", account)?,
+                    None => now,
+                };
+                Ok(SendSlot::Busy(held.max(now)))
+            }
+            Err(err) => Err(Error::store(
+                format!("DynamoDB UpdateItem claiming a send slot of account {account}"),
+                err,
+            )),
         }
     }
 
@@ -818,6 +941,21 @@ fn number<T: std::str::FromStr>(item: &Item, name: &str, what: &str, id: &str) -
                 "the {what} item of {id} has no valid number attribute {name}"
             ))
         })
+}
+
+/// The members of an account's `MEMBERS` item seen within [`MEMBER_TTL_MS`] of `now`.
+fn members_of(item: &Item, now: Millis) -> AccountMembers {
+    let mut members: Vec<(String, u32)> = item
+        .iter()
+        .filter_map(|(name, value)| {
+            let source = name.strip_prefix(MEMBER_PREFIX)?;
+            let (limit, seen) = value.as_s().ok()?.split_once(':')?;
+            let seen: Millis = seen.parse().ok()?;
+            (now - seen <= MEMBER_TTL_MS).then_some((source.to_string(), limit.parse().ok()?))
+        })
+        .collect();
+    members.sort();
+    AccountMembers { members }
 }
 
 /// A stored item that does not have the expected shape.

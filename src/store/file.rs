@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::secrets::{SecretDocument, SourceSecrets};
 use crate::state::{HealthEvent, Lease, Millis, SourceRecord, SourceState, Versioned};
-use crate::store::{Reservation, StateStore};
+use crate::store::{AccountMembers, MEMBER_TTL_MS, Reservation, SendSlot, StateStore};
 
 /// Default location of the state file, relative to the working directory.
 pub const DEFAULT_STATE_FILE: &str = "./.knowbe4-source/state.json";
@@ -31,13 +31,40 @@ struct Document {
     states: BTreeMap<String, StoredState>,
     #[serde(default)]
     leases: BTreeMap<String, Lease>,
-    /// source id → day → requests reserved.
+    /// account id → day → requests reserved (the ledger belongs to the KnowBe4 account).
     #[serde(default)]
     quota: BTreeMap<String, BTreeMap<String, u32>>,
+    /// account id → its send slot and members.
+    #[serde(default)]
+    accounts: BTreeMap<String, AccountDoc>,
     #[serde(default)]
     health: BTreeMap<String, BTreeMap<String, StoredHealth>>,
     #[serde(default)]
     secrets: BTreeMap<String, SecretDocument>,
+}
+
+/// What the file keeps of one KnowBe4 account besides its ledger.
+#[derive(Default, Serialize, Deserialize)]
+struct AccountDoc {
+    /// Until when the last send slot is held (epoch ms).
+    #[serde(default)]
+    next_ms: Millis,
+    /// source id → (its daily limit, when it last joined).
+    #[serde(default)]
+    members: BTreeMap<String, (u32, Millis)>,
+}
+
+impl AccountDoc {
+    fn members(&self, now: Millis) -> AccountMembers {
+        AccountMembers {
+            members: self
+                .members
+                .iter()
+                .filter(|(_, (_, seen))| now - seen <= MEMBER_TTL_MS)
+                .map(|(id, (limit, _))| (id.clone(), *limit))
+                .collect(),
+        }
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -245,7 +272,11 @@ impl StateStore for FileStore {
             d.sources.remove(&id);
             d.states.remove(&id);
             d.leases.remove(&id);
-            d.quota.remove(&id);
+            // The quota ledger belongs to the account, which other sources may share;
+            // the source only stops being one of its members.
+            for account in d.accounts.values_mut() {
+                account.members.remove(&id);
+            }
             d.health.remove(&id);
             d.secrets.remove(&id);
             Ok(())
@@ -399,6 +430,53 @@ impl StateStore for FileStore {
         .await
     }
 
+    async fn join_account(
+        &self,
+        account: &str,
+        source_id: &str,
+        limit: u32,
+        now: Millis,
+    ) -> Result<AccountMembers> {
+        let account = account.to_string();
+        let source_id = source_id.to_string();
+        self.with_doc(true, move |d| {
+            let doc = d.accounts.entry(account).or_default();
+            doc.members.insert(source_id, (limit, now));
+            Ok(doc.members(now))
+        })
+        .await
+    }
+
+    async fn account_members(&self, account: &str, now: Millis) -> Result<AccountMembers> {
+        let account = account.to_string();
+        self.with_doc(false, move |d| {
+            Ok(d.accounts
+                .get(&account)
+                .map(|doc| doc.members(now))
+                .unwrap_or_default())
+        })
+        .await
+    }
+
+    async fn claim_send_slot(
+        &self,
+        account: &str,
+        now: Millis,
+        spacing_ms: i64,
+    ) -> Result<SendSlot> {
+        let account = account.to_string();
+        // Under the file's lock: processes sharing the file take turns here.
+        self.with_doc(true, move |d| {
+            let doc = d.accounts.entry(account).or_default();
+            if doc.next_ms > now {
+                return Ok(SendSlot::Busy(doc.next_ms));
+            }
+            doc.next_ms = now + spacing_ms;
+            Ok(SendSlot::Granted)
+        })
+        .await
+    }
+
     async fn quota_used(&self, id: &str, day: &str) -> Result<u32> {
         let id = id.to_string();
         let day = day.to_string();
@@ -470,6 +548,8 @@ mod tests {
             config_version: 1,
             created_at: 0,
             updated_at: 0,
+            account: None,
+            destination: None,
         }
     }
 

@@ -43,6 +43,47 @@ pub enum Reservation {
     Exhausted,
 }
 
+/// How long a source counts as a member of its account after its last run: a deleted
+/// source stops lowering the account's limit after this.
+pub const MEMBER_TTL_MS: Millis = 2 * 86_400_000;
+
+/// The sources that share one KnowBe4 account, each with the daily limit it was
+/// configured with.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AccountMembers {
+    /// (source id, its `dailyRequestLimit` after `quotaShare`), in id order.
+    pub members: Vec<(String, u32)>,
+}
+
+impl AccountMembers {
+    /// The account's limit: the smallest any member was configured with (the account
+    /// cannot have more than its most cautious description says).
+    pub fn limit(&self) -> Option<u32> {
+        self.members.iter().map(|(_, limit)| *limit).min()
+    }
+
+    /// Whether the members disagree on the limit (`status` says so).
+    pub fn disagree(&self) -> bool {
+        self.members
+            .iter()
+            .any(|(_, limit)| Some(*limit) != self.limit())
+    }
+
+    /// How many sources share the account (at least 1).
+    pub fn count(&self) -> u32 {
+        (self.members.len() as u32).max(1)
+    }
+}
+
+/// Outcome of claiming an account's send slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SendSlot {
+    /// The caller may send now.
+    Granted,
+    /// Another request holds the slot until this time (epoch ms): try again then.
+    Busy(Millis),
+}
+
 /// Persistence of sources, their state, leases, quota ledger and health events.
 #[async_trait]
 pub trait StateStore: Send + Sync {
@@ -91,17 +132,42 @@ pub trait StateStore: Send + Sync {
     /// Gives the lease up, recording when KnowBe4 may next be called for this source.
     async fn release_lease(&self, lease: &Lease, quiet_until: Millis) -> Result<()>;
 
-    /// Reserves one request in the source's ledger for `day` (`YYYY-MM-DD`, UTC) if
-    /// fewer than `limit` are reserved: an atomic conditional increment.
-    async fn reserve_request(&self, id: &str, day: &str, limit: u32) -> Result<Reservation>;
+    /// Reserves one request in the ledger of KnowBe4 account `account` (an
+    /// [`account_id`](crate::account::account_id), shared by every source using the same
+    /// key) for `day` (`YYYY-MM-DD`, UTC) if fewer than `limit` are reserved: an atomic
+    /// conditional increment.
+    async fn reserve_request(&self, account: &str, day: &str, limit: u32) -> Result<Reservation>;
 
     /// Gives back one reservation of `day` for a request that provably never reached
     /// KnowBe4 (DNS failure, connection refused): it spent none of the account's quota.
     /// Never takes the count below zero.
-    async fn release_request(&self, id: &str, day: &str) -> Result<()>;
+    async fn release_request(&self, account: &str, day: &str) -> Result<()>;
 
-    /// Requests reserved for `day`.
-    async fn quota_used(&self, id: &str, day: &str) -> Result<u32>;
+    /// Requests reserved in the account's ledger for `day`.
+    async fn quota_used(&self, account: &str, day: &str) -> Result<u32>;
+
+    /// Records that `source_id` uses `account` with a daily `limit`, and returns the
+    /// account's members (sources seen within [`MEMBER_TTL_MS`] of `now`).
+    async fn join_account(
+        &self,
+        account: &str,
+        source_id: &str,
+        limit: u32,
+        now: Millis,
+    ) -> Result<AccountMembers>;
+
+    /// The account's members as last recorded (for `status`), without joining.
+    async fn account_members(&self, account: &str, now: Millis) -> Result<AccountMembers>;
+
+    /// Claims the account's next send slot: granted when no other request of the
+    /// account (from any process) holds a slot ending after `now`, and then holds it
+    /// until `now + spacing_ms`. Otherwise says until when the current slot is held.
+    async fn claim_send_slot(
+        &self,
+        account: &str,
+        now: Millis,
+        spacing_ms: i64,
+    ) -> Result<SendSlot>;
 
     /// Inserts or replaces a health event (keyed by source and `streak_key`), expiring
     /// at `expires_at` (seconds since the epoch, DynamoDB TTL).

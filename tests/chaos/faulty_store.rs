@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use knowbe4_source::error::{Error, Result};
 use knowbe4_source::state::{HealthEvent, Lease, Millis, SourceRecord, SourceState, Versioned};
-use knowbe4_source::store::{Reservation, StateStore};
+use knowbe4_source::store::{AccountMembers, Reservation, SendSlot, StateStore};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 
@@ -153,6 +153,41 @@ impl StateStore for FaultyStore {
             "release_request",
             true,
             self.inner.release_request(id, day)
+        )
+    }
+    async fn join_account(
+        &self,
+        account: &str,
+        source_id: &str,
+        limit: u32,
+        now: Millis,
+    ) -> Result<AccountMembers> {
+        faulty!(
+            self,
+            "join_account",
+            true,
+            self.inner.join_account(account, source_id, limit, now)
+        )
+    }
+    async fn account_members(&self, account: &str, now: Millis) -> Result<AccountMembers> {
+        faulty!(
+            self,
+            "account_members",
+            false,
+            self.inner.account_members(account, now)
+        )
+    }
+    async fn claim_send_slot(
+        &self,
+        account: &str,
+        now: Millis,
+        spacing_ms: i64,
+    ) -> Result<SendSlot> {
+        faulty!(
+            self,
+            "claim_send_slot",
+            true,
+            self.inner.claim_send_slot(account, now, spacing_ms)
         )
     }
     async fn quota_used(&self, id: &str, day: &str) -> Result<u32> {

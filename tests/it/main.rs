@@ -1,6 +1,7 @@
 //! Integration tests: the collector against moto (DynamoDB, Secrets Manager), the
 //! KnowBe4 simulator and a recording destination. One binary, as zero2prod does.
 
+mod accounts;
 mod cli;
 mod collect;
 mod fuzz;

@@ -1,0 +1,209 @@
+//! One KnowBe4 account, one budget: sources that share a key share the 4 requests per
+//! second and the daily quota, whichever process or invocation collects them.
+
+use std::collections::HashSet;
+use std::process::Command;
+
+use knowbe4_source::recording_sink::RecordingSink;
+use knowbe4_source::sim::{SimConfig, Simulator};
+
+use crate::helpers::*;
+
+/// Runs the binary in local mode on `state`, or against moto's DynamoDB + Secrets
+/// Manager when `table` is given.
+fn binary(state: &std::path::Path, table: Option<&str>, args: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_knowbe4-source"));
+    command
+        .args(args)
+        .env_remove("AWS_LAMBDA_RUNTIME_API")
+        .env("KNOWBE4_ALLOW_CUSTOM_BASE_URL", "1")
+        .env("FORWARD_FORMAT", "ndjson")
+        .env("FORWARD_URL", "http://127.0.0.1:9/unused")
+        .env("RUST_LOG", "warn");
+    match table {
+        Some(table) => {
+            command
+                .env("STATE_TABLE", table)
+                .env("SECRET_PREFIX", format!("{table}/sources/"))
+                .env_remove("STATE_FILE");
+        }
+        None => {
+            command.env_remove("STATE_TABLE").env("STATE_FILE", state);
+        }
+    }
+    command
+}
+
+/// A source of the simulator's account forwarding to `sink`, with `limit` requests a day.
+fn source(sim: &Simulator, key: &str, sink: &RecordingSink, limit: u32) -> serde_json::Value {
+    source_json(
+        &sim.base_url(),
+        key,
+        serde_json::json!({
+            "dailyRequestLimit": limit,
+            "destination": {"format": "ndjson", "url": sink.url()},
+        }),
+    )
+}
+
+fn create(state: &std::path::Path, table: Option<&str>, id: &str, json: &serde_json::Value) {
+    let file = state.with_file_name(format!("{id}.json"));
+    std::fs::write(&file, json.to_string()).unwrap();
+    let out = binary(
+        state,
+        table,
+        &[
+            "sources",
+            "create",
+            "--file",
+            file.to_str().unwrap(),
+            "--id",
+            id,
+        ],
+    )
+    .output()
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{id}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `sources` sources on one account, collected `rounds` times by as many concurrent
+/// processes; checks the account's limits as KnowBe4 (the simulator) saw them.
+async fn shared_account(table: Option<&str>, sources: usize, limit: u32) {
+    let key = "shared-account-key";
+    let sim = Simulator::spawn(SimConfig {
+        api_key: key.into(),
+        events: 1_013,
+        span_hours: 48,
+        ..SimConfig::default()
+    })
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state.json");
+    let mut sinks = Vec::new();
+    for i in 0..sources {
+        let sink = RecordingSink::spawn().await.unwrap();
+        create(
+            &state,
+            table,
+            &format!("src-{i}"),
+            &source(&sim, key, &sink, limit),
+        );
+        sinks.push(sink);
+    }
+    for _ in 0..3 {
+        let children: Vec<_> = (0..sources)
+            .map(|i| {
+                binary(&state, table, &["collect", "--source", &format!("src-{i}")])
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        for mut child in children {
+            let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+                .await
+                .unwrap();
+            assert!(status.success());
+        }
+    }
+    let context = format!("{sources} sources, table {table:?}");
+    // The account's rate, as the server counted it: never more than 4 in any second.
+    assert_rate_respected(&sim);
+    let refused = sim.requests().iter().filter(|r| r.status == 429).count();
+    assert_eq!(refused, 0, "{context}: 429s");
+    // The account's quota: all sources together stay within the one limit.
+    let calls = sim.stats().quota_used_today;
+    assert!(
+        calls <= u64::from(limit),
+        "{context}: {calls} calls, limit {limit}"
+    );
+    assert!(calls > 0, "{context}");
+    // Sharing is fair: every source got requests.
+    let runs: HashSet<String> = sim
+        .requests()
+        .into_iter()
+        .filter_map(|r| r.run_id)
+        .collect();
+    assert!(runs.len() >= sources, "{context}: {runs:?}");
+    // Nothing lost: a source that collected forwarded what it read, once.
+    for (i, sink) in sinks.iter().enumerate() {
+        let ids = sink.event_ids();
+        assert!(duplicates(&ids).is_empty(), "{context}: src-{i} duplicates");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sources_sharing_a_key_share_the_rate_and_the_quota_across_processes_local_file() {
+    shared_account(None, 2, 30).await;
+    shared_account(None, 4, 40).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sources_sharing_a_key_share_the_rate_and_the_quota_across_invocations_dynamodb() {
+    let config = aws_config().await;
+    let dynamo = aws_sdk_dynamodb::Client::new(&config);
+    for sources in [2, 4] {
+        let table = unique("kb4-accounts");
+        knowbe4_source::store::dynamo::DynamoStore::create_table(&dynamo, &table)
+            .await
+            .unwrap();
+        shared_account(Some(&table), sources, 30).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_source_for_the_same_account_and_destination_is_refused() {
+    let h = harness(SimConfig::default()).await;
+    let key = "sim-key";
+    let other = RecordingSink::spawn().await.unwrap();
+    let json = source(&h.sim, key, &h.sink, 100);
+    let first = h
+        .app
+        .create(json.clone(), Some("first".into()))
+        .await
+        .unwrap();
+    let err = h
+        .app
+        .create(json.clone(), Some("second".into()))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("source first already collects"), "{err}");
+    assert!(err.contains("--allow-duplicate"), "{err}");
+    assert!(
+        h.app.status(Some("second")).await.is_err(),
+        "nothing stored"
+    );
+    // Insisting works; so does the same account into another destination.
+    h.app
+        .create_with(json, Some("second".into()), true)
+        .await
+        .unwrap();
+    h.app
+        .create(source(&h.sim, key, &other, 50), Some("third".into()))
+        .await
+        .unwrap();
+    // After a run of each, status shows the shared budget and that the limits differ.
+    for id in [&first, "second", "third"] {
+        knowbe4_source::collector::collect_source(&h.app, id, deadline(60)).await;
+    }
+    let status = h.app.status(Some("third")).await.unwrap().remove(0);
+    assert_eq!(status.account_sources, vec!["first", "second", "third"]);
+    assert_eq!(status.daily_request_limit, 50, "the smallest limit wins");
+    let note = status.account_note.unwrap();
+    assert!(
+        note.contains("first: 100") && note.contains("third: 50"),
+        "{note}"
+    );
+    let first_status = h.app.status(Some("first")).await.unwrap().remove(0);
+    assert_eq!(first_status.quota_used_today, status.quota_used_today);
+    assert_eq!(first_status.account, status.account);
+    let account = status.account.unwrap();
+    assert!(!account.contains(key));
+}
