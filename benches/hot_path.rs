@@ -38,7 +38,9 @@ const KEY: &str = "bench-key";
 /// Hours the simulator spreads its events over.
 const SPAN_HOURS: u64 = 24;
 
-/// Bodies of pages 1..=`pages` as the simulator serves them (100 events each).
+/// Bodies of pages 1..=`pages` as the simulator serves them (100 events each: the
+/// reading where `per_page=100` is honoured, so per-event costs compare with earlier
+/// runs; the walker's cost per event does not depend on the page size).
 fn page_bodies(rt: &tokio::runtime::Runtime, pages: u32) -> Vec<Vec<u8>> {
     rt.block_on(async {
         let sim = Simulator::spawn(SimConfig {
@@ -46,6 +48,10 @@ fn page_bodies(rt: &tokio::runtime::Runtime, pages: u32) -> Vec<Vec<u8>> {
             events: pages as usize * 100,
             span_hours: SPAN_HOURS,
             enforce_rate_limit: false,
+            reading: knowbe4_source::sim::Reading {
+                max_per_page: 100,
+                ..Default::default()
+            },
             ..SimConfig::default()
         })
         .await

@@ -277,6 +277,10 @@ pub struct SourceStatus {
     pub account_sources: Vec<String>,
     /// Set when those sources were configured with different limits.
     pub account_note: Option<String>,
+    /// What the account's quota buys at this schedule: expected lag for new and for
+    /// backdated events, how often the lateness window is re-read, and a warning when
+    /// the schedule asks for more than the quota pays.
+    pub freshness: crate::planner::Freshness,
     /// Whether the daily quota is used up (not an error).
     pub quota_reached: bool,
     /// Events forwarded by the last run.
@@ -793,6 +797,22 @@ impl App {
                 account: state.account.clone(),
                 account_sources: members.members.iter().map(|(id, _)| id.clone()).collect(),
                 account_note,
+                freshness: crate::planner::freshness(&crate::planner::PlanInput {
+                    daily_limit: limit,
+                    used_today: used,
+                    now,
+                    interval_secs: self.settings.schedule_interval_secs,
+                    sources: members.count(),
+                    page_size: state
+                        .counters
+                        .page_size
+                        .unwrap_or(crate::checkpoint::DEFAULT_PAGE_SIZE),
+                    window_events: state.checkpoint.recent.len() as u64,
+                    reread_at: state.checkpoint.reread_at,
+                    head_at: state.checkpoint.head_at,
+                    gaps: state.checkpoint.gaps.len(),
+                    lateness_secs: record.spec.lateness_window_secs,
+                }),
                 quota_reached: state.counters.quota_exhausted_day.as_deref()
                     == Some(today.as_str())
                     || used >= limit,

@@ -165,6 +165,40 @@ pub struct Checkpoint {
     pub gaps: Vec<Gap>,
     /// The first run's floor (`now - firstFetchLookbackHours`): nothing older is walked.
     pub floor: Option<EventTime>,
+    /// `high` when the lateness window was last re-read completely (a full head walk).
+    /// Head-only walks (new events only) leave it; the next full walk re-reads from
+    /// `reread_high - L`, so an event backdated into the window since is still found,
+    /// and `recent` keeps ids down to there. `None`: as `high` (older checkpoints were
+    /// always walked in full).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reread_high: Option<EventTime>,
+    /// Wall-clock time of that full walk, for the freshness planner.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reread_at: Option<EventTime>,
+    /// Wall-clock time of the last head walk of either kind, for the freshness planner.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head_at: Option<EventTime>,
+}
+
+impl Checkpoint {
+    /// The lower edge of the dedupe window: ids delivered at or after it are in `recent`.
+    fn window_from(&self, lateness_ns: i64) -> Option<EventTime> {
+        let high = self.high?;
+        let from = self.reread_high.map_or(high, |r| r.min(high));
+        Some(EventTime(from.0.saturating_sub(lateness_ns)))
+    }
+}
+
+/// How much of the head a run walks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HeadWalk {
+    /// From page 1 down to the dedupe window's lower edge: new events, and backdated
+    /// ones that arrived since the last full walk (the default; every run before the
+    /// freshness planner).
+    Full,
+    /// From page 1 down to `high`: new events only, one page when few arrived. Backdated
+    /// events wait for the next full walk, which the planner schedules.
+    NewOnly,
 }
 
 fn format_version() -> u32 {
@@ -285,6 +319,8 @@ enum Place {
 /// events were accepted.
 #[derive(Debug)]
 pub struct Walker {
+    /// Whether the head walk re-reads the whole dedupe window ([`HeadWalk::Full`]).
+    full: bool,
     /// The checkpoint the run started from, with gaps clipped below the head walk.
     base: Checkpoint,
     lateness_ns: i64,
@@ -294,6 +330,8 @@ pub struct Walker {
     gaps_todo: Vec<Gap>,
     /// Ids delivered by the head walk of this run.
     head_delivered: Vec<SeenId>,
+    /// Ids delivered by this run's gap walks inside the dedupe window.
+    gap_delivered: Vec<SeenId>,
     head_seen: HashSet<String>,
     /// Events the head walk delivered (for gap page estimates).
     head_new: u64,
@@ -338,27 +376,51 @@ impl Walker {
         first_lookback_secs: u64,
         lateness_secs: u64,
     ) -> Self {
+        Self::planned(
+            checkpoint,
+            now,
+            first_lookback_secs,
+            lateness_secs,
+            HeadWalk::Full,
+        )
+    }
+
+    /// Plans a run whose head walk is `head` (see [`HeadWalk`]).
+    pub fn planned(
+        checkpoint: Checkpoint,
+        now: EventTime,
+        first_lookback_secs: u64,
+        lateness_secs: u64,
+        head: HeadWalk,
+    ) -> Self {
         let lateness_ns = (lateness_secs as i64).saturating_mul(1_000_000_000);
         let mut base = checkpoint;
         base.format = format_version();
         let floor = *base
             .floor
             .get_or_insert(now.minus_secs(first_lookback_secs));
-        let lower = match base.high {
-            None => floor,
-            Some(high) => EventTime(high.0.saturating_sub(lateness_ns))
+        let lower = match (base.high, head) {
+            (None, _) => floor,
+            (Some(high), HeadWalk::NewOnly) => high.max(floor),
+            (Some(_), HeadWalk::Full) => base
+                .window_from(lateness_ns)
+                .expect("high is set")
                 .max(base.recent_floor.unwrap_or(floor))
                 .max(floor),
         };
+        // A first walk reads everything down to the floor: it is a full one.
+        let full = head == HeadWalk::Full || base.high.is_none();
         let gaps_todo = clip_gaps(std::mem::take(&mut base.gaps), lower);
         let recent_ids = base.recent.iter().map(|s| s.id.clone()).collect();
         Walker {
+            full,
             base,
             lateness_ns,
             now,
             phase: Phase::Head { lower, top: None },
             gaps_todo,
             head_delivered: Vec::new(),
+            gap_delivered: Vec::new(),
             head_seen: HashSet::new(),
             head_new: 0,
             recent_ids,
@@ -394,6 +456,11 @@ impl Walker {
     /// Events delivered so far in this run.
     pub fn delivered(&self) -> u64 {
         self.delivered
+    }
+
+    /// Whether this run's head walk re-reads the whole dedupe window.
+    pub fn is_full(&self) -> bool {
+        self.full
     }
 
     /// Whether the walk is in its head phase (fresh events) rather than a backlog gap.
@@ -558,6 +625,16 @@ impl Walker {
         self.phase = Phase::Head { lower, top };
         let mut out = Vec::new();
         let mut reached_bottom = last || page.events.is_empty();
+        // A new-events-only walk still looks at the rest of the page it fetched: events
+        // there that are inside the dedupe window but not in it were backdated since,
+        // and delivering them now costs no request.
+        let free_from = if self.full {
+            None
+        } else {
+            self.base
+                .window_from(self.lateness_ns)
+                .map(|from| from.max(self.base.recent_floor.unwrap_or(from)))
+        };
         for event in page.events {
             if self.is_repeat(&event) {
                 self.duplicates += 1;
@@ -565,7 +642,19 @@ impl Walker {
             }
             if event.occurred < lower {
                 reached_bottom = true;
-                break;
+                if free_from.is_none_or(|from| event.occurred < from) {
+                    break;
+                }
+                if self.recent_ids.contains(&event.id) || self.head_seen.contains(&event.id) {
+                    continue;
+                }
+                self.head_seen.insert(event.id.clone());
+                self.head_delivered.push(SeenId {
+                    t: event.occurred,
+                    id: event.id.clone(),
+                });
+                out.push(event);
+                continue;
             }
             self.advance_cursor(&event);
             if self.recent_ids.contains(&event.id) || self.head_seen.contains(&event.id) {
@@ -578,7 +667,12 @@ impl Walker {
             // least that high). Older ones lie above every gap and would be pruned, so a
             // backlog walk holds a window's worth of ids, not the whole backlog.
             if top.is_some_and(|top| {
-                event.occurred.0 >= top.min(self.now).0.saturating_sub(self.lateness_ns)
+                let from = self
+                    .base
+                    .reread_high
+                    .map_or(top, |r| r.min(top))
+                    .min(self.now);
+                event.occurred.0 >= from.0.saturating_sub(self.lateness_ns)
             }) {
                 self.head_seen.insert(event.id.clone());
                 self.head_delivered.push(SeenId {
@@ -667,6 +761,10 @@ impl Walker {
                 .all(|e| Self::place_in_gap(&gap, e) == Place::Above);
         let give_up = probes >= MAX_PROBES;
         if all_above {
+            // Whatever this run manages, the gap starts after page `p`: keep that, so a
+            // run with a small budget still moves the next one's search forward.
+            let hint = &mut self.gaps_todo[0].above_hint;
+            *hint = (*hint).max(u64::from(p) * page_size);
             if last {
                 // Nothing at or below the gap exists any more: it is done.
                 self.complete_gap();
@@ -760,6 +858,18 @@ impl Walker {
             if self.recent_ids.contains(&event.id) {
                 self.duplicates += 1;
             } else {
+                // Inside the dedupe window (a gap left by a cut-short walk can reach into
+                // it), the id is remembered: a later full head walk reads there again.
+                if self
+                    .base
+                    .window_from(self.lateness_ns)
+                    .is_some_and(|from| event.occurred >= from)
+                {
+                    self.gap_delivered.push(SeenId {
+                        t: event.occurred,
+                        id: event.id.clone(),
+                    });
+                }
                 out.push(event);
             }
         }
@@ -844,6 +954,13 @@ impl Walker {
                 cp.high = Some(EventTime(lower.0.saturating_add(self.lateness_ns)).min(self.now));
             }
         }
+        if self.full {
+            // The window was re-read down to here, and what a cut-short walk did not
+            // reach becomes a gap that will be walked: later full walks start from here.
+            cp.reread_high = cp.high;
+            cp.reread_at = Some(self.now);
+        }
+        cp.head_at = Some(self.now);
         cp.recent.extend(self.head_delivered.iter().cloned());
         cp.gaps = self.gaps_todo.clone();
         if let Some((newest, skip, oldest)) = unfinished
@@ -879,7 +996,11 @@ impl Walker {
                 }
                 return self.head_snapshot(*top, unfinished);
             }
-            _ => self.base.clone(),
+            _ => {
+                let mut cp = self.base.clone();
+                cp.recent.extend(self.gap_delivered.iter().cloned());
+                cp
+            }
         };
         let mut gaps = self.gaps_todo.clone();
         if let (Phase::Gap, Some(first), Some((t, ids))) =
@@ -890,6 +1011,7 @@ impl Walker {
             first.above_hint = self.passed;
         }
         cp.gaps = gaps;
+        prune_recent(&mut cp, self.lateness_ns);
         bound_gaps(cp)
     }
 }
@@ -919,8 +1041,9 @@ fn bound_gaps(mut cp: Checkpoint) -> Checkpoint {
 }
 
 fn prune_recent(cp: &mut Checkpoint, lateness_ns: i64) {
-    let Some(high) = cp.high else { return };
-    let window = EventTime(high.0.saturating_sub(lateness_ns));
+    let Some(window) = cp.window_from(lateness_ns) else {
+        return;
+    };
     // Ids inside an unfinished gap stay too: the gap walk must not deliver them again.
     let gaps = &cp.gaps;
     cp.recent
@@ -1141,6 +1264,8 @@ mod tests {
         mutate: bool,
         crash_every: Option<usize>,
         reading: ModelReading,
+        /// Share of runs (before settling) whose head walk reads new events only.
+        new_only_share: f64,
     }
 
     /// Runs a seeded scenario and returns (lost ids, duplicate deliveries, requests).
@@ -1174,7 +1299,13 @@ mod tests {
         let total_runs = s.runs + 6;
         for run in 0..total_runs {
             let settling = run >= s.runs;
-            let mut walker = Walker::new(saved.clone(), EventTime(now), lookback, lateness);
+            let head = if !settling && rng.random_bool(s.new_only_share) {
+                HeadWalk::NewOnly
+            } else {
+                HeadWalk::Full
+            };
+            let mut walker =
+                Walker::planned(saved.clone(), EventTime(now), lookback, lateness, head);
             let budget = if settling {
                 u32::MAX
             } else {
@@ -1282,6 +1413,7 @@ mod tests {
                 mutate: false,
                 crash_every: None,
                 reading,
+                new_only_share: 0.0,
             });
             assert!(lost.is_empty(), "{reading:?}: lost {}", lost.len());
             assert_eq!(dups, 0, "{reading:?}");
@@ -1300,6 +1432,7 @@ mod tests {
                     mutate: false,
                     crash_every: None,
                     reading,
+                    new_only_share: 0.0,
                 });
                 assert!(
                     lost.is_empty(),
@@ -1325,6 +1458,7 @@ mod tests {
                     mutate: true,
                     crash_every: None,
                     reading,
+                    new_only_share: 0.0,
                 });
                 assert!(
                     lost.is_empty(),
@@ -1348,12 +1482,37 @@ mod tests {
                     mutate: true,
                     crash_every: Some(3),
                     reading,
+                    new_only_share: 0.0,
                 });
                 assert!(
                     lost.is_empty(),
                     "{reading:?} seed {seed}: lost {}",
                     lost.len()
                 );
+            }
+        }
+    }
+
+    #[test]
+    fn new_only_head_walks_between_full_ones_lose_nothing_under_every_reading() {
+        for (i, reading) in readings().into_iter().enumerate().step_by(3) {
+            for seed in 0..4 {
+                let seed = seed * 1000 + i as u64;
+                let (lost, dups, _) = run(Scenario {
+                    seed,
+                    runs: 40,
+                    budget: 1..6,
+                    mutate: true,
+                    crash_every: None,
+                    reading,
+                    new_only_share: 0.7,
+                });
+                assert!(
+                    lost.is_empty(),
+                    "{reading:?} seed {seed}: lost {}",
+                    lost.len()
+                );
+                assert_eq!(dups, 0, "{reading:?} seed {seed}");
             }
         }
     }
@@ -1368,6 +1527,7 @@ mod tests {
                 mutate: true,
                 crash_every: None,
                 reading: LIST_TOTAL_100,
+                new_only_share: 0.0,
             });
             assert!(lost.is_empty(), "seed {seed}: lost {}", lost.len());
             assert_eq!(dups, 0, "seed {seed}");

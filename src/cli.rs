@@ -298,6 +298,32 @@ pub fn format_status(s: &SourceStatus) -> String {
         "Quota today   {} used, {} left of {}{reached}",
         s.quota_used_today, s.quota_left_today, s.daily_request_limit
     );
+    if s.account_sources.len() > 1 {
+        let _ = writeln!(
+            out,
+            "Account       shared with {} (one quota, one 4/s rate)",
+            s.account_sources
+                .iter()
+                .filter(|id| **id != s.id)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    if let Some(note) = &s.account_note {
+        let _ = writeln!(out, "Account       {note}");
+    }
+    let f = &s.freshness;
+    let _ = writeln!(
+        out,
+        "Freshness     new events ~{} min, backdated within {} min (window re-read every {} min)",
+        f.new_events_lag_secs.div_ceil(60),
+        f.backdated_lag_secs.div_ceil(60),
+        f.window_reread_every_secs.div_ceil(60)
+    );
+    if let Some(warning) = &f.warning {
+        let _ = writeln!(out, "Warning       {warning}");
+    }
     let _ = writeln!(
         out,
         "Forwarded     last run {}, today {}, total {}",

@@ -18,11 +18,13 @@ use tokio::time::Instant;
 
 use crate::account::account_id;
 use crate::app::App;
+use crate::checkpoint::DEFAULT_PAGE_SIZE;
 use crate::checkpoint::{Step, Walker};
 use crate::error::{Error, HealthKind, Result};
 use crate::event::{EventTime, RawEvent};
 use crate::knowbe4::{ApiError, KnowBe4Client};
-use crate::quota::{run_budget, utc_day};
+use crate::planner::{self, PlanInput};
+use crate::quota::utc_day;
 use crate::state::{
     HealthEvent, Lease, Lifecycle, RetryStreak, SourceRecord, SourceState, Versioned,
 };
@@ -86,6 +88,10 @@ pub struct RunReport {
     /// them, placed in the walk at their neighbour's time (their ids are logged).
     #[serde(default)]
     pub undated_events: u64,
+    /// Whether the run re-read the whole lateness window (`false`: new events only, as
+    /// the freshness planner decided); `None` when no walk started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub full_walk: Option<bool>,
 }
 
 impl RunReport {
@@ -107,6 +113,7 @@ impl RunReport {
             state: None,
             lag_seconds: None,
             undated_events: 0,
+            full_walk: None,
         }
     }
 }
@@ -335,34 +342,43 @@ impl Run<'_> {
             .limit()
             .unwrap_or(self.record.spec.daily_request_limit);
         let used = self.app.store.quota_used(&account, &day).await?;
+        let state = &self.state.as_ref().expect("loaded").value;
+        let checkpoint = state.checkpoint.clone();
         // Sources sharing the account take equal turns at each interval's allowance, so
-        // none starves another; the ledger keeps the account's day within its limit.
-        let budget = fair_share(
-            run_budget(limit, used, now, self.app.settings.schedule_interval_secs),
-            members.count(),
-        );
+        // none starves another; the ledger keeps the account's day within its limit. The
+        // planner spaces full re-reads of the lateness window to what the quota pays.
+        let plan = planner::plan(&PlanInput {
+            daily_limit: limit,
+            used_today: used,
+            now,
+            interval_secs: self.app.settings.schedule_interval_secs,
+            sources: members.count(),
+            page_size: state.counters.page_size.unwrap_or(DEFAULT_PAGE_SIZE),
+            window_events: checkpoint.recent.len() as u64,
+            reread_at: checkpoint.reread_at,
+            head_at: checkpoint.head_at,
+            gaps: checkpoint.gaps.len(),
+            lateness_secs: self.record.spec.lateness_window_secs,
+        });
+        let budget = plan.budget;
         if budget == 0 {
             return Ok(Stop::Budget);
         }
         let spec = &self.record.spec;
-        let checkpoint = self
-            .state
-            .as_ref()
-            .expect("loaded")
-            .value
-            .checkpoint
-            .clone();
-        let mut walker = Walker::new(
+        let mut walker = Walker::planned(
             checkpoint,
             EventTime::from_datetime(now),
             spec.first_fetch_lookback_secs,
             spec.lateness_window_secs,
+            plan.head,
         );
+        self.report.full_walk = Some(walker.is_full());
         let meta = spec.sink_meta();
         let mut buffer: Vec<RawEvent> = Vec::new();
         let mut reauthenticated = false;
         let mut authenticated = !first_run;
         let mut fetched_total: u64 = 0;
+        let mut fetched_pages: u64 = 0;
         let mut ahead: VecDeque<InFlight> = VecDeque::new();
         let mut shape: Option<PageShape> = None;
         let stop = loop {
@@ -416,6 +432,7 @@ impl Run<'_> {
                     .await?;
             }
             shape = PageShape::of(&page, page_no, &walker);
+            fetched_pages += 1;
             let events = match walker.on_page(page_no, page) {
                 Ok(events) => events,
                 Err(err) => {
@@ -443,6 +460,9 @@ impl Run<'_> {
             }
         };
         self.discard(&mut ahead, &day).await;
+        if fetched_pages > 0 {
+            self.state_mut().counters.page_size = Some(walker.page_size());
+        }
         self.flush(&destination, &meta, &mut buffer, &walker, deadline)
             .await?;
         self.report.fetched = fetched_total;
@@ -889,14 +909,6 @@ impl SlotClaimer {
 /// Busy answers a request waits through for its account's send slot (each at most the
 /// holder's slot, ~270 ms): 16 concurrent senders to one account clear in one round.
 const MAX_SLOT_WAITS: u32 = 64;
-
-/// A run's share of the interval's budget when `sources` share the account.
-fn fair_share(budget: u32, sources: u32) -> u32 {
-    if budget == 0 {
-        return 0;
-    }
-    budget.div_ceil(sources.max(1)).max(1)
-}
 
 enum FetchFailure {
     Quota,

@@ -11,6 +11,7 @@
 //! - [`knowbe4`]: the User Event API client, paced at 4 requests per second.
 //! - [`metrics`]: CloudWatch Embedded Metric Format lines for runs and health events.
 //! - [`account`]: the account id (API host + key) that the quota, pacing and sharing key on.
+//! - [`planner`]: how a run spends its share of the quota: head reads and window re-reads.
 //! - [`quota`]: how much of the daily quota a run may spend.
 //! - [`store`]: the state store trait, with DynamoDB and local-file implementations.
 //! - [`failpoint`]: crash-test hooks (`KNOWBE4_SOURCE_FAILPOINT`).
@@ -34,6 +35,7 @@ pub mod knowbe4;
 pub mod lambda;
 pub mod logging;
 pub mod metrics;
+pub mod planner;
 pub mod quota;
 pub mod recording_sink;
 pub mod secrets;

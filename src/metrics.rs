@@ -157,6 +157,7 @@ mod tests {
             duration_ms: 812,
             state: Some(Lifecycle::Error),
             undated_events: 0,
+            full_walk: None,
             lag_seconds: Some(42),
         };
         let line = run_line(&report, 1_700_000_000_000);

@@ -118,6 +118,9 @@ pub struct RetryStreak {
 pub struct RunCounters {
     /// Events forwarded by the last run.
     pub last_run_forwarded: u64,
+    /// Events per page KnowBe4 served the last run (`limit_value`), for the planner.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub page_size: Option<u32>,
     /// UTC day (`YYYY-MM-DD`) that `forwarded_today` counts.
     pub day: String,
     /// Events forwarded on `day`.

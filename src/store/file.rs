@@ -614,28 +614,41 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_quota_ledger_stops_at_the_limit_and_delete_removes_everything() {
+    async fn the_account_ledger_stops_at_the_limit_and_outlives_a_deleted_source() {
         let dir = tempfile::tempdir().unwrap();
         let store = FileStore::new(dir.path().join("state.json"));
         store
             .create_source(&record("q"), &SourceState::new(0))
             .await
             .unwrap();
+        store.join_account("acct", "q", 3, 0).await.unwrap();
         let mut granted = 0;
         for _ in 0..5 {
-            if let Reservation::Granted(_) =
-                store.reserve_request("q", "2026-01-01", 3).await.unwrap()
+            if let Reservation::Granted(_) = store
+                .reserve_request("acct", "2026-01-01", 3)
+                .await
+                .unwrap()
             {
                 granted += 1;
             }
         }
         assert_eq!(granted, 3);
-        assert_eq!(store.quota_used("q", "2026-01-01").await.unwrap(), 3);
-        assert_eq!(store.quota_used("q", "2026-01-02").await.unwrap(), 0);
+        assert_eq!(store.quota_used("acct", "2026-01-01").await.unwrap(), 3);
+        assert_eq!(store.quota_used("acct", "2026-01-02").await.unwrap(), 0);
         store.delete_source("q").await.unwrap();
         assert!(store.get_source("q").await.unwrap().is_none());
         assert!(store.load_state("q").await.unwrap().is_none());
-        assert_eq!(store.quota_used("q", "2026-01-01").await.unwrap(), 0);
+        // The ledger is the account's (other sources may share it); the source only
+        // stops being a member.
+        assert_eq!(store.quota_used("acct", "2026-01-01").await.unwrap(), 3);
+        assert!(
+            store
+                .account_members("acct", 0)
+                .await
+                .unwrap()
+                .members
+                .is_empty()
+        );
         assert!(matches!(
             store.save_state("q", &SourceState::new(0), 1, None).await,
             Err(Error::Conflict(_))
