@@ -9,3 +9,4 @@ mod hostile;
 mod lifecycle;
 mod payloads;
 mod secrets;
+mod tls_stack;
