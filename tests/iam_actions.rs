@@ -222,6 +222,41 @@ fn test_only_functions_are_not_called_by_deployed_code() {
     }
 }
 
+/// The template's text and its meaningful lines.
+fn template() -> String {
+    std::fs::read_to_string(root().join("infra/template.yaml")).expect("infra/template.yaml")
+}
+
+/// Issue 10, finding 6 (the template's half): no `LogLevel` the template allows is
+/// `TRACE`, at which the Lambda runtime logs raw payloads.
+#[test]
+fn the_template_allows_no_trace_log_level() {
+    let template = template();
+    let allowed = log_levels_allowed(&template);
+    assert!(allowed.contains(&"DEBUG".to_string()), "{allowed:?}");
+    assert!(
+        !allowed.iter().any(|l| l.eq_ignore_ascii_case("TRACE")),
+        "{allowed:?}"
+    );
+}
+
+/// The `AllowedValues` of the `LogLevel` parameter.
+fn log_levels_allowed(template: &str) -> Vec<String> {
+    let lines = lines(template);
+    let parameters = lines
+        .iter()
+        .position(|l| l.indent == 0 && value_of(l.text, "Parameters").is_some())
+        .expect("Parameters");
+    let level = child(&lines, parameters, "LogLevel").expect("a LogLevel parameter");
+    let values = child(&lines, level, "AllowedValues").expect("LogLevel.AllowedValues");
+    value_of(lines[values].text, "AllowedValues")
+        .unwrap()
+        .trim_matches(|c| c == '[' || c == ']')
+        .split(',')
+        .map(|v| v.trim().to_string())
+        .collect()
+}
+
 // ------------------------------------------------------------------ the template side
 
 /// A line of the template without its comment, with its indentation.

@@ -6,6 +6,7 @@ mod collect;
 mod fuzz;
 mod helpers;
 mod hostile;
+mod lambda_logs;
 mod lifecycle;
 mod payloads;
 mod secrets;
