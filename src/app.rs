@@ -24,6 +24,20 @@ use crate::store::StateStore;
 use crate::store::file::{DEFAULT_STATE_FILE, FileStore};
 use crate::store::secrets_manager::SecretsManagerVault;
 
+/// The HTTP client for KnowBe4: it follows no redirect (the key goes to the validated
+/// host only, never where an answer points) and sends no `Referer`. Replies may be
+/// gzipped; the KnowBe4 client bounds the page bodies it reads.
+pub fn knowbe4_http_client() -> Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .referer(false)
+        .connect_timeout(Duration::from_secs(10))
+        .pool_idle_timeout(Duration::from_secs(60))
+        .user_agent(concat!("knowbe4-source/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| Error::store("building the KnowBe4 HTTP client", e))
+}
+
 /// Tunables read from the environment once per process.
 #[derive(Clone, Debug)]
 pub struct Settings {
@@ -95,8 +109,11 @@ pub struct App {
     pub store: Arc<dyn StateStore>,
     /// The secret store.
     pub vault: Vault,
-    /// One HTTP client (connection pools) for KnowBe4 and destinations.
+    /// The HTTP client (connection pool) for KnowBe4 ([`knowbe4_http_client`]).
     pub http: reqwest::Client,
+    /// The HTTP client for destinations ([`crate::sink::http_client`]): its own, because
+    /// destinations must not follow redirects nor have their replies decompressed.
+    pub destination_http: reqwest::Client,
     /// The deployment's destination (from `FORWARD_*`), for sources without their own.
     pub default_destination: DestinationConfig,
     /// Tunables.
@@ -306,12 +323,7 @@ impl App {
     /// `STATE_TABLE` is set, the local state file (`STATE_FILE`) otherwise.
     pub async fn from_env() -> Result<App> {
         let settings = Settings::from_env();
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(10))
-            .pool_idle_timeout(Duration::from_secs(60))
-            .user_agent(concat!("knowbe4-source/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| Error::store("building the HTTP client", e))?;
+        let http = knowbe4_http_client()?;
         let (store, vault): (Arc<dyn StateStore>, Vault) = match std::env::var("STATE_TABLE") {
             Ok(table) if !table.is_empty() => {
                 let aws = aws_config::defaults(aws_config::BehaviorVersion::latest())
@@ -338,7 +350,8 @@ impl App {
         Ok(App::new(store, vault, http, default_destination, settings))
     }
 
-    /// Builds the app from parts (tests, embedding).
+    /// Builds the app from parts (tests, embedding). `http` is the KnowBe4 client (see
+    /// [`knowbe4_http_client`]); destinations always get [`crate::sink::http_client`].
     pub fn new(
         store: Arc<dyn StateStore>,
         vault: Vault,
@@ -346,10 +359,13 @@ impl App {
         default_destination: DestinationConfig,
         settings: Settings,
     ) -> App {
+        let destination_http = crate::sink::http_client()
+            .expect("the destination HTTP client builds (as reqwest::Client::new does)");
         App {
             store,
             vault,
             http,
+            destination_http,
             default_destination,
             settings,
             secrets_cache: Mutex::new(HashMap::new()),
@@ -406,7 +422,7 @@ impl App {
             },
             None => self.default_destination.clone(),
         };
-        Destination::new(config, self.http.clone())
+        Destination::new(config, self.destination_http.clone())
     }
 
     /// Stores and logs a health event (one JSON line). Failing to store it is logged,

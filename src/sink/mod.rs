@@ -43,6 +43,30 @@ use http::HttpDestination;
 /// this is sent alone.
 pub const MAX_BATCH_BYTES: usize = 1_000_000;
 
+/// Most bytes of a destination's reply that are read. A reply is only inspected for an
+/// error text (Splunk's `{"text": ...}`), which is short; reading more would let a
+/// destination (or whoever answers in its name) fill the collector's memory.
+pub const MAX_REPLY_BYTES: usize = 64 * 1024;
+
+/// The HTTP client for destinations, separate from the KnowBe4 one: it follows no
+/// redirect (a `3xx` is a failed delivery, never a delivery somewhere else, and a Sumo URL
+/// is itself a secret that a redirect would carry away in `Referer`), sends no `Referer`,
+/// and does not decompress replies (a small gzip reply can expand to gigabytes).
+pub fn http_client() -> Result<reqwest::Client, Error> {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .referer(false)
+        .no_gzip()
+        .connect_timeout(std::time::Duration::from_secs(10))
+        .pool_idle_timeout(std::time::Duration::from_secs(60))
+        .user_agent(concat!("knowbe4-source/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| Error::Destination {
+            message: format!("building the destination HTTP client failed: {e}"),
+            status: None,
+        })
+}
+
 /// Metadata of the source, for headers and envelopes.
 #[derive(Clone, Debug, Default)]
 pub struct SourceMeta {
@@ -253,7 +277,8 @@ impl fmt::Debug for Destination {
 
 impl Destination {
     /// Validates `config` and prepares the destination; `http` is shared so connections
-    /// are pooled across sends.
+    /// are pooled across sends. It should come from [`http_client`]: with another client
+    /// a redirect may be followed before the send sees it.
     pub fn new(config: DestinationConfig, http: reqwest::Client) -> Result<Self, Error> {
         let url = config.parsed_url()?;
         let authorization = config.authorization()?;

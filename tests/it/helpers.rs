@@ -91,7 +91,7 @@ pub async fn harness(sim: SimConfig) -> Harness {
     let app = App::new(
         Arc::new(DynamoStore::new(dynamo.clone(), table.clone())),
         Vault::SecretsManager(SecretsManagerVault::new(secrets.clone(), prefix.clone())),
-        reqwest::Client::new(),
+        knowbe4_source::app::knowbe4_http_client().expect("a client"),
         DestinationConfig {
             format: Format::Sumo,
             url: Some(SecretString::from(sink.url())),
@@ -116,7 +116,7 @@ pub fn local_app(dir: &std::path::Path, sink: &RecordingSink) -> App {
     App::new(
         Arc::new(file.clone()),
         Vault::Local(file),
-        reqwest::Client::new(),
+        knowbe4_source::app::knowbe4_http_client().expect("a client"),
         DestinationConfig {
             format: Format::Ndjson,
             url: Some(SecretString::from(sink.url())),
