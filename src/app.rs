@@ -346,7 +346,7 @@ impl App {
                 (Arc::new(file.clone()), Vault::Local(file))
             }
         };
-        let default_destination = default_destination_from_env(&vault).await?;
+        let default_destination = default_destination_from_env(&vault, settings.validation).await?;
         Ok(App::new(store, vault, http, default_destination, settings))
     }
 
@@ -408,20 +408,28 @@ impl App {
         Ok(secrets)
     }
 
-    /// The destination for a source: its own, or the deployment's default.
+    /// The destination for a source: its own, or the deployment's default. Its URL is
+    /// checked again (https, or http to loopback behind the switch) every time, because
+    /// the stored one may predate the rule or have been edited.
     pub fn destination_for(
         &self,
         record: &SourceRecord,
         secrets: &SourceSecrets,
     ) -> Result<Destination> {
-        let config = match &record.spec.destination {
-            Some(spec) => DestinationConfig {
-                format: spec.format,
-                url: secrets.destination_url.clone(),
-                token: secrets.destination_token.clone(),
-            },
-            None => self.default_destination.clone(),
+        let (config, prefix) = match &record.spec.destination {
+            Some(spec) => (
+                DestinationConfig {
+                    format: spec.format,
+                    url: secrets.destination_url.clone(),
+                    token: secrets.destination_token.clone(),
+                },
+                "source.config.",
+            ),
+            None => (self.default_destination.clone(), "FORWARD_"),
         };
+        config
+            .check_transport(self.settings.validation.allow_custom_base_url)
+            .map_err(|e| rename_destination_field(e, prefix))?;
         Destination::new(config, self.destination_http.clone())
     }
 
@@ -778,7 +786,31 @@ fn log_run(report: &RunReport) {
     );
 }
 
-async fn default_destination_from_env(vault: &Vault) -> Result<DestinationConfig> {
+/// Names a destination error's field as the user wrote it: `source.config.destination.url`
+/// for a source's own destination, `FORWARD_URL` for the deployment's.
+fn rename_destination_field(err: Error, prefix: &str) -> Error {
+    match err {
+        Error::InvalidConfig { field, message } if prefix == "FORWARD_" => Error::InvalidConfig {
+            field: format!(
+                "FORWARD_{}",
+                field
+                    .trim_start_matches("destination.")
+                    .to_ascii_uppercase()
+            ),
+            message,
+        },
+        Error::InvalidConfig { field, message } => Error::InvalidConfig {
+            field: format!("{prefix}{field}"),
+            message,
+        },
+        other => other,
+    }
+}
+
+async fn default_destination_from_env(
+    vault: &Vault,
+    options: ValidationOptions,
+) -> Result<DestinationConfig> {
     async fn secret_env(vault: &Vault, plain: &str, secret: &str) -> Result<Option<SecretString>> {
         if let Ok(v) = std::env::var(plain)
             && !v.trim().is_empty()
@@ -809,18 +841,10 @@ async fn default_destination_from_env(vault: &Vault) -> Result<DestinationConfig
         _ => Format::Stdout,
     };
     let config = DestinationConfig { format, url, token };
-    config.validate().map_err(|e| match e {
-        Error::InvalidConfig { field, message } => Error::InvalidConfig {
-            field: format!(
-                "FORWARD_{}",
-                field
-                    .trim_start_matches("destination.")
-                    .to_ascii_uppercase()
-            ),
-            message,
-        },
-        other => other,
-    })?;
+    config
+        .validate()
+        .and_then(|()| config.check_transport(options.allow_custom_base_url))
+        .map_err(|e| rename_destination_field(e, "FORWARD_"))?;
     Ok(config)
 }
 

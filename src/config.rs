@@ -485,13 +485,16 @@ fn validate_config(config: HostedConfig, options: ValidationOptions) -> Result<P
                 url: url.clone(),
                 token: token.clone(),
             };
-            check.validate().map_err(|e| match e {
-                Error::InvalidConfig { field: f, message } => Error::InvalidConfig {
-                    field: format!("{CONFIG}.{f}"),
-                    message,
-                },
-                other => other,
-            })?;
+            check
+                .validate()
+                .and_then(|()| check.check_transport(options.allow_custom_base_url))
+                .map_err(|e| match e {
+                    Error::InvalidConfig { field: f, message } => Error::InvalidConfig {
+                        field: format!("{CONFIG}.{f}"),
+                        message,
+                    },
+                    other => other,
+                })?;
             (Some(DestinationSpec { format }), url, token)
         }
     };
@@ -587,7 +590,7 @@ fn resolve_base(
             ),
         ));
     }
-    let loopback = matches!(host.as_str(), "localhost" | "127.0.0.1" | "[::1]" | "::1");
+    let loopback = crate::sink::is_loopback_host(&host);
     match url.scheme() {
         "https" => {}
         "http" if loopback => {}
@@ -838,5 +841,37 @@ mod tests {
             "no per-source destination any more"
         );
         assert!(without.secrets(None).is_none(), "no key at all");
+    }
+
+    #[test]
+    fn destinations_need_https_except_loopback_behind_the_switch() {
+        let with_url = |url: &str, allow: bool| {
+            parse_source_value(
+                hosted(serde_json::json!({"name":"n","apiKey":"k","region":"US",
+                    "destination":{"format":"ndjson","url":url,"token":"t"}})),
+                ValidationOptions {
+                    allow_custom_base_url: allow,
+                    key_optional: false,
+                },
+            )
+        };
+        for (url, allow) in [
+            ("http://logs.example/x", false),
+            ("http://logs.example/x", true),
+            ("http://127.0.0.1:9/x", false),
+            ("http://10.0.0.1/x", true),
+        ] {
+            let err = with_url(url, allow)
+                .err()
+                .unwrap_or_else(|| panic!("{url} {allow}"));
+            assert_eq!(
+                field_of(err),
+                "source.config.destination.url",
+                "{url} {allow}"
+            );
+        }
+        assert!(with_url("https://logs.example/x", false).is_ok());
+        assert!(with_url("http://127.0.0.1:9/x", true).is_ok());
+        assert!(with_url("http://localhost:9/x", true).is_ok());
     }
 }

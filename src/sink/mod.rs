@@ -67,6 +67,15 @@ pub fn http_client() -> Result<reqwest::Client, Error> {
         })
 }
 
+/// Whether `host` (as `Url::host_str` gives it) is this machine.
+pub(crate) fn is_loopback_host(host: &str) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 /// Metadata of the source, for headers and envelopes.
 #[derive(Clone, Debug, Default)]
 pub struct SourceMeta {
@@ -175,6 +184,33 @@ impl DestinationConfig {
         self.parsed_url()?;
         self.authorization()?;
         Ok(())
+    }
+
+    /// Checks the transport rule on top of [`validate`](Self::validate): `https://`
+    /// only, except plain `http://` to a loopback address when `allow_plain_http_loopback`
+    /// (`KNOWBE4_ALLOW_CUSTOM_BASE_URL=1`, the switch for the simulator and tests). A token
+    /// or a Sumo URL sent over plain http to another host could be read on the way.
+    pub fn check_transport(&self, allow_plain_http_loopback: bool) -> Result<(), Error> {
+        let Some(url) = self.parsed_url()? else {
+            return Ok(());
+        };
+        match url.scheme() {
+            "https" => Ok(()),
+            _ if allow_plain_http_loopback && url.host_str().is_some_and(is_loopback_host) => {
+                Ok(())
+            }
+            _ if allow_plain_http_loopback => Err(Error::config(
+                "destination.url",
+                "must use https (plain http is only allowed to a loopback address)",
+            )),
+            _ => Err(Error::config(
+                "destination.url",
+                format!(
+                    "must use https (plain http to a loopback address needs {}=1)",
+                    crate::config::ALLOW_CUSTOM_BASE_URL_ENV
+                ),
+            )),
+        }
     }
 
     /// The URL, parsed and checked (`None` for stdout).

@@ -10,6 +10,7 @@ mod lambda_logs;
 mod lifecycle;
 mod loopback;
 mod payloads;
+mod plain_http;
 mod redirects;
 mod replies;
 mod secrets;
