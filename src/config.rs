@@ -521,6 +521,29 @@ fn validate_config(config: HostedConfig, options: ValidationOptions) -> Result<P
     })
 }
 
+/// Checks a stored API base URL against the same rules as a new configuration, before a
+/// run sends the key to it: the stored value may predate the rules (a source created
+/// while `KNOWBE4_ALLOW_CUSTOM_BASE_URL=1`) or have been edited in the state store.
+pub fn check_stored_base(api_base: &str, options: ValidationOptions) -> Result<()> {
+    let (_, resolved) =
+        resolve_base(Some(api_base.to_string()), None, options).map_err(|e| match e {
+            Error::InvalidConfig { field, message } => Error::InvalidConfig {
+                field,
+                message: format!(
+                    "the stored API base URL is refused: {message}; update the source"
+                ),
+            },
+            other => other,
+        })?;
+    if resolved != api_base {
+        return Err(Error::config(
+            field("baseURL"),
+            "the stored API base URL is not in the form validation gives it; update the source",
+        ));
+    }
+    Ok(())
+}
+
 /// Resolves `baseURL` / `region` to the API base URL the key will be sent to.
 fn resolve_base(
     base_url: Option<String>,
@@ -873,5 +896,28 @@ mod tests {
         assert!(with_url("https://logs.example/x", false).is_ok());
         assert!(with_url("http://127.0.0.1:9/x", true).is_ok());
         assert!(with_url("http://localhost:9/x", true).is_ok());
+    }
+
+    #[test]
+    fn stored_base_urls_are_checked_like_new_ones() {
+        let deployed = ValidationOptions::default();
+        let allow = ValidationOptions {
+            allow_custom_base_url: true,
+            key_optional: false,
+        };
+        assert!(check_stored_base("https://api.events.knowbe4.com", deployed).is_ok());
+        assert!(check_stored_base("http://127.0.0.1:8787", allow).is_ok());
+        for (base, options) in [
+            ("http://127.0.0.1:8787", deployed),
+            ("https://evil.example", deployed),
+            ("http://api.events.knowbe4.com", deployed),
+            ("http://10.0.0.1:8787", allow),
+            ("https://training.knowbe4.com", deployed),
+        ] {
+            let err = check_stored_base(base, options)
+                .err()
+                .unwrap_or_else(|| panic!("{base}"));
+            assert_eq!(field_of(err), "source.config.baseURL", "{base}");
+        }
     }
 }

@@ -197,6 +197,15 @@ impl Cli {
         let value: serde_json::Value = serde_json::from_str(&ran.stdout).unwrap();
         value.as_array().map_or(value.clone(), |a| a[0].clone())
     }
+
+    /// Edits the state file's JSON in place.
+    pub fn edit_state(&self, edit: impl FnOnce(&mut serde_json::Value)) {
+        let path = self.state_path();
+        let mut doc: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        edit(&mut doc);
+        std::fs::write(&path, serde_json::to_vec(&doc).unwrap()).unwrap();
+    }
 }
 
 /// A simulator with `events` events, accepting `key`.

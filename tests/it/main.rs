@@ -14,4 +14,5 @@ mod plain_http;
 mod redirects;
 mod replies;
 mod secrets;
+mod stored_urls;
 mod tls_stack;
