@@ -523,9 +523,7 @@ impl App {
     /// Validates and stores a new source (state `Pending`); returns its id.
     pub async fn create(&self, source: serde_json::Value, id: Option<String>) -> Result<String> {
         let parsed = parse_source_value(source, self.settings.validation)?;
-        let secrets = parsed
-            .secrets(None)
-            .ok_or_else(|| Error::config("source.config.apiKey", "is required"))?;
+        let secrets = parsed.secrets(None)?;
         let id = match id {
             Some(id) if valid_id(&id) => id,
             Some(_) => {
@@ -621,15 +619,10 @@ impl App {
             ..self.settings.validation
         };
         let parsed = parse_source_value(source, options)?;
-        // Only what the new configuration says changes: a kept key is read and written
-        // back with the new destination secrets.
+        // Only what the new configuration says changes: a kept secret is read and written
+        // back with the new ones, as long as its endpoint is unchanged.
         let previous = self.source_secrets(&record, true).await.ok();
-        let secrets = parsed.secrets(previous.as_ref()).ok_or_else(|| {
-            Error::config(
-                "source.config.apiKey",
-                "is required: no key is stored for this source",
-            )
-        })?;
+        let secrets = parsed.secrets(previous.as_ref().map(|p| (&record.spec, p)))?;
         record.secret_ref = self.put_secrets(id, &secrets).await?;
         self.secrets_cache.lock().expect("not poisoned").remove(id);
         record.spec = parsed.spec;

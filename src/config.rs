@@ -184,29 +184,70 @@ pub struct SourceSpec {
 }
 
 impl ParsedSource {
-    /// The secrets to store, with `previous` (the stored ones) filling what this
-    /// configuration left out: an update may omit the API key to keep it. `None` when
-    /// there is no API key at all.
-    pub fn secrets(&self, previous: Option<&SourceSecrets>) -> Option<SourceSecrets> {
-        let api_key = self
-            .api_key
-            .clone()
-            .or_else(|| previous.map(|p| p.api_key.clone()))?;
-        let keep_destination = self.spec.destination.is_some();
-        let pick = |new: &Option<SecretString>, old: Option<&SecretString>| {
-            new.clone()
-                .or_else(|| old.filter(|_| keep_destination).cloned())
+    /// The secrets to store. `previous` is what is stored for the source being updated
+    /// (its configuration and secrets); it fills what this configuration left out, but a
+    /// stored secret is only kept while the endpoint it authenticates to is unchanged:
+    /// the API key while the API base URL is the same, the destination token while the
+    /// destination's format and URL are the same. Otherwise the secret must be given
+    /// again, and the error names its field.
+    pub fn secrets(
+        &self,
+        previous: Option<(&SourceSpec, &SourceSecrets)>,
+    ) -> Result<SourceSecrets> {
+        let api_key = match (&self.api_key, previous) {
+            (Some(key), _) => key.clone(),
+            (None, Some((spec, stored))) if spec.api_base == self.spec.api_base => {
+                stored.api_key.clone()
+            }
+            (None, Some(_)) => {
+                return Err(Error::config(
+                    field("apiKey"),
+                    "is required because baseURL (or region) changed: the stored key is only \
+                     sent to the host it was given for",
+                ));
+            }
+            (None, None) => return Err(Error::config(field("apiKey"), "is required")),
         };
-        Some(SourceSecrets {
+        let Some(destination) = &self.spec.destination else {
+            return Ok(SourceSecrets {
+                api_key,
+                destination_url: None,
+                destination_token: None,
+            });
+        };
+        // The stored destination, when the source had one of the same format.
+        let stored = previous.and_then(|(spec, stored)| {
+            spec.destination
+                .as_ref()
+                .filter(|d| d.format == destination.format)
+                .map(|_| stored)
+        });
+        let destination_url = self
+            .destination_url
+            .clone()
+            .or_else(|| stored.and_then(|s| s.destination_url.clone()));
+        let same_url = |old: &SourceSecrets| match (&destination_url, &old.destination_url) {
+            (Some(new), Some(old)) => new.expose_secret().trim() == old.expose_secret().trim(),
+            (None, None) => true,
+            _ => false,
+        };
+        let destination_token = match (&self.destination_token, stored) {
+            (Some(token), _) => Some(token.clone()),
+            (None, Some(old)) if old.destination_token.is_none() => None,
+            (None, Some(old)) if same_url(old) => old.destination_token.clone(),
+            (None, Some(_)) => {
+                return Err(Error::config(
+                    field("destination.token"),
+                    "is required because destination.url changed: the stored token is only \
+                     sent to the URL it was given for",
+                ));
+            }
+            (None, None) => None,
+        };
+        Ok(SourceSecrets {
             api_key,
-            destination_url: pick(
-                &self.destination_url,
-                previous.and_then(|p| p.destination_url.as_ref()),
-            ),
-            destination_token: pick(
-                &self.destination_token,
-                previous.and_then(|p| p.destination_token.as_ref()),
-            ),
+            destination_url,
+            destination_token,
         })
     }
 }
@@ -830,40 +871,94 @@ mod tests {
         assert!(parsed.api_key.is_none());
     }
 
-    #[test]
-    fn an_update_keeps_stored_secrets_it_does_not_replace() {
-        let opts = ValidationOptions {
+    fn update_options() -> ValidationOptions {
+        ValidationOptions {
             allow_custom_base_url: false,
             key_optional: true,
-        };
-        let stored = SourceSecrets {
-            api_key: SecretString::from("old-key"),
-            destination_url: Some(SecretString::from(
-                "https://collectors.example/receiver/old",
-            )),
-            destination_token: None,
-        };
+        }
+    }
+
+    /// A stored source (US region, an ndjson destination with a token) to update.
+    fn stored_source() -> (SourceSpec, SourceSecrets) {
+        let parsed = parse(hosted(serde_json::json!({"name":"n","region":"US","apiKey":"old-key",
+            "destination":{"format":"ndjson","url":"https://logs.example/old","token":"old-token"}})))
+        .unwrap();
+        let secrets = parsed.secrets(None).unwrap();
+        (parsed.spec, secrets)
+    }
+
+    #[test]
+    fn an_update_keeps_stored_secrets_it_does_not_replace() {
+        let (spec, stored) = stored_source();
         let with_destination = parse_source_value(
             hosted(serde_json::json!({"name":"n","region":"US",
                 "destination":{"format":"ndjson","url":"https://logs.example/new","token":"t"}})),
-            opts,
+            update_options(),
         )
         .unwrap();
-        let merged = with_destination.secrets(Some(&stored)).unwrap();
+        let merged = with_destination.secrets(Some((&spec, &stored))).unwrap();
         assert_eq!(merged.api_key.expose_secret(), "old-key");
         assert_eq!(
             merged.destination_url.unwrap().expose_secret(),
             "https://logs.example/new"
         );
-        let without =
-            parse_source_value(hosted(serde_json::json!({"name":"n","region":"US"})), opts)
-                .unwrap();
-        let merged = without.secrets(Some(&stored)).unwrap();
+        let same_url = parse_source_value(
+            hosted(serde_json::json!({"name":"renamed","region":"US",
+                "destination":{"format":"ndjson","url":"https://logs.example/old"}})),
+            update_options(),
+        )
+        .unwrap();
+        let merged = same_url.secrets(Some((&spec, &stored))).unwrap();
+        assert_eq!(
+            merged.destination_token.unwrap().expose_secret(),
+            "old-token"
+        );
+        let without = parse_source_value(
+            hosted(serde_json::json!({"name":"n","region":"US"})),
+            update_options(),
+        )
+        .unwrap();
+        let merged = without.secrets(Some((&spec, &stored))).unwrap();
         assert!(
             merged.destination_url.is_none(),
             "no per-source destination any more"
         );
-        assert!(without.secrets(None).is_none(), "no key at all");
+        assert_eq!(
+            field_of(without.secrets(None).err().unwrap()),
+            "source.config.apiKey",
+            "no key at all"
+        );
+    }
+
+    #[test]
+    fn a_stored_secret_is_not_kept_for_a_new_endpoint() {
+        let (spec, stored) = stored_source();
+        let moved_api = parse_source_value(
+            hosted(serde_json::json!({"name":"n","region":"EU",
+                "destination":{"format":"ndjson","url":"https://logs.example/old"}})),
+            update_options(),
+        )
+        .unwrap();
+        let err = moved_api.secrets(Some((&spec, &stored))).err().unwrap();
+        assert_eq!(field_of(err), "source.config.apiKey");
+        let moved_destination = parse_source_value(
+            hosted(serde_json::json!({"name":"n","region":"US",
+                "destination":{"format":"ndjson","url":"https://elsewhere.example/new"}})),
+            update_options(),
+        )
+        .unwrap();
+        let err = moved_destination
+            .secrets(Some((&spec, &stored)))
+            .err()
+            .unwrap();
+        assert_eq!(field_of(err), "source.config.destination.token");
+        // The console host and the API host of one region are the same endpoint.
+        let same_region = parse_source_value(
+            hosted(serde_json::json!({"name":"n","baseURL":"training.knowbe4.com"})),
+            update_options(),
+        )
+        .unwrap();
+        assert!(same_region.secrets(Some((&spec, &stored))).is_ok());
     }
 
     #[test]

@@ -16,3 +16,4 @@ mod replies;
 mod secrets;
 mod stored_urls;
 mod tls_stack;
+mod update_secrets;
