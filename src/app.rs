@@ -24,6 +24,10 @@ use crate::store::StateStore;
 use crate::store::file::{DEFAULT_STATE_FILE, FileStore};
 use crate::store::secrets_manager::SecretsManagerVault;
 
+/// The per-source secret prefix when `SECRET_PREFIX` is unset: what the stack sets for
+/// its documented name `knowbe4-source` (`<stack>/sources/`).
+pub const DEFAULT_SECRET_PREFIX: &str = "knowbe4-source/sources/";
+
 /// The HTTP client for KnowBe4: it follows no redirect (the key goes to the validated
 /// host only, never where an answer points) and sends no `Referer`. Replies may be
 /// gzipped; the KnowBe4 client bounds the page bodies it reads.
@@ -55,7 +59,9 @@ pub struct Settings {
     pub request_timeout: Duration,
     /// Validation switches (`KNOWBE4_ALLOW_CUSTOM_BASE_URL`).
     pub validation: ValidationOptions,
-    /// Prefix of per-source Secrets Manager secrets (`SECRET_PREFIX`).
+    /// Prefix of per-source Secrets Manager secrets (`SECRET_PREFIX`, default
+    /// [`DEFAULT_SECRET_PREFIX`]); the stack sets `<stack>/sources/`, which no other
+    /// secret of the stack or of another stack shares.
     pub secret_prefix: String,
     /// Requests kept in flight while draining (`KNOWBE4_MAX_IN_FLIGHT`, default 6; 1
     /// turns pipelining off, for comparison).
@@ -87,7 +93,9 @@ impl Settings {
             ),
             validation: ValidationOptions::from_env(),
             secret_prefix: std::env::var("SECRET_PREFIX")
-                .unwrap_or_else(|_| "knowbe4-source/".into()),
+                .ok()
+                .filter(|p| !p.trim().is_empty())
+                .unwrap_or_else(|| DEFAULT_SECRET_PREFIX.into()),
             max_in_flight: env_u64("KNOWBE4_MAX_IN_FLIGHT", 6).clamp(1, 16) as usize,
             lease_ttl: Duration::from_secs(env_u64("LEASE_TTL_SECS", 120).max(1)),
             metrics: crate::metrics::MetricsOutput::from_env(),

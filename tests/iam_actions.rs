@@ -227,6 +227,69 @@ fn template() -> String {
     std::fs::read_to_string(root().join("infra/template.yaml")).expect("infra/template.yaml")
 }
 
+/// The lines of the block at `lines[at]` (itself included), joined.
+fn block_text(lines: &[Line<'_>], at: usize) -> String {
+    lines[at..block_end(lines, at)]
+        .iter()
+        .map(|l| l.text)
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The line index of resource `id`.
+fn resource(lines: &[Line<'_>], id: &str) -> usize {
+    resources(lines)
+        .into_iter()
+        .find(|(name, _)| name == id)
+        .unwrap_or_else(|| panic!("no resource {id}"))
+        .1
+}
+
+/// Issue 10, finding 5: per-source secrets live under `<stack>/sources/`, in the
+/// environment and in the policy alike, where neither the stack's own secrets nor another
+/// stack's can be.
+#[test]
+fn source_secrets_are_scoped_to_the_stacks_own_prefix() {
+    let template = template();
+    let lines = lines(&template);
+    let function = resource(&lines, "Function");
+    let variables = child(
+        &lines,
+        property(&lines, function, "Environment").unwrap(),
+        "Variables",
+    )
+    .expect("Environment.Variables");
+    let prefix_line = child(&lines, variables, "SECRET_PREFIX").expect("SECRET_PREFIX");
+    let prefix = value_of(lines[prefix_line].text, "SECRET_PREFIX").unwrap();
+    assert_eq!(prefix, "!Sub ${AWS::StackName}/sources/", "SECRET_PREFIX");
+
+    let role = resource(&lines, "FunctionRole");
+    let policies = block_text(&lines, role);
+    let statement = policies
+        .split("- Sid: ")
+        .find(|s| s.starts_with("SourceSecrets"))
+        .expect("a SourceSecrets statement");
+    let arn = statement
+        .lines()
+        .find_map(|l| value_of(l, "Resource"))
+        .expect("its Resource");
+    assert!(
+        arn.ends_with(":secret:${AWS::StackName}/sources/*"),
+        "SourceSecrets must be scoped to SECRET_PREFIX: {arn}"
+    );
+    for own in ["ForwardUrlSecret", "ForwardTokenSecret"] {
+        let at = resource(&lines, own);
+        let name = value_of(lines[property(&lines, at, "Name").unwrap()].text, "Name").unwrap();
+        let name = name.trim_start_matches("!Sub ");
+        assert!(
+            !name.starts_with("${AWS::StackName}/sources/"),
+            "{own} ({name}) is inside the per-source prefix"
+        );
+    }
+    // A source id cannot reach outside the prefix: ids are letters, digits, '-' and '_'.
+    assert!(!statement.contains("knowbe4-source/*"), "{statement}");
+}
+
 /// Issue 10, finding 6 (the template's half): no `LogLevel` the template allows is
 /// `TRACE`, at which the Lambda runtime logs raw payloads.
 #[test]
@@ -563,6 +626,10 @@ fn sdk_actions_in(root: &Path) -> BTreeSet<String> {
                 actions.extend(dynamodb_actions(&name, &code, &path, line));
             } else if in_secrets {
                 actions.insert(format!("secretsmanager:{}", pascal_case(&name)));
+                // Tags given on CreateSecret are authorised as TagResource too.
+                if name == "create_secret" && code.contains(".tags(") {
+                    actions.insert("secretsmanager:TagResource".to_string());
+                }
             }
         }
     }

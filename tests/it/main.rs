@@ -13,6 +13,7 @@ mod payloads;
 mod plain_http;
 mod redirects;
 mod replies;
+mod secret_names;
 mod secrets;
 mod stored_urls;
 mod tls_stack;
