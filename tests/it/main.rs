@@ -15,6 +15,7 @@ mod redirects;
 mod replies;
 mod secret_names;
 mod secrets;
+mod state_file;
 mod stored_urls;
 mod tls_stack;
 mod update_secrets;
