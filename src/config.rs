@@ -32,6 +32,18 @@ pub const DEFAULT_RETRY_WINDOW_MINUTES: f64 = 90.0;
 /// collected. Every run re-reads this window, which costs one request per 100 events in it.
 pub const DEFAULT_LATENESS_MINUTES: f64 = 60.0;
 
+/// Most metadata fields a source may have: they travel as one `X-Sumo-Fields` header on
+/// every batch, and live in the source's state item (DynamoDB items are at most 400 KB).
+pub const MAX_FIELDS: usize = 30;
+/// Longest field name, in bytes.
+pub const MAX_FIELD_NAME_BYTES: usize = 128;
+/// Longest field value, in bytes.
+pub const MAX_FIELD_VALUE_BYTES: usize = 256;
+/// Longest `X-Sumo-Fields` header the fields may make (`k=v,...`, the SIEM fields that
+/// `_siemForward` adds included), in bytes: proxies and servers commonly cap one header
+/// at 4 to 8 KiB.
+pub const MAX_FIELDS_HEADER_BYTES: usize = 4096;
+
 /// The KnowBe4 regions: console host (what users copy from the browser) and API host.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Region {
@@ -410,15 +422,30 @@ fn validate_config(config: HostedConfig, options: ValidationOptions) -> Result<P
 
     let mut fields = BTreeMap::new();
     let mut siem_forward = false;
-    for (key, value) in config.fields.unwrap_or_default() {
-        let path = field(&format!("fields.{key}"));
+    let given = config.fields.unwrap_or_default();
+    if given.len() > MAX_FIELDS {
+        return Err(Error::config(
+            field("fields"),
+            format!(
+                "has {} fields; at most {MAX_FIELDS} are allowed",
+                given.len()
+            ),
+        ));
+    }
+    for (key, value) in given {
+        // Long keys are not quoted back in full: the path would be as long as they are.
+        let shown: String = key.chars().take(MAX_FIELD_NAME_BYTES).collect();
+        let path = field(&format!("fields.{shown}"));
         if key.is_empty()
-            || key.len() > 255
+            || key.len() > MAX_FIELD_NAME_BYTES
             || key.chars().any(|c| c.is_control() || c == ',' || c == '=')
         {
             return Err(Error::config(
                 path,
-                "field names must be 1 to 255 characters without ',', '=' or control characters",
+                format!(
+                    "field names must be 1 to {MAX_FIELD_NAME_BYTES} bytes without ',', '=' or \
+                     control characters"
+                ),
             ));
         }
         let text = match &value {
@@ -430,6 +457,12 @@ fn validate_config(config: HostedConfig, options: ValidationOptions) -> Result<P
         if text.chars().any(char::is_control) {
             return Err(Error::config(path, "must not contain control characters"));
         }
+        if text.len() > MAX_FIELD_VALUE_BYTES {
+            return Err(Error::config(
+                path,
+                format!("must be at most {MAX_FIELD_VALUE_BYTES} bytes"),
+            ));
+        }
         if key == "_siemForward" {
             siem_forward = match text.as_str() {
                 "true" => true,
@@ -438,6 +471,22 @@ fn validate_config(config: HostedConfig, options: ValidationOptions) -> Result<P
             };
         }
         fields.insert(key, text);
+    }
+
+    let header = crate::sink::fields_header(&crate::sink::SourceMeta {
+        fields: fields.clone(),
+        siem_forward,
+        ..Default::default()
+    });
+    if header.len() > MAX_FIELDS_HEADER_BYTES {
+        return Err(Error::config(
+            field("fields"),
+            format!(
+                "make a {}-byte X-Sumo-Fields header; at most {MAX_FIELDS_HEADER_BYTES} bytes \
+                 are allowed",
+                header.len()
+            ),
+        ));
     }
 
     let (region, api_base) = resolve_base(config.base_url, config.region, options)?;
@@ -1014,5 +1063,47 @@ mod tests {
                 .unwrap_or_else(|| panic!("{base}"));
             assert_eq!(field_of(err), "source.config.baseURL", "{base}");
         }
+    }
+
+    #[test]
+    fn fields_are_bounded_and_rejections_name_the_field() {
+        let with_fields = |fields: serde_json::Value| {
+            parse(hosted(
+                serde_json::json!({"name":"n","apiKey":"k","region":"US","fields":fields}),
+            ))
+        };
+        let many: serde_json::Map<_, _> = (0..=MAX_FIELDS)
+            .map(|i| (format!("f{i}"), serde_json::Value::from("v")))
+            .collect();
+        assert_eq!(
+            field_of(with_fields(many.into()).err().unwrap()),
+            "source.config.fields"
+        );
+        let long_key = "k".repeat(MAX_FIELD_NAME_BYTES + 1);
+        let err = with_fields(serde_json::json!({ long_key: "v" }))
+            .err()
+            .unwrap();
+        assert!(field_of(err).starts_with("source.config.fields.kkk"));
+        let err = with_fields(serde_json::json!({"team": "v".repeat(MAX_FIELD_VALUE_BYTES + 1)}))
+            .err()
+            .unwrap();
+        assert_eq!(field_of(err), "source.config.fields.team");
+        // Each field within its limits, but together too long for one header.
+        let wide: serde_json::Map<_, _> = (0..20)
+            .map(|i| {
+                (
+                    format!("{i:0>100}"),
+                    serde_json::Value::from("v".repeat(MAX_FIELD_VALUE_BYTES)),
+                )
+            })
+            .collect();
+        assert_eq!(
+            field_of(with_fields(wide.into()).err().unwrap()),
+            "source.config.fields"
+        );
+        let fine: serde_json::Map<_, _> = (0..MAX_FIELDS)
+            .map(|i| (format!("f{i}"), serde_json::Value::from("value")))
+            .collect();
+        assert!(with_fields(fine.into()).is_ok());
     }
 }

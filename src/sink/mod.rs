@@ -33,6 +33,7 @@ pub use splunk::{
     EVENT_PATH as SPLUNK_EVENT_PATH, HOST as SPLUNK_HOST, SOURCETYPE as SPLUNK_SOURCETYPE,
 };
 pub use sumo::SIEM_PARSER;
+pub(crate) use sumo::fields_header;
 
 use crate::error::Error;
 use crate::event::RawEvent;

@@ -3,6 +3,7 @@
 
 mod cli;
 mod collect;
+mod fields;
 mod fuzz;
 mod helpers;
 mod hostile;
