@@ -290,6 +290,48 @@ fn source_secrets_are_scoped_to_the_stacks_own_prefix() {
     assert!(!statement.contains("knowbe4-source/*"), "{statement}");
 }
 
+/// Issue 10, finding 11: the Scheduler role can be assumed only for this stack's
+/// schedule (`aws:SourceArn`), not by any schedule of the account.
+#[test]
+fn the_schedule_role_trusts_only_this_stacks_schedule() {
+    let template = template();
+    let lines = lines(&template);
+    let schedule = resource(&lines, "Schedule");
+    let name = value_of(
+        lines[property(&lines, schedule, "Name").expect("a named schedule")].text,
+        "Name",
+    )
+    .unwrap()
+    .trim_start_matches("!Sub ")
+    .to_string();
+    let role = resource(&lines, "ScheduleRole");
+    let trust = block_text(
+        &lines,
+        property(&lines, role, "AssumeRolePolicyDocument").unwrap(),
+    );
+    let source_arn = trust
+        .lines()
+        .find_map(|l| value_of(l, "aws:SourceArn"))
+        .expect("an aws:SourceArn condition in the ScheduleRole trust policy");
+    assert_eq!(
+        source_arn,
+        format!(
+            "!Sub arn:${{AWS::Partition}}:scheduler:${{AWS::Region}}:${{AWS::AccountId}}:schedule/default/{name}"
+        )
+    );
+    assert!(trust.contains("aws:SourceAccount"), "{trust}");
+    // The role's one permission is invoking this function.
+    let policies = block_text(&lines, property(&lines, role, "Policies").unwrap());
+    assert!(
+        policies.contains("Action: lambda:InvokeFunction"),
+        "{policies}"
+    );
+    assert!(
+        policies.contains("Resource: !GetAtt Function.Arn"),
+        "{policies}"
+    );
+}
+
 /// Issue 10, finding 6 (the template's half): no `LogLevel` the template allows is
 /// `TRACE`, at which the Lambda runtime logs raw payloads.
 #[test]
