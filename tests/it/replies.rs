@@ -1,7 +1,6 @@
 //! Issue 10, finding 2: a destination's reply is read as sent (no decompression) and
 //! at most 64 KiB of it: a gzip bomb or an endless body costs neither memory nor time.
 
-use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -13,13 +12,35 @@ use futures::StreamExt;
 use crate::helpers::source_json;
 use crate::loopback::*;
 
-/// `copies` gzip members of 1 MiB of zeros each: `copies` MiB once decompressed, about a
-/// thousandth of that on the wire.
-fn gzip_bomb(copies: usize) -> Vec<u8> {
-    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
-    encoder.write_all(&vec![0u8; 1 << 20]).unwrap();
-    let member = encoder.finish().unwrap();
-    member.repeat(copies)
+/// One gzip member (reqwest refuses extra members) that inflates to `mib` MiB of zeros,
+/// about a thousandth of that on the wire: 1 MiB of zeros deflated once, ending in a
+/// full flush (byte-aligned, no back-references across it), repeated, then the final
+/// block and the trailer.
+fn gzip_bomb(mib: usize) -> Vec<u8> {
+    use flate2::{Compress, Compression, Crc, FlushCompress};
+    let zeros = vec![0u8; 1 << 20];
+    let mut deflate = Compress::new(Compression::best(), false);
+    let mut chunk = Vec::with_capacity(8 << 10);
+    deflate
+        .compress_vec(&zeros, &mut chunk, FlushCompress::Full)
+        .unwrap();
+    assert_eq!(deflate.total_in(), zeros.len() as u64, "one pass");
+    let mut last = Vec::with_capacity(64);
+    Compress::new(Compression::best(), false)
+        .compress_vec(&[], &mut last, FlushCompress::Finish)
+        .unwrap();
+    let mut crc = Crc::new();
+    for _ in 0..mib {
+        crc.update(&zeros);
+    }
+    let mut out = vec![0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 0xff];
+    for _ in 0..mib {
+        out.extend_from_slice(&chunk);
+    }
+    out.extend_from_slice(&last);
+    out.extend_from_slice(&crc.sum().to_le_bytes());
+    out.extend_from_slice(&((mib as u32) << 20).to_le_bytes());
+    out
 }
 
 /// Runs `command` to its end; returns its exit code and its peak resident set size in
