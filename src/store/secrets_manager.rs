@@ -203,7 +203,8 @@ impl SecretsManagerVault {
 
     /// Schedules a secret's deletion after a [`RECOVERY_WINDOW_DAYS`]-day recovery
     /// window: a mistaken delete (or one naming the wrong secret) can be undone with
-    /// `RestoreSecret`. A secret that does not exist is not an error.
+    /// `RestoreSecret`. A secret that does not exist, or whose deletion is already
+    /// scheduled, is not an error.
     pub async fn delete(&self, secret_id: &str) -> Result<()> {
         let result = self
             .client
@@ -222,8 +223,28 @@ impl SecretsManagerVault {
                 tracing::debug!(secret_id, "Secret already gone, nothing to delete.");
                 Ok(())
             }
+            // Secrets Manager refuses to delete a secret marked deleted again.
+            Err(err)
+                if err
+                    .as_service_error()
+                    .is_some_and(|e| e.is_invalid_request_exception())
+                    && self.is_marked_deleted(secret_id).await =>
+            {
+                tracing::debug!(secret_id, "Secret deletion already scheduled.");
+                Ok(())
+            }
             Err(err) => Err(secret_error(secret_id, "DeleteSecret", err)),
         }
+    }
+
+    /// Whether the secret exists with its deletion scheduled.
+    async fn is_marked_deleted(&self, secret_id: &str) -> bool {
+        self.client
+            .describe_secret()
+            .secret_id(secret_id)
+            .send()
+            .await
+            .is_ok_and(|d| d.deleted_date().is_some())
     }
 
     /// The current string value of a secret.
