@@ -2,22 +2,14 @@
 //! header size, with errors naming the field.
 
 use knowbe4_source::error::Error;
-use knowbe4_source::sim::SimConfig;
 
 use crate::helpers::*;
-use crate::loopback::canary;
 
 /// 20,000 fields (2.4 MB of state), 31 fields, an oversized value or header: refused,
 /// naming the field, and nothing stored.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn source_fields_are_bounded() {
-    let key = canary("key");
-    let h = harness(SimConfig {
-        api_key: key.clone(),
-        events: 5,
-        ..SimConfig::default()
-    })
-    .await;
+    let (key, h) = harness_with_canary_key(5).await;
     let many = |n: usize, value: &str| -> serde_json::Value {
         (0..n)
             .map(|i| (format!("field{i}"), serde_json::Value::from(value)))

@@ -12,10 +12,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use knowbe4_source::sim::{SimConfig, Simulator};
 
-/// A fresh canary value.
-pub fn canary(label: &str) -> String {
-    format!("canary-{label}-{}", uuid::Uuid::new_v4().simple())
-}
+use crate::helpers::source_json;
 
 /// One request a [`Server`] received.
 #[derive(Clone, Debug)]
@@ -188,6 +185,12 @@ impl Cli {
             id,
         ])
         .await
+    }
+
+    /// Creates source `id` from [`source_json`]`(base, key, extra)`; it must succeed.
+    pub async fn create_ok(&self, id: &str, base: &str, key: &str, extra: serde_json::Value) {
+        let created = self.create(id, &source_json(base, key, extra)).await;
+        assert_eq!(created.code, Some(0), "{created:?}");
     }
 
     /// The source's status (`status ID --json`).

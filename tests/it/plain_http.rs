@@ -1,7 +1,7 @@
 //! Issue 10, finding 8: destinations need https; plain http only to loopback behind
 //! `KNOWBE4_ALLOW_CUSTOM_BASE_URL=1`.
 
-use crate::helpers::source_json;
+use crate::helpers::{canary, source_json};
 use crate::loopback::*;
 
 /// Plain-http destinations are refused unless loopback behind the switch: the

@@ -6,11 +6,9 @@ use std::sync::Arc;
 
 use knowbe4_source::app::App;
 use knowbe4_source::collector::{Outcome, collect_source};
-use knowbe4_source::sim::SimConfig;
 use knowbe4_source::store::secrets_manager::SecretsManagerVault;
 
 use crate::helpers::*;
-use crate::loopback::canary;
 
 /// `SECRET_PREFIX` as the template sets it, for a stack named `stack`.
 fn template_secret_prefix(stack: &str) -> String {
@@ -32,13 +30,7 @@ fn template_secret_prefix(stack: &str) -> String {
 /// not the source's is left alone; a deleted source's secret can be restored.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn source_secrets_never_touch_the_stacks_or_foreign_secrets() {
-    let key = canary("key");
-    let h = harness(SimConfig {
-        api_key: key.clone(),
-        events: 5,
-        ..SimConfig::default()
-    })
-    .await;
+    let (key, h) = harness_with_canary_key(5).await;
     let stack = "knowbe4-source";
     let stack_secret = format!("{stack}/forward-url");
     let stack_value = canary("stack-destination");

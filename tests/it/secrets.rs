@@ -18,11 +18,6 @@ use knowbe4_source::store::dynamo::DynamoStore;
 
 use crate::helpers::*;
 
-/// A fresh canary: `canary-<label>-<random>`, unlikely to appear by accident.
-fn canary(label: &str) -> String {
-    format!("canary-{label}-{}", uuid::Uuid::new_v4().simple())
-}
-
 /// The secrets of one test, and where each was seen.
 struct Canaries {
     /// (what it is, its value).

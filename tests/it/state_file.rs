@@ -5,7 +5,6 @@
 use std::path::Path;
 
 use crate::helpers::*;
-use crate::loopback::canary;
 
 /// The state directory is created 0700 and the file 0600; a symlink planted at the temp
 /// name the old code used (`state.json.tmp-<pid>`) receives nothing.

@@ -8,7 +8,6 @@ use std::sync::Arc;
 use knowbe4_source::HealthKind;
 use knowbe4_source::app::App;
 use knowbe4_source::collector::{Outcome, collect_source};
-use knowbe4_source::sim::SimConfig;
 use knowbe4_source::store::secrets_manager::SecretsManagerVault;
 
 use crate::helpers::*;
@@ -68,13 +67,7 @@ fn deployed_app(h: &Harness) -> App {
 /// key is sent (ThirdPartyConfigError), in DynamoDB.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tampered_base_url_in_dynamodb_is_refused_before_the_key_is_sent() {
-    let key = canary("key");
-    let h = harness(SimConfig {
-        api_key: key.clone(),
-        events: 10,
-        ..SimConfig::default()
-    })
-    .await;
+    let (key, h) = harness_with_canary_key(10).await;
     let attacker = Server::ok().await;
     let id = h
         .app
@@ -124,13 +117,13 @@ async fn a_tampered_base_url_in_the_state_file_is_refused_before_the_key_is_sent
     let key = canary("key");
     let attacker = Server::ok().await;
     let cli = Cli::new(false, &[("FORWARD_FORMAT", "stdout")]);
-    let created = cli
-        .create(
-            "t",
-            &source_json("https://training.knowbe4.com", &key, serde_json::json!({})),
-        )
-        .await;
-    assert_eq!(created.code, Some(0), "{created:?}");
+    cli.create_ok(
+        "t",
+        "https://training.knowbe4.com",
+        &key,
+        serde_json::json!({}),
+    )
+    .await;
     let attacker_base = attacker.base.clone();
     cli.edit_state(|doc| doc["sources"]["t"]["spec"]["api_base"] = attacker_base.into());
     let ran = cli.run(&["collect", "--source", "t"]).await;

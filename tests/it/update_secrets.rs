@@ -3,7 +3,6 @@
 
 use knowbe4_source::collector::{Outcome, collect_source};
 use knowbe4_source::error::Error;
-use knowbe4_source::sim::SimConfig;
 
 use crate::helpers::*;
 use crate::loopback::*;
@@ -12,14 +11,8 @@ use crate::loopback::*;
 /// send the stored secret to the new endpoint: the update is refused naming the field.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_update_does_not_carry_stored_secrets_to_a_new_endpoint() {
-    let key = canary("key");
+    let (key, h) = harness_with_canary_key(20).await;
     let bearer = canary("bearer");
-    let h = harness(SimConfig {
-        api_key: key.clone(),
-        events: 20,
-        ..SimConfig::default()
-    })
-    .await;
     let new_host = Server::ok().await;
     let old_destination = Server::ok().await;
     let new_destination = Server::ok().await;
