@@ -25,6 +25,24 @@ use crate::store::StateStore;
 use crate::store::file::{DEFAULT_STATE_FILE, FileStore};
 use crate::store::secrets_manager::SecretsManagerVault;
 
+/// The per-source secret prefix when `SECRET_PREFIX` is unset: what the stack sets for
+/// its documented name `knowbe4-source` (`<stack>/sources/`).
+pub const DEFAULT_SECRET_PREFIX: &str = "knowbe4-source/sources/";
+
+/// The HTTP client for KnowBe4: it follows no redirect (the key goes to the validated
+/// host only, never where an answer points) and sends no `Referer`. Replies may be
+/// gzipped; the KnowBe4 client bounds the page bodies it reads.
+pub fn knowbe4_http_client() -> Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .referer(false)
+        .connect_timeout(Duration::from_secs(10))
+        .pool_idle_timeout(Duration::from_secs(60))
+        .user_agent(concat!("knowbe4-source/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| Error::store("building the KnowBe4 HTTP client", e))
+}
+
 /// Tunables read from the environment once per process.
 #[derive(Clone, Debug)]
 pub struct Settings {
@@ -42,7 +60,9 @@ pub struct Settings {
     pub request_timeout: Duration,
     /// Validation switches (`KNOWBE4_ALLOW_CUSTOM_BASE_URL`).
     pub validation: ValidationOptions,
-    /// Prefix of per-source Secrets Manager secrets (`SECRET_PREFIX`).
+    /// Prefix of per-source Secrets Manager secrets (`SECRET_PREFIX`, default
+    /// [`DEFAULT_SECRET_PREFIX`]); the stack sets `<stack>/sources/`, which no other
+    /// secret of the stack or of another stack shares.
     pub secret_prefix: String,
     /// Requests kept in flight while draining (`KNOWBE4_MAX_IN_FLIGHT`, default 6; 1
     /// turns pipelining off, for comparison).
@@ -74,7 +94,9 @@ impl Settings {
             ),
             validation: ValidationOptions::from_env(),
             secret_prefix: std::env::var("SECRET_PREFIX")
-                .unwrap_or_else(|_| "knowbe4-source/".into()),
+                .ok()
+                .filter(|p| !p.trim().is_empty())
+                .unwrap_or_else(|| DEFAULT_SECRET_PREFIX.into()),
             max_in_flight: env_u64("KNOWBE4_MAX_IN_FLIGHT", 6).clamp(1, 16) as usize,
             lease_ttl: Duration::from_secs(env_u64("LEASE_TTL_SECS", 120).max(1)),
             metrics: crate::metrics::MetricsOutput::from_env(),
@@ -96,8 +118,11 @@ pub struct App {
     pub store: Arc<dyn StateStore>,
     /// The secret store.
     pub vault: Vault,
-    /// One HTTP client (connection pools) for KnowBe4 and destinations.
+    /// The HTTP client (connection pool) for KnowBe4 ([`knowbe4_http_client`]).
     pub http: reqwest::Client,
+    /// The HTTP client for destinations ([`crate::sink::http_client`]): its own, because
+    /// destinations must not follow redirects nor have their replies decompressed.
+    pub destination_http: reqwest::Client,
     /// The deployment's destination (from `FORWARD_*`), for sources without their own.
     pub default_destination: DestinationConfig,
     /// Tunables.
@@ -322,12 +347,7 @@ impl App {
     /// `STATE_TABLE` is set, the local state file (`STATE_FILE`) otherwise.
     pub async fn from_env() -> Result<App> {
         let settings = Settings::from_env();
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(10))
-            .pool_idle_timeout(Duration::from_secs(60))
-            .user_agent(concat!("knowbe4-source/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| Error::store("building the HTTP client", e))?;
+        let http = knowbe4_http_client()?;
         let (store, vault): (Arc<dyn StateStore>, Vault) = match std::env::var("STATE_TABLE") {
             Ok(table) if !table.is_empty() => {
                 let aws = aws_config::defaults(aws_config::BehaviorVersion::latest())
@@ -350,11 +370,12 @@ impl App {
                 (Arc::new(file.clone()), Vault::Local(file))
             }
         };
-        let default_destination = default_destination_from_env(&vault).await?;
+        let default_destination = default_destination_from_env(&vault, settings.validation).await?;
         Ok(App::new(store, vault, http, default_destination, settings))
     }
 
-    /// Builds the app from parts (tests, embedding).
+    /// Builds the app from parts (tests, embedding). `http` is the KnowBe4 client (see
+    /// [`knowbe4_http_client`]); destinations always get [`crate::sink::http_client`].
     pub fn new(
         store: Arc<dyn StateStore>,
         vault: Vault,
@@ -362,10 +383,13 @@ impl App {
         default_destination: DestinationConfig,
         settings: Settings,
     ) -> App {
+        let destination_http = crate::sink::http_client()
+            .expect("the destination HTTP client builds (as reqwest::Client::new does)");
         App {
             store,
             vault,
             http,
+            destination_http,
             default_destination,
             settings,
             secrets_cache: Mutex::new(HashMap::new()),
@@ -422,21 +446,29 @@ impl App {
         }
     }
 
-    /// The destination for a source: its own, or the deployment's default.
+    /// The destination for a source: its own, or the deployment's default. Its URL is
+    /// checked again (https, or http to loopback behind the switch) every time, because
+    /// the stored one may predate the rule or have been edited.
     pub fn destination_for(
         &self,
         record: &SourceRecord,
         secrets: &SourceSecrets,
     ) -> Result<Destination> {
-        let config = match &record.spec.destination {
-            Some(spec) => DestinationConfig {
-                format: spec.format,
-                url: secrets.destination_url.clone(),
-                token: secrets.destination_token.clone(),
-            },
-            None => self.default_destination.clone(),
+        let (config, prefix) = match &record.spec.destination {
+            Some(spec) => (
+                DestinationConfig {
+                    format: spec.format,
+                    url: secrets.destination_url.clone(),
+                    token: secrets.destination_token.clone(),
+                },
+                "source.config.",
+            ),
+            None => (self.default_destination.clone(), "FORWARD_"),
         };
-        Destination::new(config, self.http.clone())
+        config
+            .check_transport(self.settings.validation.allow_custom_base_url)
+            .map_err(|e| rename_destination_field(e, prefix))?;
+        Destination::new(config, self.destination_http.clone())
     }
 
     /// Stores and logs a health event (one JSON line). Failing to store it is logged,
@@ -545,9 +577,7 @@ impl App {
         allow_duplicate: bool,
     ) -> Result<String> {
         let parsed = parse_source_value(source, self.settings.validation)?;
-        let secrets = parsed
-            .secrets(None)
-            .ok_or_else(|| Error::config("source.config.apiKey", "is required"))?;
+        let secrets = parsed.secrets(None)?;
         let account = account_id(&parsed.spec.api_base, &secrets.api_key);
         let destination = self.destination_id(&parsed.spec, &secrets);
         if !allow_duplicate
@@ -658,15 +688,10 @@ impl App {
             ..self.settings.validation
         };
         let parsed = parse_source_value(source, options)?;
-        // Only what the new configuration says changes: a kept key is read and written
-        // back with the new destination secrets.
+        // Only what the new configuration says changes: a kept secret is read and written
+        // back with the new ones, as long as its endpoint is unchanged.
         let previous = self.source_secrets(&record, true).await.ok();
-        let secrets = parsed.secrets(previous.as_ref()).ok_or_else(|| {
-            Error::config(
-                "source.config.apiKey",
-                "is required: no key is stored for this source",
-            )
-        })?;
+        let secrets = parsed.secrets(previous.as_ref().map(|p| (&record.spec, p)))?;
         record.secret_ref = self.put_secrets(id, &secrets).await?;
         self.secrets_cache.lock().expect("not poisoned").remove(id);
         record.account = Some(account_id(&parsed.spec.api_base, &secrets.api_key));
@@ -861,7 +886,31 @@ fn log_run(report: &RunReport) {
     );
 }
 
-async fn default_destination_from_env(vault: &Vault) -> Result<DestinationConfig> {
+/// Names a destination error's field as the user wrote it: `source.config.destination.url`
+/// for a source's own destination, `FORWARD_URL` for the deployment's.
+fn rename_destination_field(err: Error, prefix: &str) -> Error {
+    match err {
+        Error::InvalidConfig { field, message } if prefix == "FORWARD_" => Error::InvalidConfig {
+            field: format!(
+                "FORWARD_{}",
+                field
+                    .trim_start_matches("destination.")
+                    .to_ascii_uppercase()
+            ),
+            message,
+        },
+        Error::InvalidConfig { field, message } => Error::InvalidConfig {
+            field: format!("{prefix}{field}"),
+            message,
+        },
+        other => other,
+    }
+}
+
+async fn default_destination_from_env(
+    vault: &Vault,
+    options: ValidationOptions,
+) -> Result<DestinationConfig> {
     async fn secret_env(vault: &Vault, plain: &str, secret: &str) -> Result<Option<SecretString>> {
         if let Ok(v) = std::env::var(plain)
             && !v.trim().is_empty()
@@ -892,18 +941,10 @@ async fn default_destination_from_env(vault: &Vault) -> Result<DestinationConfig
         _ => Format::Stdout,
     };
     let config = DestinationConfig { format, url, token };
-    config.validate().map_err(|e| match e {
-        Error::InvalidConfig { field, message } => Error::InvalidConfig {
-            field: format!(
-                "FORWARD_{}",
-                field
-                    .trim_start_matches("destination.")
-                    .to_ascii_uppercase()
-            ),
-            message,
-        },
-        other => other,
-    })?;
+    config
+        .validate()
+        .and_then(|()| config.check_transport(options.allow_custom_base_url))
+        .map_err(|e| rename_destination_field(e, "FORWARD_"))?;
     Ok(config)
 }
 

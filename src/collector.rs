@@ -287,6 +287,8 @@ impl Run<'_> {
     }
 
     async fn collect(&mut self, deadline: Instant) -> Result<Stop> {
+        // Before the key goes anywhere: the stored URL may predate the rules or be edited.
+        crate::config::check_stored_base(&self.record.spec.api_base, self.app.settings.validation)?;
         if self.state.as_ref().expect("loaded").value.lifecycle == Lifecycle::Pending {
             self.transition(Lifecycle::Started, "A scheduled run picked the source up.")
                 .await?;

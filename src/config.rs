@@ -32,6 +32,18 @@ pub const DEFAULT_RETRY_WINDOW_MINUTES: f64 = 90.0;
 /// collected. Every run re-reads this window, which costs one request per 100 events in it.
 pub const DEFAULT_LATENESS_MINUTES: f64 = 60.0;
 
+/// Most metadata fields a source may have: they travel as one `X-Sumo-Fields` header on
+/// every batch, and live in the source's state item (DynamoDB items are at most 400 KB).
+pub const MAX_FIELDS: usize = 30;
+/// Longest field name, in bytes.
+pub const MAX_FIELD_NAME_BYTES: usize = 128;
+/// Longest field value, in bytes.
+pub const MAX_FIELD_VALUE_BYTES: usize = 256;
+/// Longest `X-Sumo-Fields` header the fields may make (`k=v,...`, the SIEM fields that
+/// `_siemForward` adds included), in bytes: proxies and servers commonly cap one header
+/// at 4 to 8 KiB.
+pub const MAX_FIELDS_HEADER_BYTES: usize = 4096;
+
 /// The KnowBe4 regions: console host (what users copy from the browser) and API host.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Region {
@@ -184,29 +196,70 @@ pub struct SourceSpec {
 }
 
 impl ParsedSource {
-    /// The secrets to store, with `previous` (the stored ones) filling what this
-    /// configuration left out: an update may omit the API key to keep it. `None` when
-    /// there is no API key at all.
-    pub fn secrets(&self, previous: Option<&SourceSecrets>) -> Option<SourceSecrets> {
-        let api_key = self
-            .api_key
-            .clone()
-            .or_else(|| previous.map(|p| p.api_key.clone()))?;
-        let keep_destination = self.spec.destination.is_some();
-        let pick = |new: &Option<SecretString>, old: Option<&SecretString>| {
-            new.clone()
-                .or_else(|| old.filter(|_| keep_destination).cloned())
+    /// The secrets to store. `previous` is what is stored for the source being updated
+    /// (its configuration and secrets); it fills what this configuration left out, but a
+    /// stored secret is only kept while the endpoint it authenticates to is unchanged:
+    /// the API key while the API base URL is the same, the destination token while the
+    /// destination's format and URL are the same. Otherwise the secret must be given
+    /// again, and the error names its field.
+    pub fn secrets(
+        &self,
+        previous: Option<(&SourceSpec, &SourceSecrets)>,
+    ) -> Result<SourceSecrets> {
+        let api_key = match (&self.api_key, previous) {
+            (Some(key), _) => key.clone(),
+            (None, Some((spec, stored))) if spec.api_base == self.spec.api_base => {
+                stored.api_key.clone()
+            }
+            (None, Some(_)) => {
+                return Err(Error::config(
+                    field("apiKey"),
+                    "is required because baseURL (or region) changed: the stored key is only \
+                     sent to the host it was given for",
+                ));
+            }
+            (None, None) => return Err(Error::config(field("apiKey"), "is required")),
         };
-        Some(SourceSecrets {
+        let Some(destination) = &self.spec.destination else {
+            return Ok(SourceSecrets {
+                api_key,
+                destination_url: None,
+                destination_token: None,
+            });
+        };
+        // The stored destination, when the source had one of the same format.
+        let stored = previous.and_then(|(spec, stored)| {
+            spec.destination
+                .as_ref()
+                .filter(|d| d.format == destination.format)
+                .map(|_| stored)
+        });
+        let destination_url = self
+            .destination_url
+            .clone()
+            .or_else(|| stored.and_then(|s| s.destination_url.clone()));
+        let same_url = |old: &SourceSecrets| match (&destination_url, &old.destination_url) {
+            (Some(new), Some(old)) => new.expose_secret().trim() == old.expose_secret().trim(),
+            (None, None) => true,
+            _ => false,
+        };
+        let destination_token = match (&self.destination_token, stored) {
+            (Some(token), _) => Some(token.clone()),
+            (None, Some(old)) if old.destination_token.is_none() => None,
+            (None, Some(old)) if same_url(old) => old.destination_token.clone(),
+            (None, Some(_)) => {
+                return Err(Error::config(
+                    field("destination.token"),
+                    "is required because destination.url changed: the stored token is only \
+                     sent to the URL it was given for",
+                ));
+            }
+            (None, None) => None,
+        };
+        Ok(SourceSecrets {
             api_key,
-            destination_url: pick(
-                &self.destination_url,
-                previous.and_then(|p| p.destination_url.as_ref()),
-            ),
-            destination_token: pick(
-                &self.destination_token,
-                previous.and_then(|p| p.destination_token.as_ref()),
-            ),
+            destination_url,
+            destination_token,
         })
     }
 }
@@ -369,15 +422,30 @@ fn validate_config(config: HostedConfig, options: ValidationOptions) -> Result<P
 
     let mut fields = BTreeMap::new();
     let mut siem_forward = false;
-    for (key, value) in config.fields.unwrap_or_default() {
-        let path = field(&format!("fields.{key}"));
+    let given = config.fields.unwrap_or_default();
+    if given.len() > MAX_FIELDS {
+        return Err(Error::config(
+            field("fields"),
+            format!(
+                "has {} fields; at most {MAX_FIELDS} are allowed",
+                given.len()
+            ),
+        ));
+    }
+    for (key, value) in given {
+        // Long keys are not quoted back in full: the path would be as long as they are.
+        let shown: String = key.chars().take(MAX_FIELD_NAME_BYTES).collect();
+        let path = field(&format!("fields.{shown}"));
         if key.is_empty()
-            || key.len() > 255
+            || key.len() > MAX_FIELD_NAME_BYTES
             || key.chars().any(|c| c.is_control() || c == ',' || c == '=')
         {
             return Err(Error::config(
                 path,
-                "field names must be 1 to 255 characters without ',', '=' or control characters",
+                format!(
+                    "field names must be 1 to {MAX_FIELD_NAME_BYTES} bytes without ',', '=' or \
+                     control characters"
+                ),
             ));
         }
         let text = match &value {
@@ -389,6 +457,12 @@ fn validate_config(config: HostedConfig, options: ValidationOptions) -> Result<P
         if text.chars().any(char::is_control) {
             return Err(Error::config(path, "must not contain control characters"));
         }
+        if text.len() > MAX_FIELD_VALUE_BYTES {
+            return Err(Error::config(
+                path,
+                format!("must be at most {MAX_FIELD_VALUE_BYTES} bytes"),
+            ));
+        }
         if key == "_siemForward" {
             siem_forward = match text.as_str() {
                 "true" => true,
@@ -397,6 +471,22 @@ fn validate_config(config: HostedConfig, options: ValidationOptions) -> Result<P
             };
         }
         fields.insert(key, text);
+    }
+
+    let header = crate::sink::fields_header(&crate::sink::SourceMeta {
+        fields: fields.clone(),
+        siem_forward,
+        ..Default::default()
+    });
+    if header.len() > MAX_FIELDS_HEADER_BYTES {
+        return Err(Error::config(
+            field("fields"),
+            format!(
+                "make a {}-byte X-Sumo-Fields header; at most {MAX_FIELDS_HEADER_BYTES} bytes \
+                 are allowed",
+                header.len()
+            ),
+        ));
     }
 
     let (region, api_base) = resolve_base(config.base_url, config.region, options)?;
@@ -485,13 +575,16 @@ fn validate_config(config: HostedConfig, options: ValidationOptions) -> Result<P
                 url: url.clone(),
                 token: token.clone(),
             };
-            check.validate().map_err(|e| match e {
-                Error::InvalidConfig { field: f, message } => Error::InvalidConfig {
-                    field: format!("{CONFIG}.{f}"),
-                    message,
-                },
-                other => other,
-            })?;
+            check
+                .validate()
+                .and_then(|()| check.check_transport(options.allow_custom_base_url))
+                .map_err(|e| match e {
+                    Error::InvalidConfig { field: f, message } => Error::InvalidConfig {
+                        field: format!("{CONFIG}.{f}"),
+                        message,
+                    },
+                    other => other,
+                })?;
             (Some(DestinationSpec { format }), url, token)
         }
     };
@@ -516,6 +609,29 @@ fn validate_config(config: HostedConfig, options: ValidationOptions) -> Result<P
         destination_url,
         destination_token,
     })
+}
+
+/// Checks a stored API base URL against the same rules as a new configuration, before a
+/// run sends the key to it: the stored value may predate the rules (a source created
+/// while `KNOWBE4_ALLOW_CUSTOM_BASE_URL=1`) or have been edited in the state store.
+pub fn check_stored_base(api_base: &str, options: ValidationOptions) -> Result<()> {
+    let (_, resolved) =
+        resolve_base(Some(api_base.to_string()), None, options).map_err(|e| match e {
+            Error::InvalidConfig { field, message } => Error::InvalidConfig {
+                field,
+                message: format!(
+                    "the stored API base URL is refused: {message}; update the source"
+                ),
+            },
+            other => other,
+        })?;
+    if resolved != api_base {
+        return Err(Error::config(
+            field("baseURL"),
+            "the stored API base URL is not in the form validation gives it; update the source",
+        ));
+    }
+    Ok(())
 }
 
 /// Resolves `baseURL` / `region` to the API base URL the key will be sent to.
@@ -587,7 +703,7 @@ fn resolve_base(
             ),
         ));
     }
-    let loopback = matches!(host.as_str(), "localhost" | "127.0.0.1" | "[::1]" | "::1");
+    let loopback = crate::sink::is_loopback_host(&host);
     match url.scheme() {
         "https" => {}
         "http" if loopback => {}
@@ -804,39 +920,190 @@ mod tests {
         assert!(parsed.api_key.is_none());
     }
 
-    #[test]
-    fn an_update_keeps_stored_secrets_it_does_not_replace() {
-        let opts = ValidationOptions {
+    fn update_options() -> ValidationOptions {
+        ValidationOptions {
             allow_custom_base_url: false,
             key_optional: true,
-        };
-        let stored = SourceSecrets {
-            api_key: SecretString::from("old-key"),
-            destination_url: Some(SecretString::from(
-                "https://collectors.example/receiver/old",
-            )),
-            destination_token: None,
-        };
+        }
+    }
+
+    /// A stored source (US region, an ndjson destination with a token) to update.
+    fn stored_source() -> (SourceSpec, SourceSecrets) {
+        let parsed = parse(hosted(serde_json::json!({"name":"n","region":"US","apiKey":"old-key",
+            "destination":{"format":"ndjson","url":"https://logs.example/old","token":"old-token"}})))
+        .unwrap();
+        let secrets = parsed.secrets(None).unwrap();
+        (parsed.spec, secrets)
+    }
+
+    #[test]
+    fn an_update_keeps_stored_secrets_it_does_not_replace() {
+        let (spec, stored) = stored_source();
         let with_destination = parse_source_value(
             hosted(serde_json::json!({"name":"n","region":"US",
                 "destination":{"format":"ndjson","url":"https://logs.example/new","token":"t"}})),
-            opts,
+            update_options(),
         )
         .unwrap();
-        let merged = with_destination.secrets(Some(&stored)).unwrap();
+        let merged = with_destination.secrets(Some((&spec, &stored))).unwrap();
         assert_eq!(merged.api_key.expose_secret(), "old-key");
         assert_eq!(
             merged.destination_url.unwrap().expose_secret(),
             "https://logs.example/new"
         );
-        let without =
-            parse_source_value(hosted(serde_json::json!({"name":"n","region":"US"})), opts)
-                .unwrap();
-        let merged = without.secrets(Some(&stored)).unwrap();
+        let same_url = parse_source_value(
+            hosted(serde_json::json!({"name":"renamed","region":"US",
+                "destination":{"format":"ndjson","url":"https://logs.example/old"}})),
+            update_options(),
+        )
+        .unwrap();
+        let merged = same_url.secrets(Some((&spec, &stored))).unwrap();
+        assert_eq!(
+            merged.destination_token.unwrap().expose_secret(),
+            "old-token"
+        );
+        let without = parse_source_value(
+            hosted(serde_json::json!({"name":"n","region":"US"})),
+            update_options(),
+        )
+        .unwrap();
+        let merged = without.secrets(Some((&spec, &stored))).unwrap();
         assert!(
             merged.destination_url.is_none(),
             "no per-source destination any more"
         );
-        assert!(without.secrets(None).is_none(), "no key at all");
+        assert_eq!(
+            field_of(without.secrets(None).err().unwrap()),
+            "source.config.apiKey",
+            "no key at all"
+        );
+    }
+
+    #[test]
+    fn a_stored_secret_is_not_kept_for_a_new_endpoint() {
+        let (spec, stored) = stored_source();
+        let moved_api = parse_source_value(
+            hosted(serde_json::json!({"name":"n","region":"EU",
+                "destination":{"format":"ndjson","url":"https://logs.example/old"}})),
+            update_options(),
+        )
+        .unwrap();
+        let err = moved_api.secrets(Some((&spec, &stored))).err().unwrap();
+        assert_eq!(field_of(err), "source.config.apiKey");
+        let moved_destination = parse_source_value(
+            hosted(serde_json::json!({"name":"n","region":"US",
+                "destination":{"format":"ndjson","url":"https://elsewhere.example/new"}})),
+            update_options(),
+        )
+        .unwrap();
+        let err = moved_destination
+            .secrets(Some((&spec, &stored)))
+            .err()
+            .unwrap();
+        assert_eq!(field_of(err), "source.config.destination.token");
+        // The console host and the API host of one region are the same endpoint.
+        let same_region = parse_source_value(
+            hosted(serde_json::json!({"name":"n","baseURL":"training.knowbe4.com"})),
+            update_options(),
+        )
+        .unwrap();
+        assert!(same_region.secrets(Some((&spec, &stored))).is_ok());
+    }
+
+    #[test]
+    fn destinations_need_https_except_loopback_behind_the_switch() {
+        let with_url = |url: &str, allow: bool| {
+            parse_source_value(
+                hosted(serde_json::json!({"name":"n","apiKey":"k","region":"US",
+                    "destination":{"format":"ndjson","url":url,"token":"t"}})),
+                ValidationOptions {
+                    allow_custom_base_url: allow,
+                    key_optional: false,
+                },
+            )
+        };
+        for (url, allow) in [
+            ("http://logs.example/x", false),
+            ("http://logs.example/x", true),
+            ("http://127.0.0.1:9/x", false),
+            ("http://10.0.0.1/x", true),
+        ] {
+            let err = with_url(url, allow)
+                .err()
+                .unwrap_or_else(|| panic!("{url} {allow}"));
+            assert_eq!(
+                field_of(err),
+                "source.config.destination.url",
+                "{url} {allow}"
+            );
+        }
+        assert!(with_url("https://logs.example/x", false).is_ok());
+        assert!(with_url("http://127.0.0.1:9/x", true).is_ok());
+        assert!(with_url("http://localhost:9/x", true).is_ok());
+    }
+
+    #[test]
+    fn stored_base_urls_are_checked_like_new_ones() {
+        let deployed = ValidationOptions::default();
+        let allow = ValidationOptions {
+            allow_custom_base_url: true,
+            key_optional: false,
+        };
+        assert!(check_stored_base("https://api.events.knowbe4.com", deployed).is_ok());
+        assert!(check_stored_base("http://127.0.0.1:8787", allow).is_ok());
+        for (base, options) in [
+            ("http://127.0.0.1:8787", deployed),
+            ("https://evil.example", deployed),
+            ("http://api.events.knowbe4.com", deployed),
+            ("http://10.0.0.1:8787", allow),
+            ("https://training.knowbe4.com", deployed),
+        ] {
+            let err = check_stored_base(base, options)
+                .err()
+                .unwrap_or_else(|| panic!("{base}"));
+            assert_eq!(field_of(err), "source.config.baseURL", "{base}");
+        }
+    }
+
+    #[test]
+    fn fields_are_bounded_and_rejections_name_the_field() {
+        let with_fields = |fields: serde_json::Value| {
+            parse(hosted(
+                serde_json::json!({"name":"n","apiKey":"k","region":"US","fields":fields}),
+            ))
+        };
+        let many: serde_json::Map<_, _> = (0..=MAX_FIELDS)
+            .map(|i| (format!("f{i}"), serde_json::Value::from("v")))
+            .collect();
+        assert_eq!(
+            field_of(with_fields(many.into()).err().unwrap()),
+            "source.config.fields"
+        );
+        let long_key = "k".repeat(MAX_FIELD_NAME_BYTES + 1);
+        let err = with_fields(serde_json::json!({ long_key: "v" }))
+            .err()
+            .unwrap();
+        assert!(field_of(err).starts_with("source.config.fields.kkk"));
+        let err = with_fields(serde_json::json!({"team": "v".repeat(MAX_FIELD_VALUE_BYTES + 1)}))
+            .err()
+            .unwrap();
+        assert_eq!(field_of(err), "source.config.fields.team");
+        // Each field within its limits, but together too long for one header.
+        let wide: serde_json::Map<_, _> = (0..20)
+            .map(|i| {
+                (
+                    format!("{i:0>100}"),
+                    serde_json::Value::from("v".repeat(MAX_FIELD_VALUE_BYTES)),
+                )
+            })
+            .collect();
+        assert_eq!(
+            field_of(with_fields(wide.into()).err().unwrap()),
+            "source.config.fields"
+        );
+        let fine: serde_json::Map<_, _> = (0..MAX_FIELDS)
+            .map(|i| (format!("f{i}"), serde_json::Value::from("value")))
+            .collect();
+        assert!(with_fields(fine.into()).is_ok());
     }
 }

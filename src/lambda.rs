@@ -55,7 +55,7 @@ pub async fn handle(
 
 /// Runs the Lambda runtime loop.
 pub async fn run() -> Result<(), lambda_runtime::Error> {
-    lambda_runtime::tracing::init_default_subscriber();
+    crate::logging::init_lambda();
     let app = App::from_env().await?;
     let app = &app;
     lambda_runtime::run(service_fn(

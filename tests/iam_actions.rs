@@ -222,6 +222,146 @@ fn test_only_functions_are_not_called_by_deployed_code() {
     }
 }
 
+/// The template's text and its meaningful lines.
+fn template() -> String {
+    std::fs::read_to_string(root().join("infra/template.yaml")).expect("infra/template.yaml")
+}
+
+/// The lines of the block at `lines[at]` (itself included), joined.
+fn block_text(lines: &[Line<'_>], at: usize) -> String {
+    lines[at..block_end(lines, at)]
+        .iter()
+        .map(|l| l.text)
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The line index of resource `id`.
+fn resource(lines: &[Line<'_>], id: &str) -> usize {
+    resources(lines)
+        .into_iter()
+        .find(|(name, _)| name == id)
+        .unwrap_or_else(|| panic!("no resource {id}"))
+        .1
+}
+
+/// Issue 10, finding 5: per-source secrets live under `<stack>/sources/`, in the
+/// environment and in the policy alike, where neither the stack's own secrets nor another
+/// stack's can be.
+#[test]
+fn source_secrets_are_scoped_to_the_stacks_own_prefix() {
+    let template = template();
+    let lines = lines(&template);
+    let function = resource(&lines, "Function");
+    let variables = child(
+        &lines,
+        property(&lines, function, "Environment").unwrap(),
+        "Variables",
+    )
+    .expect("Environment.Variables");
+    let prefix_line = child(&lines, variables, "SECRET_PREFIX").expect("SECRET_PREFIX");
+    let prefix = value_of(lines[prefix_line].text, "SECRET_PREFIX").unwrap();
+    assert_eq!(prefix, "!Sub ${AWS::StackName}/sources/", "SECRET_PREFIX");
+
+    let role = resource(&lines, "FunctionRole");
+    let policies = block_text(&lines, role);
+    let statement = policies
+        .split("- Sid: ")
+        .find(|s| s.starts_with("SourceSecrets"))
+        .expect("a SourceSecrets statement");
+    let arn = statement
+        .lines()
+        .find_map(|l| value_of(l, "Resource"))
+        .expect("its Resource");
+    assert!(
+        arn.ends_with(":secret:${AWS::StackName}/sources/*"),
+        "SourceSecrets must be scoped to SECRET_PREFIX: {arn}"
+    );
+    for own in ["ForwardUrlSecret", "ForwardTokenSecret"] {
+        let at = resource(&lines, own);
+        let name = value_of(lines[property(&lines, at, "Name").unwrap()].text, "Name").unwrap();
+        let name = name.trim_start_matches("!Sub ");
+        assert!(
+            !name.starts_with("${AWS::StackName}/sources/"),
+            "{own} ({name}) is inside the per-source prefix"
+        );
+    }
+    // A source id cannot reach outside the prefix: ids are letters, digits, '-' and '_'.
+    assert!(!statement.contains("knowbe4-source/*"), "{statement}");
+}
+
+/// Issue 10, finding 11: the Scheduler role can be assumed only for this stack's
+/// schedule (`aws:SourceArn`), not by any schedule of the account.
+#[test]
+fn the_schedule_role_trusts_only_this_stacks_schedule() {
+    let template = template();
+    let lines = lines(&template);
+    let schedule = resource(&lines, "Schedule");
+    let name = value_of(
+        lines[property(&lines, schedule, "Name").expect("a named schedule")].text,
+        "Name",
+    )
+    .unwrap()
+    .trim_start_matches("!Sub ")
+    .to_string();
+    let role = resource(&lines, "ScheduleRole");
+    let trust = block_text(
+        &lines,
+        property(&lines, role, "AssumeRolePolicyDocument").unwrap(),
+    );
+    let source_arn = trust
+        .lines()
+        .find_map(|l| value_of(l, "aws:SourceArn"))
+        .expect("an aws:SourceArn condition in the ScheduleRole trust policy");
+    assert_eq!(
+        source_arn,
+        format!(
+            "!Sub arn:${{AWS::Partition}}:scheduler:${{AWS::Region}}:${{AWS::AccountId}}:schedule/default/{name}"
+        )
+    );
+    assert!(trust.contains("aws:SourceAccount"), "{trust}");
+    // The role's one permission is invoking this function.
+    let policies = block_text(&lines, property(&lines, role, "Policies").unwrap());
+    assert!(
+        policies.contains("Action: lambda:InvokeFunction"),
+        "{policies}"
+    );
+    assert!(
+        policies.contains("Resource: !GetAtt Function.Arn"),
+        "{policies}"
+    );
+}
+
+/// Issue 10, finding 6 (the template's half): no `LogLevel` the template allows is
+/// `TRACE`, at which the Lambda runtime logs raw payloads.
+#[test]
+fn the_template_allows_no_trace_log_level() {
+    let template = template();
+    let allowed = log_levels_allowed(&template);
+    assert!(allowed.contains(&"DEBUG".to_string()), "{allowed:?}");
+    assert!(
+        !allowed.iter().any(|l| l.eq_ignore_ascii_case("TRACE")),
+        "{allowed:?}"
+    );
+}
+
+/// The `AllowedValues` of the `LogLevel` parameter.
+fn log_levels_allowed(template: &str) -> Vec<String> {
+    let lines = lines(template);
+    let parameters = lines
+        .iter()
+        .position(|l| l.indent == 0 && value_of(l.text, "Parameters").is_some())
+        .expect("Parameters");
+    let level = child(&lines, parameters, "LogLevel").expect("a LogLevel parameter");
+    let values = child(&lines, level, "AllowedValues").expect("LogLevel.AllowedValues");
+    value_of(lines[values].text, "AllowedValues")
+        .unwrap()
+        .trim_matches(|c| c == '[' || c == ']')
+        .split(',')
+        .map(|v| v.trim().to_string())
+        .collect()
+}
+
 // ------------------------------------------------------------------ the template side
 
 /// A line of the template without its comment, with its indentation.
@@ -528,6 +668,10 @@ fn sdk_actions_in(root: &Path) -> BTreeSet<String> {
                 actions.extend(dynamodb_actions(&name, &code, &path, line));
             } else if in_secrets {
                 actions.insert(format!("secretsmanager:{}", pascal_case(&name)));
+                // Tags given on CreateSecret are authorised as TagResource too.
+                if name == "create_secret" && code.contains(".tags(") {
+                    actions.insert("secretsmanager:TagResource".to_string());
+                }
             }
         }
     }

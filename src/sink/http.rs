@@ -8,7 +8,8 @@
 //! stack, so order is kept and a refused batch is never sent again as is. A single event
 //! refused that way cannot be delivered by waiting: it is counted, the other events are
 //! still delivered, and the send fails at the end naming it. Every other failure (bad
-//! credentials, retries exhausted by the deadline) stops the send at once.
+//! credentials, a redirect, retries exhausted by the deadline) stops the send at once.
+//! Of a reply, at most [`MAX_REPLY_BYTES`] are read, as sent (no decompression).
 //!
 //! Compression uses `Compression::fast()` (level 1): the collector runs in Lambda where CPU
 //! time is what is paid for, and KnowBe4 events (the same keys on every line) already
@@ -27,7 +28,9 @@ use tokio::time::Instant;
 
 use super::retry::{self, RetryPolicy};
 use super::splunk::EnvelopeEncoder;
-use super::{Format, MAX_BATCH_BYTES, SendReport, SourceMeta, ndjson, splunk, sumo};
+use super::{
+    Format, MAX_BATCH_BYTES, MAX_REPLY_BYTES, SendReport, SourceMeta, ndjson, splunk, sumo,
+};
 use crate::error::Error;
 use crate::event::RawEvent;
 
@@ -241,10 +244,23 @@ impl HttpDestination {
                 Ok(response) => {
                     let status = response.status().as_u16();
                     let retry_after = retry::retry_after(response.headers());
-                    // Read the answer so the connection goes back to the pool.
-                    let answer = response.bytes().await.unwrap_or_default();
+                    // Read (a bounded part of) the answer so the connection can go back
+                    // to the pool and an error text can be quoted.
+                    let answer = read_bounded(response, MAX_REPLY_BYTES).await;
                     if (200..300).contains(&status) {
                         return Ok(Outcome::Accepted);
+                    }
+                    if (300..400).contains(&status) {
+                        // Never followed: the events would go to another host (with the
+                        // Sumo URL, a secret, in `Referer`), or a 302 would turn the POST
+                        // into a GET without a body that "succeeds".
+                        return Err(Error::Destination {
+                            message: format!(
+                                "{label} answered HTTP {status}, a redirect; redirects are not \
+                                 followed (check the destination URL)"
+                            ),
+                            status: Some(status),
+                        });
                     }
                     let detail = match self.format {
                         Format::SplunkHec => splunk::error_text(&answer),
@@ -321,6 +337,23 @@ impl HttpDestination {
             report.retries += 1;
         }
     }
+}
+
+/// Reads at most `limit` bytes of a reply's body (as sent: the destination client does
+/// not decompress). A failure while reading ends the read: the status already decided
+/// what happened, the body only adds detail.
+async fn read_bounded(mut response: reqwest::Response, limit: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    while out.len() < limit {
+        match response.chunk().await {
+            Ok(Some(chunk)) => {
+                let room = limit - out.len();
+                out.extend_from_slice(&chunk[..chunk.len().min(room)]);
+            }
+            Ok(None) | Err(_) => break,
+        }
+    }
+    out
 }
 
 /// Gzips a body in one pass into a buffer sized for typical JSON compression.

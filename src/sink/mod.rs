@@ -33,6 +33,7 @@ pub use splunk::{
     EVENT_PATH as SPLUNK_EVENT_PATH, HOST as SPLUNK_HOST, SOURCETYPE as SPLUNK_SOURCETYPE,
 };
 pub use sumo::SIEM_PARSER;
+pub(crate) use sumo::fields_header;
 
 use crate::error::Error;
 use crate::event::RawEvent;
@@ -42,6 +43,39 @@ use http::HttpDestination;
 /// request; Splunk HEC accepts this size with its default limits. One event larger than
 /// this is sent alone.
 pub const MAX_BATCH_BYTES: usize = 1_000_000;
+
+/// Most bytes of a destination's reply that are read. A reply is only inspected for an
+/// error text (Splunk's `{"text": ...}`), which is short; reading more would let a
+/// destination (or whoever answers in its name) fill the collector's memory.
+pub const MAX_REPLY_BYTES: usize = 64 * 1024;
+
+/// The HTTP client for destinations, separate from the KnowBe4 one: it follows no
+/// redirect (a `3xx` is a failed delivery, never a delivery somewhere else, and a Sumo URL
+/// is itself a secret that a redirect would carry away in `Referer`), sends no `Referer`,
+/// and does not decompress replies (a small gzip reply can expand to gigabytes).
+pub fn http_client() -> Result<reqwest::Client, Error> {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .referer(false)
+        .no_gzip()
+        .connect_timeout(std::time::Duration::from_secs(10))
+        .pool_idle_timeout(std::time::Duration::from_secs(60))
+        .user_agent(concat!("knowbe4-source/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| Error::Destination {
+            message: format!("building the destination HTTP client failed: {e}"),
+            status: None,
+        })
+}
+
+/// Whether `host` (as `Url::host_str` gives it) is this machine.
+pub(crate) fn is_loopback_host(host: &str) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
 
 /// Metadata of the source, for headers and envelopes.
 #[derive(Clone, Debug, Default)]
@@ -153,6 +187,33 @@ impl DestinationConfig {
         Ok(())
     }
 
+    /// Checks the transport rule on top of [`validate`](Self::validate): `https://`
+    /// only, except plain `http://` to a loopback address when `allow_plain_http_loopback`
+    /// (`KNOWBE4_ALLOW_CUSTOM_BASE_URL=1`, the switch for the simulator and tests). A token
+    /// or a Sumo URL sent over plain http to another host could be read on the way.
+    pub fn check_transport(&self, allow_plain_http_loopback: bool) -> Result<(), Error> {
+        let Some(url) = self.parsed_url()? else {
+            return Ok(());
+        };
+        match url.scheme() {
+            "https" => Ok(()),
+            _ if allow_plain_http_loopback && url.host_str().is_some_and(is_loopback_host) => {
+                Ok(())
+            }
+            _ if allow_plain_http_loopback => Err(Error::config(
+                "destination.url",
+                "must use https (plain http is only allowed to a loopback address)",
+            )),
+            _ => Err(Error::config(
+                "destination.url",
+                format!(
+                    "must use https (plain http to a loopback address needs {}=1)",
+                    crate::config::ALLOW_CUSTOM_BASE_URL_ENV
+                ),
+            )),
+        }
+    }
+
     /// The URL, parsed and checked (`None` for stdout).
     fn parsed_url(&self) -> Result<Option<reqwest::Url>, Error> {
         if !self.format.is_http() {
@@ -253,7 +314,8 @@ impl fmt::Debug for Destination {
 
 impl Destination {
     /// Validates `config` and prepares the destination; `http` is shared so connections
-    /// are pooled across sends.
+    /// are pooled across sends. It should come from [`http_client`]: with another client
+    /// a redirect may be followed before the send sees it.
     pub fn new(config: DestinationConfig, http: reqwest::Client) -> Result<Self, Error> {
         let url = config.parsed_url()?;
         let authorization = config.authorization()?;

@@ -6,6 +6,12 @@
 //! one: a crash mid-write leaves either the old or the new document, never a torn one.
 //! The same conditions as DynamoDB (state version, lease fence) apply, so local runs
 //! behave like deployed ones.
+//!
+//! The file can hold API keys, so on Unix: the directory is created with mode 0700; the
+//! temporary file gets a random name and is created exclusively (`O_CREAT|O_EXCL`, which
+//! refuses any existing path, symlinks included) with `O_NOFOLLOW` and mode 0600 from the
+//! start, so nothing placed in the directory beforehand receives the secrets; the lock
+//! file is opened with `O_NOFOLLOW` too.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
@@ -123,13 +129,13 @@ impl FileStore {
         f: impl FnOnce(&mut Document) -> Result<T>,
     ) -> Result<T> {
         if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            fs::create_dir_all(dir)
+            create_private_dir(dir)
                 .map_err(|e| Error::store(format!("creating {}", dir.display()), e))?;
         }
-        let lock = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
+        let mut options = OpenOptions::new();
+        options.create(true).truncate(false).write(true);
+        no_follow(&mut options, 0o600);
+        let lock = options
             .open(&self.lock_path)
             .map_err(|e| Error::store(format!("opening {}", self.lock_path.display()), e))?;
         lock.lock()
@@ -156,17 +162,17 @@ impl FileStore {
     fn write_atomically(&self, doc: &Document) -> Result<()> {
         let bytes = serde_json::to_vec_pretty(doc)
             .map_err(|e| Error::store("serialising the state file", e))?;
+        // A name nobody can guess, created exclusively: a file or symlink planted at a
+        // predictable name would otherwise receive the document (and its secrets).
         let mut tmp = self.path.clone().into_os_string();
-        tmp.push(format!(".tmp-{}", std::process::id()));
+        tmp.push(format!(".tmp-{}", uuid::Uuid::new_v4().simple()));
         let tmp = PathBuf::from(tmp);
         let result = (|| -> std::io::Result<()> {
-            let mut file = File::create(&tmp)?;
-            #[cfg(unix)]
-            {
-                use std::os::unix::fs::PermissionsExt;
-                // The file may hold API keys in local mode: owner-only.
-                file.set_permissions(fs::Permissions::from_mode(0o600))?;
-            }
+            let mut options = OpenOptions::new();
+            options.write(true).create_new(true);
+            // The file may hold API keys in local mode: owner-only from its creation.
+            no_follow(&mut options, 0o600);
+            let mut file = options.open(&tmp)?;
             file.write_all(&bytes)?;
             file.sync_all()?;
             crate::failpoint::hit("state_file_before_rename");
@@ -208,6 +214,31 @@ impl FileStore {
         })
         .await
     }
+}
+
+/// Creates `dir` (and missing parents) with mode 0700 on Unix. An existing directory is
+/// left as it is: it is the user's.
+fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    let mut builder = fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        builder.mode(0o700);
+    }
+    builder.create(dir)
+}
+
+/// On Unix: open with `O_NOFOLLOW` (a symlink at the path is an error, not followed) and
+/// create with `mode`.
+fn no_follow(options: &mut OpenOptions, mode: u32) {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(mode).custom_flags(libc::O_NOFOLLOW);
+    }
+    #[cfg(not(unix))]
+    let _ = (options, mode);
 }
 
 fn lease_is_held(doc: &Document, lease: &Lease) -> bool {

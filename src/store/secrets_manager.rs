@@ -1,7 +1,14 @@
 //! Sources' secrets in AWS Secrets Manager: one secret per source, named
-//! `{prefix}{source_id}` (callers use the prefix `knowbe4-source/`), holding the JSON
-//! [`SecretDocument`] (`{"apiKey": ..., "destinationUrl": ..., "destinationToken": ...}`).
-//! The state store keeps only the secret's ARN.
+//! `{prefix}{source_id}` (the stack's prefix is `<stack>/sources/`, which no other secret
+//! of the stack or of another stack shares), holding the JSON [`SecretDocument`]
+//! (`{"apiKey": ..., "destinationUrl": ..., "destinationToken": ...}`). The state store
+//! keeps only the secret's ARN.
+//!
+//! A secret is only ever written when it is this source's: it is created with the tags
+//! [`SOURCE_TAG`] = source id and [`PREFIX_TAG`] = prefix, and an existing secret of the
+//! same name is given a new value only when it carries both (so a source id can never
+//! overwrite a secret it did not create). Deleting a source schedules its secret's
+//! deletion with a [`RECOVERY_WINDOW_DAYS`]-day recovery window.
 //!
 //! Values never leave this module except as `SecretString`; errors name the secret and
 //! say what went wrong, never what it holds. A missing, unreadable or malformed secret is
@@ -10,6 +17,7 @@
 
 use aws_sdk_secretsmanager::Client;
 use aws_sdk_secretsmanager::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_secretsmanager::types::Tag;
 use secrecy::{ExposeSecret, SecretString};
 
 use crate::error::{Error, Result};
@@ -23,6 +31,14 @@ const CONFIG_ERROR_CODES: &[&str] = &[
     "DecryptionFailure",
     "AccessDeniedException",
 ];
+
+/// Tag naming the source a secret belongs to.
+pub const SOURCE_TAG: &str = "knowbe4-source:source-id";
+/// Tag naming the prefix (the deployment) a secret belongs to.
+pub const PREFIX_TAG: &str = "knowbe4-source:secret-prefix";
+/// Days a deleted source's secret can still be restored (`RestoreSecret`); 7 is the
+/// shortest window Secrets Manager allows.
+pub const RECOVERY_WINDOW_DAYS: i64 = 7;
 
 /// Reads and writes sources' secrets in Secrets Manager.
 #[derive(Clone, Debug)]
@@ -48,8 +64,11 @@ impl SecretsManagerVault {
         format!("{}{source_id}", self.prefix)
     }
 
-    /// Stores `secrets` as the secret `{prefix}{source_id}`: creates it, or puts a new
-    /// current value when it already exists. Returns the secret's ARN.
+    /// Stores `secrets` as the secret `{prefix}{source_id}`: creates it (tagged as this
+    /// source's), or puts a new current value when it exists and is tagged as this
+    /// source's (restoring it first when its deletion is scheduled). A secret of that
+    /// name that is not this source's is left alone: a configuration error. Returns the
+    /// secret's ARN.
     pub async fn put(&self, source_id: &str, secrets: &SourceSecrets) -> Result<String> {
         let name = self.secret_name(source_id);
         // Held as a SecretString so the serialised copy is zeroed when dropped.
@@ -61,23 +80,59 @@ impl SecretsManagerVault {
                     config: false,
                 }
             })?);
+        let tag = |key: &str, value: &str| Tag::builder().key(key).value(value).build();
         let created = self
             .client
             .create_secret()
             .name(&name)
             .description("KnowBe4 source secrets (API key, destination) of knowbe4-source.")
             .secret_string(body.expose_secret())
+            .tags(tag(SOURCE_TAG, source_id))
+            .tags(tag(PREFIX_TAG, &self.prefix))
             .send()
             .await;
         let err = match created {
             Ok(out) => return arn(&name, out.arn()),
             Err(err) => err,
         };
+        // A name scheduled for deletion is refused with InvalidRequestException.
         if !err
             .as_service_error()
-            .is_some_and(|e| e.is_resource_exists_exception())
+            .is_some_and(|e| e.is_resource_exists_exception() || e.is_invalid_request_exception())
         {
             return Err(secret_error(&name, "CreateSecret", err));
+        }
+        let existing = self
+            .client
+            .describe_secret()
+            .secret_id(&name)
+            .send()
+            .await
+            .map_err(|e| secret_error(&name, "DescribeSecret", e))?;
+        let tagged = |key: &str, value: &str| {
+            existing
+                .tags()
+                .iter()
+                .any(|t| t.key() == Some(key) && t.value() == Some(value))
+        };
+        if !(tagged(SOURCE_TAG, source_id) && tagged(PREFIX_TAG, &self.prefix)) {
+            return Err(Error::Secret {
+                name,
+                message: format!(
+                    "a secret of this name exists and is not tagged as source {source_id}'s \
+                     ({SOURCE_TAG}, {PREFIX_TAG}); it is left alone: choose another source id \
+                     or SECRET_PREFIX"
+                ),
+                config: true,
+            });
+        }
+        if existing.deleted_date().is_some() {
+            self.client
+                .restore_secret()
+                .secret_id(&name)
+                .send()
+                .await
+                .map_err(|e| secret_error(&name, "RestoreSecret", e))?;
         }
         let out = self
             .client
@@ -146,14 +201,16 @@ impl SecretsManagerVault {
         Ok(SecretString::from(text.to_string()))
     }
 
-    /// Deletes a secret at once (no recovery window). A secret that does not exist is
-    /// not an error.
+    /// Schedules a secret's deletion after a [`RECOVERY_WINDOW_DAYS`]-day recovery
+    /// window: a mistaken delete (or one naming the wrong secret) can be undone with
+    /// `RestoreSecret`. A secret that does not exist, or whose deletion is already
+    /// scheduled, is not an error.
     pub async fn delete(&self, secret_id: &str) -> Result<()> {
         let result = self
             .client
             .delete_secret()
             .secret_id(secret_id)
-            .force_delete_without_recovery(true)
+            .recovery_window_in_days(RECOVERY_WINDOW_DAYS)
             .send()
             .await;
         match result {
@@ -166,8 +223,28 @@ impl SecretsManagerVault {
                 tracing::debug!(secret_id, "Secret already gone, nothing to delete.");
                 Ok(())
             }
+            // Secrets Manager refuses to delete a secret marked deleted again.
+            Err(err)
+                if err
+                    .as_service_error()
+                    .is_some_and(|e| e.is_invalid_request_exception())
+                    && self.is_marked_deleted(secret_id).await =>
+            {
+                tracing::debug!(secret_id, "Secret deletion already scheduled.");
+                Ok(())
+            }
             Err(err) => Err(secret_error(secret_id, "DeleteSecret", err)),
         }
+    }
+
+    /// Whether the secret exists with its deletion scheduled.
+    async fn is_marked_deleted(&self, secret_id: &str) -> bool {
+        self.client
+            .describe_secret()
+            .secret_id(secret_id)
+            .send()
+            .await
+            .is_ok_and(|d| d.deleted_date().is_some())
     }
 
     /// The current string value of a secret.

@@ -76,6 +76,24 @@ pub fn unique(name: &str) -> String {
     )
 }
 
+/// A fresh canary secret: `canary-<label>-<random>`, unlikely to appear by accident.
+pub fn canary(label: &str) -> String {
+    format!("canary-{label}-{}", uuid::Uuid::new_v4().simple())
+}
+
+/// A [`harness`] whose simulator holds `events` events and accepts a fresh canary key;
+/// returns the key with it.
+pub async fn harness_with_canary_key(events: usize) -> (String, Harness) {
+    let key = canary("key");
+    let h = harness(SimConfig {
+        api_key: key.clone(),
+        events,
+        ..SimConfig::default()
+    })
+    .await;
+    (key, h)
+}
+
 /// Starts the simulator and sink, creates a table in moto, builds the app.
 pub async fn harness(sim: SimConfig) -> Harness {
     let config = aws_config().await;
@@ -91,7 +109,7 @@ pub async fn harness(sim: SimConfig) -> Harness {
     let app = App::new(
         Arc::new(DynamoStore::new(dynamo.clone(), table.clone())),
         Vault::SecretsManager(SecretsManagerVault::new(secrets.clone(), prefix.clone())),
-        reqwest::Client::new(),
+        knowbe4_source::app::knowbe4_http_client().expect("a client"),
         DestinationConfig {
             format: Format::Sumo,
             url: Some(SecretString::from(sink.url())),
@@ -116,7 +134,7 @@ pub fn local_app(dir: &std::path::Path, sink: &RecordingSink) -> App {
     App::new(
         Arc::new(file.clone()),
         Vault::Local(file),
-        reqwest::Client::new(),
+        knowbe4_source::app::knowbe4_http_client().expect("a client"),
         DestinationConfig {
             format: Format::Ndjson,
             url: Some(SecretString::from(sink.url())),

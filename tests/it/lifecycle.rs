@@ -159,13 +159,25 @@ async fn delete_removes_every_item_and_the_secret() {
 
     h.app.delete(&id).await.unwrap();
     assert!(table_dump(&h).await.is_empty(), "items left after delete");
-    let gone = h
+    // Scheduled for deletion after a recovery window (issue 10, finding 5), not at once.
+    let scheduled = h
         .secrets
         .describe_secret()
         .secret_id(&secret_name)
         .send()
+        .await
+        .expect("the secret waits out its recovery window");
+    assert!(
+        scheduled.deleted_date().is_some(),
+        "the secret was not scheduled for deletion"
+    );
+    let read = h
+        .secrets
+        .get_secret_value()
+        .secret_id(&secret_name)
+        .send()
         .await;
-    assert!(gone.is_err(), "the secret survived the delete");
+    assert!(read.is_err(), "a deleted source's secret is still readable");
     assert!(h.app.status(Some(&id)).await.is_err());
     let report = collect_source(&h.app, &id, deadline(10)).await;
     assert_eq!(report.outcome, Outcome::Skipped);

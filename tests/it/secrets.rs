@@ -1,4 +1,5 @@
-//! Secret canaries: an API key and destination URLs carrying random tokens, followed
+//! Secret canaries: an API key, destination URLs carrying random tokens, a bearer and a
+//! Splunk HEC token, followed
 //! through everything the collector writes — logs at trace level from the real binary in
 //! both modes, `Debug` output, health events, state items, the local state file and the
 //! forwarded data — plus the rotation of a key.
@@ -16,11 +17,6 @@ use knowbe4_source::sim::{SimConfig, Simulator};
 use knowbe4_source::store::dynamo::DynamoStore;
 
 use crate::helpers::*;
-
-/// A fresh canary: `canary-<label>-<random>`, unlikely to appear by accident.
-fn canary(label: &str) -> String {
-    format!("canary-{label}-{}", uuid::Uuid::new_v4().simple())
-}
 
 /// The secrets of one test, and where each was seen.
 struct Canaries {
@@ -124,6 +120,7 @@ async fn drive(
     sim: &Simulator,
     sink: &RecordingSink,
     own_sink: &RecordingSink,
+    hec_sink: &RecordingSink,
     canaries: &Canaries,
 ) {
     let secret = |what: &str| {
@@ -159,7 +156,24 @@ async fn drive(
             }}),
         ),
     );
-    for (file, id) in [(&good, "good"), (&wrong, "wrong"), (&own, "own")] {
+    let hec = bin.file(
+        "hec.json",
+        &source_json(
+            &sim.base_url(),
+            &key,
+            serde_json::json!({"destination": {
+                "format": "splunk-hec",
+                "url": hec_sink.url(),
+                "token": secret("HEC token"),
+            }}),
+        ),
+    );
+    for (file, id) in [
+        (&good, "good"),
+        (&wrong, "wrong"),
+        (&own, "own"),
+        (&hec, "hec"),
+    ] {
         let code = bin
             .run(&["sources", "create", "--file", file, "--id", id])
             .await;
@@ -177,8 +191,15 @@ async fn drive(
         "{:?}",
         bin.last()
     );
+    assert_eq!(
+        bin.run(&["collect", "--source", "hec"]).await,
+        Some(0),
+        "{:?}",
+        bin.last()
+    );
     assert_eq!(sink.event_ids().len(), sim.event_ids().len());
     assert_eq!(own_sink.event_ids().len(), sim.event_ids().len());
+    assert_eq!(hec_sink.event_ids().len(), sim.event_ids().len());
     // 401, then the forced re-read of the secret, then a ThirdPartyConfigError.
     assert_eq!(
         bin.run(&["collect", "--source", "wrong"]).await,
@@ -225,20 +246,58 @@ async fn drive(
     assert_eq!(good_health[0]["kind"], "FirstPartyGenericError");
 }
 
-/// Every header and body the destinations received holds no KnowBe4 key.
-fn assert_forwarded_clean(sinks: &[&RecordingSink], keys: &Canaries) {
-    for sink in sinks {
+/// Every request each destination received (path, headers, body) holds none of the
+/// canaries but its own: no KnowBe4 key, and no other destination's URL token, bearer or
+/// HEC token.
+fn assert_each_sink_gets_only_its_own(sinks: &[(&RecordingSink, &[&str])], canaries: &Canaries) {
+    for (sink, own) in sinks {
+        let others = Canaries {
+            secrets: canaries
+                .secrets
+                .iter()
+                .filter(|(what, _)| !own.contains(what))
+                .cloned()
+                .collect(),
+        };
         for request in sink.requests() {
+            others.assert_absent("the path of a forwarded request", &request.path);
             let headers = format!("{:?}", request.headers);
-            keys.assert_absent("the headers of a forwarded request", &headers);
-            keys.assert_absent("a forwarded body", &String::from_utf8_lossy(&request.body));
+            others.assert_absent("the headers of a forwarded request", &headers);
+            others.assert_absent("a forwarded body", &String::from_utf8_lossy(&request.body));
         }
     }
 }
 
-/// Both modes' shared setup: a simulator accepting the key, and two sinks (the
-/// deployment's, and one a source names itself).
-async fn fixtures() -> (Canaries, Simulator, RecordingSink, RecordingSink) {
+/// The three destinations of [`fixtures`] and the canaries each may receive.
+fn each_sink_gets_only_its_own(
+    sink: &RecordingSink,
+    own_sink: &RecordingSink,
+    hec_sink: &RecordingSink,
+    canaries: &Canaries,
+) {
+    assert_each_sink_gets_only_its_own(
+        &[
+            (sink, &["deployment's destination URL token"]),
+            (
+                own_sink,
+                &["source's destination URL token", "destination bearer token"],
+            ),
+            (hec_sink, &["HEC destination URL token", "HEC token"]),
+        ],
+        canaries,
+    );
+}
+
+/// Both modes' shared setup: a simulator accepting the key, and three sinks (the
+/// deployment's Sumo-style one, an NDJSON one with a bearer token and a Splunk HEC one
+/// that sources name themselves).
+async fn fixtures() -> (
+    Canaries,
+    Simulator,
+    RecordingSink,
+    RecordingSink,
+    RecordingSink,
+) {
     let key = canary("key");
     let sim = Simulator::spawn(SimConfig {
         api_key: key.clone(),
@@ -249,6 +308,7 @@ async fn fixtures() -> (Canaries, Simulator, RecordingSink, RecordingSink) {
     .unwrap();
     let sink = RecordingSink::spawn().await.unwrap();
     let own_sink = RecordingSink::spawn().await.unwrap();
+    let hec_sink = RecordingSink::spawn().await.unwrap();
     let canaries = Canaries {
         secrets: vec![
             ("API key", key),
@@ -262,32 +322,21 @@ async fn fixtures() -> (Canaries, Simulator, RecordingSink, RecordingSink) {
                 "source's destination URL token",
                 own_sink.token().to_string(),
             ),
+            ("HEC token", canary("hec")),
+            ("HEC destination URL token", hec_sink.token().to_string()),
         ],
     };
-    (canaries, sim, sink, own_sink)
-}
-
-/// Only the KnowBe4 keys: what a destination may never receive (a destination does get
-/// its own URL and token).
-fn keys_only(canaries: &Canaries) -> Canaries {
-    Canaries {
-        secrets: canaries
-            .secrets
-            .iter()
-            .filter(|(what, _)| what.contains("API key"))
-            .cloned()
-            .collect(),
-    }
+    (canaries, sim, sink, own_sink, hec_sink)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn local_mode_never_leaks_a_secret_outside_the_state_files_secrets() {
-    let (canaries, sim, sink, own_sink) = fixtures().await;
+    let (canaries, sim, sink, own_sink, hec_sink) = fixtures().await;
     let mut bin = Binary::new(vec![("FORWARD_URL", sink.url())]);
     let state = bin.dir.path().join("state").join("state.json");
     bin.env
         .push(("STATE_FILE".into(), state.to_str().unwrap().into()));
-    drive(&mut bin, &sim, &sink, &own_sink, &canaries).await;
+    drive(&mut bin, &sim, &sink, &own_sink, &hec_sink, &canaries).await;
     bin.assert_no_leak(&canaries, "local mode");
 
     // The state file keeps the secrets in its `secrets` section, and only there.
@@ -304,7 +353,7 @@ async fn local_mode_never_leaks_a_secret_outside_the_state_files_secrets() {
         }
     }
     assert_no_other_file_holds_secrets(bin.dir.path(), &state, &canaries);
-    assert_forwarded_clean(&[&sink, &own_sink], &keys_only(&canaries));
+    each_sink_gets_only_its_own(&sink, &own_sink, &hec_sink, &canaries);
 }
 
 /// Files next to the state file (lock, leftovers of atomic writes) and the source files
@@ -326,7 +375,7 @@ fn assert_no_other_file_holds_secrets(dir: &Path, state: &Path, canaries: &Canar
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn aws_mode_never_leaks_a_secret_outside_secrets_manager() {
-    let (canaries, sim, sink, own_sink) = fixtures().await;
+    let (canaries, sim, sink, own_sink, hec_sink) = fixtures().await;
     let config = aws_config().await;
     let dynamo = aws_sdk_dynamodb::Client::new(&config);
     let secrets = aws_sdk_secretsmanager::Client::new(&config);
@@ -340,7 +389,7 @@ async fn aws_mode_never_leaks_a_secret_outside_secrets_manager() {
         ("AWS_ENDPOINT_URL", aws_endpoint()),
         ("LOG_FORMAT", "json".into()),
     ]);
-    drive(&mut bin, &sim, &sink, &own_sink, &canaries).await;
+    drive(&mut bin, &sim, &sink, &own_sink, &hec_sink, &canaries).await;
     bin.assert_no_leak(&canaries, "AWS mode, JSON logs");
     // The same commands with human-readable logs, against the same state.
     bin.env.retain(|(k, _)| k != "LOG_FORMAT");
@@ -382,7 +431,7 @@ async fn aws_mode_never_leaks_a_secret_outside_secrets_manager() {
             .contains(&canaries.secrets[0].1)
     );
     assert_no_other_file_holds_secrets(bin.dir.path(), Path::new("/nonexistent"), &canaries);
-    assert_forwarded_clean(&[&sink, &own_sink], &keys_only(&canaries));
+    each_sink_gets_only_its_own(&sink, &own_sink, &hec_sink, &canaries);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
