@@ -7,11 +7,14 @@
 //! - [`config`]: the hosted source's JSON, validated into a stored spec and its secrets.
 //! - [`checkpoint`]: what was delivered, and the walk that loses nothing (design inside).
 //! - [`state`]: per-source records: lifecycle, retry streak, counters, lease, health.
+//! - [`status`]: what `status` and `health` show: RFC 3339 times, resolved events, backlog.
 //! - [`secrets`]: a source's secrets and their stored form.
 //! - [`knowbe4`]: the User Event API client, paced at 4 requests per second.
 //! - [`metrics`]: CloudWatch Embedded Metric Format lines for runs and health events.
+//! - [`progress`]: signs of life during long runs: a terminal line, or periodic records.
 //! - [`quota`]: how much of the daily quota a run may spend.
 //! - [`store`]: the state store trait, with DynamoDB and local-file implementations.
+//! - [`aws_env`]: deployed mode's AWS region and credentials, checked before first use.
 //! - [`failpoint`]: crash-test hooks (`KNOWBE4_SOURCE_FAILPOINT`).
 //! - [`event`]: one KnowBe4 event, parsed just enough to order and dedupe it.
 //! - [`error`]: the error type and the health event type of each error.
@@ -20,6 +23,7 @@
 //! - [`recording_sink`]: an HTTP destination on loopback that records what it receives.
 
 pub mod app;
+pub mod aws_env;
 pub mod checkpoint;
 pub mod cli;
 pub mod collector;
@@ -32,12 +36,14 @@ pub mod knowbe4;
 pub mod lambda;
 pub mod logging;
 pub mod metrics;
+pub mod progress;
 pub mod quota;
 pub mod recording_sink;
 pub mod secrets;
 pub mod sim;
 pub mod sink;
 pub mod state;
+pub mod status;
 pub mod store;
 
 pub use error::{Error, HealthKind, Result};
