@@ -260,6 +260,25 @@ const CONFIG: &str = "source.config";
 
 /// Parses and validates the hosted source's JSON (a document with `api.version` and
 /// `source`, or just the `source` object).
+///
+/// ```
+/// use knowbe4_source::config::{ValidationOptions, parse_source};
+///
+/// let json = r#"{"api.version": "v1", "source": {"config": {
+///     "name": "KnowBe4", "baseURL": "https://eu.knowbe4.com", "apiKey": "key",
+///     "licensedUsers": 50}}}"#;
+/// let parsed = parse_source(json, ValidationOptions::default()).unwrap();
+/// assert_eq!(parsed.spec.api_base, "https://api-eu.events.knowbe4.com");
+/// assert_eq!(parsed.spec.daily_request_limit, 500);
+///
+/// // Rejections name the field and say what it must be.
+/// let bad = json.replace("50", "-5");
+/// let err = parse_source(&bad, ValidationOptions::default()).err().unwrap();
+/// assert_eq!(
+///     err.to_string(),
+///     "invalid configuration: source.config.licensedUsers: must be a whole number from 1 to 4294967295"
+/// );
+/// ```
 pub fn parse_source(json: &str, options: ValidationOptions) -> Result<ParsedSource> {
     // A UTF-8 byte order mark (Windows editors) is not JSON but harmless.
     let json = json.strip_prefix('\u{feff}').unwrap_or(json);

@@ -154,6 +154,14 @@ pub fn backlog(
 }
 
 /// `seconds` in words: `3 h 20 min`, `2 days 4 h`, `45 s`.
+///
+/// ```
+/// use knowbe4_source::status::duration_words;
+///
+/// assert_eq!(duration_words(45), "45 s");
+/// assert_eq!(duration_words(3 * 3600 + 20 * 60), "3 h 20 min");
+/// assert_eq!(duration_words(2 * 86_400 + 4 * 3600), "2 days 4 h");
+/// ```
 pub fn duration_words(seconds: u64) -> String {
     let (d, h, m) = (
         seconds / 86_400,

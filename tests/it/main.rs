@@ -7,6 +7,7 @@ mod fuzz;
 mod helpers;
 mod hostile;
 mod lifecycle;
+mod operator;
 mod payloads;
 mod readings;
 mod recorded;
