@@ -434,3 +434,91 @@ pub async fn run_command(app: &crate::app::App, command: &Command) -> Result<i32
     let result = app.handle(action, deadline).await?;
     Ok(print_result(command, &result, json))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::Lifecycle;
+    use crate::status::{Backlog, TransitionView};
+
+    fn status() -> SourceStatus {
+        serde_json::from_value(serde_json::json!({
+            "id": "acme", "name": "Acme", "state": "Collecting",
+            "since": "2026-01-01T00:00:00.000Z", "last_success": null,
+            "checkpoint": "2026-01-02T00:00:00Z", "backlog_ranges": 1, "backlog": null,
+            "lateness_window_narrowed": false, "quota_used_today": 30,
+            "quota_left_today": 4970, "daily_request_limit": 5000, "quota_reached": false,
+            "forwarded_last_run": 0, "forwarded_today": 0, "forwarded_total": 0,
+            "lag_seconds": null, "retry_deadline": null, "blocked_until_update": false,
+            "history": [], "health": []
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn status_shows_the_backlog_transitions_and_resolved_health() {
+        let mut s = status();
+        s.backlog = Some(Backlog {
+            ranges: 2,
+            seconds: 5 * 3600,
+            oldest: "2026-01-01T19:00:00Z".into(),
+            events_estimate: Some(12_000),
+            requests_estimate: Some(240),
+            caught_up_estimate: Some("2026-01-03T00:00:00.000Z".into()),
+        });
+        s.history.push(TransitionView {
+            state: Lifecycle::Collecting,
+            at: "2026-01-01T00:00:00.000Z".into(),
+            reason: "Collecting events.".into(),
+        });
+        s.health.push(crate::status::HealthView {
+            source_id: "acme".into(),
+            kind: crate::HealthKind::ThirdPartyGenericError,
+            message: "KnowBe4 request failed: 503".into(),
+            status: Some(503),
+            error_kind: "http_status".into(),
+            first_seen: "2026-01-01T00:00:00.000Z".into(),
+            last_seen: "2026-01-01T00:05:00.000Z".into(),
+            count: 2,
+            retry_at: None,
+            retry_deadline: None,
+            resolved: true,
+        });
+        let text = format_status(&s);
+        assert!(
+            text.contains("Backlog       5 h 0 min of events still to collect (about 12000 events, back to 2026-01-01T19:00:00Z, 2 ranges)"),
+            "{text}"
+        );
+        assert!(text.contains("about 240 requests: caught up by 2026-01-03T00:00:00.000Z"));
+        assert!(
+            text.contains(
+                "Transition    2026-01-01T00:00:00.000Z  Collecting    Collecting events."
+            )
+        );
+        assert!(text.contains("ThirdPartyGenericError x2 [resolved]: KnowBe4 request failed: 503"));
+        assert!(!format_status(&status()).contains("Backlog"));
+    }
+
+    #[test]
+    fn a_run_report_leaves_out_what_the_run_could_not_know() {
+        let mut r: RunReport = serde_json::from_value(serde_json::json!({
+            "source_id": "acme", "outcome": "skipped", "detail": "source not found",
+            "health": null, "fetched": 0, "forwarded": 0, "duplicates_dropped": 0,
+            "requests": 0, "quota_used": 0, "quota_left": 0, "checkpoint": null,
+            "backlog": false, "duration_ms": 1, "state": null, "lag_seconds": null
+        }))
+        .unwrap();
+        assert_eq!(format_run(&r), "acme: skipped (source not found)");
+        r.outcome = Outcome::Collected;
+        r.detail = "caught up".into();
+        r.state = Some(Lifecycle::Collecting);
+        r.forwarded = 1;
+        r.requests = 1;
+        r.quota_left = 4970;
+        r.checkpoint = Some("2026-01-02T00:00:00Z".into());
+        assert_eq!(
+            format_run(&r),
+            "acme: collected (caught up); 1 event forwarded, 0 dropped as already delivered, 1 request; 4970 requests left today; checkpoint 2026-01-02T00:00:00Z"
+        );
+    }
+}

@@ -4,8 +4,8 @@
 //! redrawn after every page and erased when the run ends. Everywhere else (pipes, files,
 //! Lambda), a structured log record, `Collection in progress.`, after every
 //! `PROGRESS_EVERY_PAGES` pages a run reads (default [`DEFAULT_EVERY_PAGES`]; `0` turns
-//! the records off): pages, events fetched and forwarded, KnowBe4 requests sent, the
-//! request rate (paced at 4 per second at most) and the requests left today.
+//! the records off): pages, events fetched and forwarded, KnowBe4 requests sent, pages
+//! per second (requests are paced at 4 per second at most) and the requests left today.
 
 use std::io::{IsTerminal, Write};
 use std::sync::OnceLock;
@@ -108,8 +108,9 @@ impl Progress {
     /// Called after every page the run reads.
     pub fn page(&mut self, counts: Counts) {
         let secs = self.started.elapsed().as_secs_f64();
+        // Pages answered, not requests issued: requests are reserved ahead of the pacer.
         let rate = if secs > 0.0 {
-            f64::from(counts.requests) / secs
+            counts.pages as f64 / secs
         } else {
             0.0
         };
@@ -117,7 +118,7 @@ impl Progress {
         match self.mode {
             Mode::Line => {
                 let line = format!(
-                    "\r\x1b[2K{}: {} pages, {} events fetched, {} forwarded, {} requests ({rate:.1}/s, paced at 4/s at most), {left} requests left today",
+                    "\r\x1b[2K{}: {} pages ({rate:.1}/s, paced at 4 requests/s at most), {} events fetched, {} forwarded, {} requests, {left} left today",
                     self.source_id, counts.pages, counts.fetched, counts.forwarded, counts.requests
                 );
                 let mut err = std::io::stderr().lock();
@@ -133,7 +134,7 @@ impl Progress {
                         fetched = counts.fetched,
                         forwarded = counts.forwarded,
                         requests = counts.requests,
-                        requests_per_second = (rate * 10.0).round() / 10.0,
+                        pages_per_second = (rate * 10.0).round() / 10.0,
                         quota_left = left,
                         elapsed_ms = self.started.elapsed().as_millis() as u64,
                         "Collection in progress."
