@@ -183,10 +183,15 @@ log "Every payload in events/ ran."
 
 stop_all
 log "Building the x86-64 release bootstrap."
-rm -f target/lambda/knowbe4-source/bootstrap
-timeout 3600 cargo lambda build --release --x86-64 --bin knowbe4-source >"$work/build.log" 2>&1 ||
+# Under cargo's target directory, wherever CARGO_TARGET_DIR (or .cargo/config) puts it;
+# named explicitly, since cargo-lambda versions differ in whether they follow it.
+target_dir=$(cargo metadata --format-version 1 --no-deps |
+  python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
+bootstrap="$target_dir/lambda/knowbe4-source/bootstrap"
+rm -f "$bootstrap"
+timeout 3600 cargo lambda build --release --x86-64 --bin knowbe4-source \
+  --lambda-dir "$target_dir/lambda" >"$work/build.log" 2>&1 ||
   fail "cargo lambda build --release --x86-64"
-[ -x target/lambda/knowbe4-source/bootstrap ] ||
-  fail "target/lambda/knowbe4-source/bootstrap is missing"
-log "Built target/lambda/knowbe4-source/bootstrap ($(du -h target/lambda/knowbe4-source/bootstrap | cut -f1))."
+[ -x "$bootstrap" ] || fail "$bootstrap is missing"
+log "Built $bootstrap ($(du -h "$bootstrap" | cut -f1))."
 log "OK."

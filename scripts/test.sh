@@ -7,5 +7,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CHAOS_SEEDS="${CHAOS_SEEDS:-4}"
+started=$SECONDS
+step() { printf '[test.sh %4ss] %s\n' "$((SECONDS - started))" "$*" >&2; }
+step "Unit, integration, DynamoDB store and chaos tests ($CHAOS_SEEDS seeds per class); the first build takes minutes."
 scripts/with-moto.sh cargo test --all-targets "$@"
+step "Doc tests."
 scripts/with-moto.sh cargo test --doc
+step "All tests passed."

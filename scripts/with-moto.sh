@@ -16,9 +16,14 @@ if [ -z "${AWS_ENDPOINT_URL:-}" ]; then
     "$venv/bin/pip" install --quiet "moto[server]"
   fi
   port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-  mkdir -p target
+  # Cargo's target directory, wherever CARGO_TARGET_DIR (or .cargo/config) puts it.
+  target_dir=$(cargo metadata --format-version 1 --no-deps |
+    python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
+  mkdir -p "$target_dir"
+  moto_log="$target_dir/moto.log"
+  echo "with-moto: moto on 127.0.0.1:$port (log: $moto_log)" >&2
   # One request at a time: moto's conditional writes are not atomic under concurrency.
-  "$venv/bin/python" scripts/moto_serial.py 127.0.0.1 "$port" > target/moto.log 2>&1 &
+  "$venv/bin/python" scripts/moto_serial.py 127.0.0.1 "$port" > "$moto_log" 2>&1 &
   moto_pid=$!
   trap 'kill "$moto_pid" 2>/dev/null || true' EXIT
   up=""
@@ -29,7 +34,7 @@ if [ -z "${AWS_ENDPOINT_URL:-}" ]; then
     fi
     sleep 0.2
   done
-  [ -n "$up" ] || { echo "moto did not start; see target/moto.log" >&2; exit 1; }
+  [ -n "$up" ] || { echo "moto did not start; see $moto_log" >&2; exit 1; }
   export AWS_ENDPOINT_URL="http://127.0.0.1:$port"
 fi
 

@@ -20,7 +20,8 @@ use crate::event::EventTime;
 use crate::quota::utc_day;
 use crate::secrets::SourceSecrets;
 use crate::sink::{Destination, DestinationConfig, Format};
-use crate::state::{HealthEvent, Lifecycle, SecretRef, SourceRecord, SourceState, Transition};
+use crate::state::{HealthEvent, Lifecycle, SecretRef, SourceRecord, SourceState};
+use crate::status::{HealthView, TransitionView, rfc3339_ms};
 use crate::store::StateStore;
 use crate::store::file::{DEFAULT_STATE_FILE, FileStore};
 use crate::store::secrets_manager::SecretsManagerVault;
@@ -286,6 +287,8 @@ pub struct SourceStatus {
     pub checkpoint: Option<String>,
     /// Unfinished ranges still to collect (a backlog).
     pub backlog_ranges: usize,
+    /// The backlog as time and events still to collect, and when it should be caught up.
+    pub backlog: Option<crate::status::Backlog>,
     /// Whether the dedupe window overflowed and narrowed (see the checkpoint docs).
     pub lateness_window_narrowed: bool,
     /// Requests used today (UTC) by every source of the KnowBe4 account.
@@ -320,14 +323,10 @@ pub struct SourceStatus {
     pub retry_deadline: Option<String>,
     /// Blocked by a ThirdPartyConfigError until updated.
     pub blocked_until_update: bool,
-    /// Recent lifecycle transitions.
-    pub history: Vec<Transition>,
-    /// The latest health events.
-    pub health: Vec<HealthEvent>,
-}
-
-fn rfc3339_ms(ms: i64) -> String {
-    EventTime(ms.saturating_mul(1_000_000)).to_rfc3339()
+    /// Recent lifecycle transitions, oldest first.
+    pub history: Vec<TransitionView>,
+    /// The latest health events, newest first, each marked resolved or not.
+    pub health: Vec<HealthView>,
 }
 
 fn now_ms() -> i64 {
@@ -350,9 +349,7 @@ impl App {
         let http = knowbe4_http_client()?;
         let (store, vault): (Arc<dyn StateStore>, Vault) = match std::env::var("STATE_TABLE") {
             Ok(table) if !table.is_empty() => {
-                let aws = aws_config::defaults(aws_config::BehaviorVersion::latest())
-                    .load()
-                    .await;
+                let aws = crate::aws_env::load_checked().await?;
                 let dynamo = aws_sdk_dynamodb::Client::new(&aws);
                 let secrets = aws_sdk_secretsmanager::Client::new(&aws);
                 (
@@ -520,7 +517,19 @@ impl App {
                 Ok(serde_json::json!({ "sourceId": source_id, "deleted": true }))
             }
             Action::Status { source_id } => to_json(&self.status(source_id.as_deref()).await?),
-            Action::Health { source_id } => to_json(&self.health(&source_id).await?),
+            Action::Health { source_id } => {
+                let events = self.health(&source_id).await?;
+                let last_success = self
+                    .store
+                    .load_state(&source_id)
+                    .await?
+                    .and_then(|s| s.value.last_success);
+                let views: Vec<HealthView> = events
+                    .iter()
+                    .map(|e| HealthView::new(e, last_success))
+                    .collect();
+                to_json(&views)
+            }
             Action::List {} => to_json(&self.status(None).await?),
         }
     }
@@ -815,6 +824,13 @@ impl App {
                 last_success: state.last_success.map(rfc3339_ms),
                 checkpoint: state.checkpoint.high.map(EventTime::to_rfc3339),
                 backlog_ranges: state.checkpoint.gaps.len(),
+                backlog: crate::status::backlog(
+                    &state.checkpoint,
+                    state.counters.forwarded_total,
+                    limit.saturating_sub(used),
+                    limit,
+                    now,
+                ),
                 lateness_window_narrowed: state.checkpoint.recent_floor.is_some(),
                 quota_used_today: used,
                 quota_left_today: limit.saturating_sub(used),
@@ -854,8 +870,11 @@ impl App {
                     .map(|n| EventTime(n).secs_until(now_ns)),
                 retry_deadline: state.streak.as_ref().map(|s| rfc3339_ms(s.deadline)),
                 blocked_until_update: state.blocked_config_version == Some(record.config_version),
-                history: state.history.iter().cloned().collect(),
-                health,
+                history: state.history.iter().map(TransitionView::from).collect(),
+                health: health
+                    .iter()
+                    .map(|e| HealthView::new(e, state.last_success))
+                    .collect(),
             });
         }
         Ok(out)
@@ -870,12 +889,20 @@ impl App {
     }
 }
 
-/// Logs the one-line run summary.
+/// Logs the one-line run summary, each field once: the whole report as one JSON field
+/// (`run_summary`) when logs are JSON, the main fields as `key=value` for people.
 fn log_run(report: &RunReport) {
+    if crate::logging::json_logs() {
+        tracing::info!(
+            run_summary = %serde_json::to_string(report).unwrap_or_default(),
+            "Run finished."
+        );
+        return;
+    }
     tracing::info!(
-        run_summary = %serde_json::to_string(report).unwrap_or_default(),
         source_id = %report.source_id,
         outcome = ?report.outcome,
+        detail = %report.detail,
         fetched = report.fetched,
         forwarded = report.forwarded,
         duplicates_dropped = report.duplicates_dropped,

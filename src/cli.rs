@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 use crate::app::{Action, SourceStatus};
 use crate::collector::{Outcome, RunReport};
 use crate::error::{Error, Result};
-use crate::state::HealthEvent;
+use crate::status::{HealthView, duration_words};
 
 /// knowbe4-source: collect KnowBe4 user events into a SIEM.
 #[derive(Debug, Parser)]
@@ -28,13 +28,21 @@ pub enum Command {
         command: SourcesCommand,
     },
     /// Run one scheduled collection (every source, or one), as the Lambda would.
+    ///
+    /// Events of the `stdout` destination go to stdout and the run reports to stderr; with
+    /// `--json`, stdout holds only the reports (one JSON document) and those events go to
+    /// stderr, or to `--events-file`.
     Collect {
         /// Only this source.
         #[arg(long)]
         source: Option<String>,
-        /// Print the run reports as JSON.
+        /// Print the run reports as one JSON document on stdout.
         #[arg(long)]
         json: bool,
+        /// Write the events of the `stdout` destination to this file (NDJSON, replaced)
+        /// instead of stdout (or stderr with `--json`).
+        #[arg(long, value_name = "PATH")]
+        events_file: Option<PathBuf>,
     },
     /// Show a source's status (all sources without an id).
     Status {
@@ -106,7 +114,9 @@ pub enum SourcesCommand {
 pub fn read_json(path: &PathBuf) -> Result<serde_json::Value> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| Error::config("--file", format!("cannot read {}: {e}", path.display())))?;
-    serde_json::from_str(&text).map_err(|e| {
+    // Editors on Windows save UTF-8 with a byte order mark; JSON parsers refuse it.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
+    serde_json::from_str(text).map_err(|e| {
         Error::config(
             "--file",
             format!("{} is not valid JSON: {e}", path.display()),
@@ -152,7 +162,7 @@ impl Command {
                 ),
                 SourcesCommand::List { json } => (Action::List {}, *json),
             },
-            Command::Collect { source, json } => (
+            Command::Collect { source, json, .. } => (
                 Action::Collect {
                     source_id: source.clone(),
                 },
@@ -195,6 +205,10 @@ pub fn print_result(command: &Command, result: &serde_json::Value, json: bool) -
         } => {
             let list: Vec<SourceStatus> =
                 serde_json::from_value(result.clone()).unwrap_or_default();
+            if list.is_empty() {
+                println!("{NO_SOURCES}");
+                return exit_code(command, result);
+            }
             println!("{:<32} {:<14} {:<26} NAME", "ID", "STATE", "CHECKPOINT");
             for s in list {
                 println!(
@@ -209,23 +223,27 @@ pub fn print_result(command: &Command, result: &serde_json::Value, json: bool) -
         Command::Status { .. } => {
             let list: Vec<SourceStatus> =
                 serde_json::from_value(result.clone()).unwrap_or_default();
+            if list.is_empty() {
+                println!("{NO_SOURCES}");
+            }
             for s in list {
                 print_status(&s);
             }
         }
         Command::Health { .. } => {
-            let events: Vec<HealthEvent> =
+            let events: Vec<HealthView> =
                 serde_json::from_value(result.clone()).unwrap_or_default();
             if events.is_empty() {
-                println!("No health events.");
+                println!("No health events: no run of this source has failed in the last 30 days.");
             }
             for e in events {
                 println!(
-                    "{}  {:<24} count={:<4} status={:<5} {}",
-                    crate::event::EventTime(e.last_seen * 1_000_000).to_rfc3339(),
+                    "{}  {:<24} count={:<4} status={:<5} {}{}",
+                    e.last_seen,
                     e.kind.as_str(),
                     e.count,
                     e.status.map_or("-".into(), |s| s.to_string()),
+                    if e.resolved { "[resolved] " } else { "" },
                     e.message
                 );
             }
@@ -233,22 +251,64 @@ pub fn print_result(command: &Command, result: &serde_json::Value, json: bool) -
         Command::Collect { .. } => {
             let runs: Vec<RunReport> =
                 serde_json::from_value(result["runs"].clone()).unwrap_or_default();
+            if runs.is_empty() {
+                eprintln!("Nothing to collect. {NO_SOURCES}");
+            }
             for r in &runs {
-                eprintln!(
-                    "{}: {:?} ({}) forwarded={} requests={} quota_left={} checkpoint={}",
-                    r.source_id,
-                    r.outcome,
-                    r.detail,
-                    r.forwarded,
-                    r.requests,
-                    r.quota_left,
-                    r.checkpoint.as_deref().unwrap_or("-")
-                );
+                eprintln!("{}", format_run(r));
             }
         }
         _ => println!("{}", serde_json::to_string(result).unwrap_or_default()),
     }
     exit_code(command, result)
+}
+
+/// What to say when there are no sources, and what to do about it.
+const NO_SOURCES: &str = "No sources yet. Create one from the hosted source's JSON: \
+knowbe4-source sources create --file source.json (README, \"A source\"). \
+State is read from STATE_FILE (default ./.knowbe4-source/state.json), or from DynamoDB when STATE_TABLE is set.";
+
+/// `n word(s)`, with the plural only when `n` is not 1.
+pub fn count(n: u64, word: &str) -> String {
+    if n == 1 {
+        format!("1 {word}")
+    } else {
+        format!("{n} {word}s")
+    }
+}
+
+/// One run report in a sentence, for people; fields the run could not know are left out.
+pub fn format_run(r: &RunReport) -> String {
+    let outcome = match r.outcome {
+        Outcome::Collected => "collected",
+        Outcome::Skipped => "skipped",
+        Outcome::Failed => "FAILED",
+    };
+    let mut line = format!("{}: {outcome} ({})", r.source_id, r.detail);
+    if r.state.is_none() {
+        // Not even the state was read (source gone, store down): nothing else is known.
+        return line;
+    }
+    if r.outcome != Outcome::Skipped {
+        line.push_str(&format!(
+            "; {} forwarded, {} dropped as already delivered, {}",
+            count(r.forwarded, "event"),
+            r.duplicates_dropped,
+            count(u64::from(r.requests), "request"),
+        ));
+    }
+    line.push_str(&format!(
+        "; {} left today",
+        count(u64::from(r.quota_left), "request")
+    ));
+    match &r.checkpoint {
+        Some(cp) => line.push_str(&format!("; checkpoint {cp}")),
+        None => line.push_str("; no checkpoint yet"),
+    }
+    if r.backlog {
+        line.push_str(" (backlog remains)");
+    }
+    line
 }
 
 fn exit_code(command: &Command, result: &serde_json::Value) -> i32 {
@@ -282,12 +342,25 @@ pub fn format_status(s: &SourceStatus) -> String {
         dash(&s.since)
     );
     let _ = writeln!(out, "Last success  {}", dash(&s.last_success));
-    let backlog = if s.backlog_ranges > 0 {
-        format!(" (+{} backlog range(s))", s.backlog_ranges)
-    } else {
-        String::new()
-    };
-    let _ = writeln!(out, "Checkpoint    {}{backlog}", dash(&s.checkpoint));
+    let _ = writeln!(out, "Checkpoint    {}", dash(&s.checkpoint));
+    if let Some(b) = &s.backlog {
+        let events = b
+            .events_estimate
+            .map_or("an unknown number of".into(), |e| format!("about {e}"));
+        let _ = writeln!(
+            out,
+            "Backlog       {} of events still to collect ({events} events, back to {}, {})",
+            duration_words(b.seconds),
+            b.oldest,
+            count(b.ranges as u64, "range")
+        );
+        if let (Some(requests), Some(at)) = (b.requests_estimate, &b.caught_up_estimate) {
+            let _ = writeln!(
+                out,
+                "              about {requests} requests: caught up by {at} at this quota"
+            );
+        }
+    }
     let reached = if s.quota_reached {
         " (reached: resumes after 00:00 UTC)"
     } else {
@@ -341,15 +414,26 @@ pub fn format_status(s: &SourceStatus) -> String {
     if s.blocked_until_update {
         let _ = writeln!(
             out,
-            "Blocked       ThirdPartyConfigError: update the source to retry"
+            "Blocked       ThirdPartyConfigError: fix and update the source, or restart it, to retry"
+        );
+    }
+    for t in &s.history {
+        let _ = writeln!(
+            out,
+            "Transition    {}  {:<13} {}",
+            t.at,
+            t.state.as_str(),
+            t.reason
         );
     }
     for e in &s.health {
         let _ = writeln!(
             out,
-            "Health        {} x{}: {}",
+            "Health        {} {} x{}{}: {}",
+            e.last_seen,
             e.kind.as_str(),
             e.count,
+            if e.resolved { " [resolved]" } else { "" },
             e.message
         );
     }
@@ -362,7 +446,114 @@ pub async fn run_command(app: &crate::app::App, command: &Command) -> Result<i32
     let Some((action, json)) = command.action()? else {
         return Ok(0);
     };
+    if let Command::Collect {
+        json, events_file, ..
+    } = command
+    {
+        // stdout carries one thing: the reports with --json, else the events.
+        let target: Option<Box<dyn std::io::Write + Send>> = match events_file {
+            Some(path) => Some(Box::new(std::fs::File::create(path).map_err(|e| {
+                Error::config(
+                    "--events-file",
+                    format!("cannot create {}: {e}", path.display()),
+                )
+            })?)),
+            None if *json => Some(Box::new(std::io::stderr())),
+            None => None,
+        };
+        if let Some(target) = target {
+            crate::sink::stdout::redirect(target);
+        }
+    }
     let deadline = tokio::time::Instant::now() + app.settings.cli_run_timeout;
     let result = app.handle(action, deadline).await?;
     Ok(print_result(command, &result, json))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::Lifecycle;
+    use crate::status::{Backlog, TransitionView};
+
+    fn status() -> SourceStatus {
+        serde_json::from_value(serde_json::json!({
+            "id": "acme", "name": "Acme", "state": "Collecting",
+            "since": "2026-01-01T00:00:00.000Z", "last_success": null,
+            "checkpoint": "2026-01-02T00:00:00Z", "backlog_ranges": 1, "backlog": null,
+            "lateness_window_narrowed": false, "quota_used_today": 30,
+            "quota_left_today": 4970, "daily_request_limit": 5000, "quota_reached": false,
+            "forwarded_last_run": 0, "forwarded_today": 0, "forwarded_total": 0,
+            "lag_seconds": null, "retry_deadline": null, "blocked_until_update": false,
+            "history": [], "health": []
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn status_shows_the_backlog_transitions_and_resolved_health() {
+        let mut s = status();
+        s.backlog = Some(Backlog {
+            ranges: 2,
+            seconds: 5 * 3600,
+            oldest: "2026-01-01T19:00:00Z".into(),
+            events_estimate: Some(12_000),
+            requests_estimate: Some(240),
+            caught_up_estimate: Some("2026-01-03T00:00:00.000Z".into()),
+        });
+        s.history.push(TransitionView {
+            state: Lifecycle::Collecting,
+            at: "2026-01-01T00:00:00.000Z".into(),
+            reason: "Collecting events.".into(),
+        });
+        s.health.push(crate::status::HealthView {
+            source_id: "acme".into(),
+            kind: crate::HealthKind::ThirdPartyGenericError,
+            message: "KnowBe4 request failed: 503".into(),
+            status: Some(503),
+            error_kind: "http_status".into(),
+            first_seen: "2026-01-01T00:00:00.000Z".into(),
+            last_seen: "2026-01-01T00:05:00.000Z".into(),
+            count: 2,
+            retry_at: None,
+            retry_deadline: None,
+            resolved: true,
+        });
+        let text = format_status(&s);
+        assert!(
+            text.contains("Backlog       5 h 0 min of events still to collect (about 12000 events, back to 2026-01-01T19:00:00Z, 2 ranges)"),
+            "{text}"
+        );
+        assert!(text.contains("about 240 requests: caught up by 2026-01-03T00:00:00.000Z"));
+        assert!(
+            text.contains(
+                "Transition    2026-01-01T00:00:00.000Z  Collecting    Collecting events."
+            )
+        );
+        assert!(text.contains("ThirdPartyGenericError x2 [resolved]: KnowBe4 request failed: 503"));
+        assert!(!format_status(&status()).contains("Backlog"));
+    }
+
+    #[test]
+    fn a_run_report_leaves_out_what_the_run_could_not_know() {
+        let mut r: RunReport = serde_json::from_value(serde_json::json!({
+            "source_id": "acme", "outcome": "skipped", "detail": "source not found",
+            "health": null, "fetched": 0, "forwarded": 0, "duplicates_dropped": 0,
+            "requests": 0, "quota_used": 0, "quota_left": 0, "checkpoint": null,
+            "backlog": false, "duration_ms": 1, "state": null, "lag_seconds": null
+        }))
+        .unwrap();
+        assert_eq!(format_run(&r), "acme: skipped (source not found)");
+        r.outcome = Outcome::Collected;
+        r.detail = "caught up".into();
+        r.state = Some(Lifecycle::Collecting);
+        r.forwarded = 1;
+        r.requests = 1;
+        r.quota_left = 4970;
+        r.checkpoint = Some("2026-01-02T00:00:00Z".into());
+        assert_eq!(
+            format_run(&r),
+            "acme: collected (caught up); 1 event forwarded, 0 dropped as already delivered, 1 request; 4970 requests left today; checkpoint 2026-01-02T00:00:00Z"
+        );
+    }
 }

@@ -70,6 +70,9 @@ pub struct RunReport {
     pub duplicates_dropped: u64,
     /// KnowBe4 requests sent by this run.
     pub requests: u32,
+    /// KnowBe4 pages the walk read (progress records come every so many of these).
+    #[serde(default)]
+    pub pages: u64,
     /// Requests reserved today, after this run.
     pub quota_used: u32,
     /// Requests left today for this source.
@@ -105,6 +108,7 @@ impl RunReport {
             forwarded: 0,
             duplicates_dropped: 0,
             requests: 0,
+            pages: 0,
             quota_used: 0,
             quota_left: 0,
             checkpoint: None,
@@ -144,6 +148,7 @@ pub async fn collect_source(app: &App, id: &str, deadline: Instant) -> RunReport
         Ok(Some(lease)) => lease,
         Ok(None) => {
             report.detail = "another run holds the lease".into();
+            describe_untouched(app, &record, &mut report).await;
             return report;
         }
         Err(err) => return failed_without_state(report, err),
@@ -167,6 +172,11 @@ pub async fn collect_source(app: &App, id: &str, deadline: Instant) -> RunReport
     }
     run.report.duration_ms = started.elapsed().as_millis() as u64;
     run.report.state = run.state.as_ref().map(|s| s.value.lifecycle);
+    // The checkpoint as it is now, whether the run moved it, failed or was skipped.
+    if let Some(state) = &run.state {
+        run.report.checkpoint = state.value.checkpoint.high.map(EventTime::to_rfc3339);
+        run.report.backlog = !state.value.checkpoint.gaps.is_empty();
+    }
     run.report.lag_seconds = run
         .state
         .as_ref()
@@ -175,6 +185,21 @@ pub async fn collect_source(app: &App, id: &str, deadline: Instant) -> RunReport
             EventTime(newest).secs_until(EventTime::from_datetime(OffsetDateTime::now_utc()))
         });
     run.report
+}
+
+/// Fills a skipped run's report from the store (quota left today, checkpoint, state), so
+/// it says what is true rather than zeros; fields that cannot be read stay unset.
+async fn describe_untouched(app: &App, record: &SourceRecord, report: &mut RunReport) {
+    let day = utc_day(OffsetDateTime::now_utc());
+    if let Ok(used) = app.store.quota_used(&record.id, &day).await {
+        report.quota_used = used;
+        report.quota_left = record.spec.daily_request_limit.saturating_sub(used);
+    }
+    if let Ok(Some(state)) = app.store.load_state(&record.id).await {
+        report.checkpoint = state.value.checkpoint.high.map(EventTime::to_rfc3339);
+        report.backlog = !state.value.checkpoint.gaps.is_empty();
+        report.state = Some(state.value.lifecycle);
+    }
 }
 
 /// The lease's length: the configured TTL, but never past the deadline plus a grace
@@ -189,7 +214,7 @@ fn lease_ttl_ms(app: &App, deadline: Instant) -> i64 {
 fn failed_without_state(mut report: RunReport, err: Error) -> RunReport {
     report.outcome = Outcome::Failed;
     report.health = Some(err.health_kind());
-    report.detail = err.to_string();
+    report.detail = err.chain();
     report
 }
 
@@ -258,7 +283,10 @@ impl Run<'_> {
             _ => {}
         }
         if state.blocked_config_version == Some(self.record.config_version) {
-            return Some("blocked by a ThirdPartyConfigError until the source is updated".into());
+            return Some(
+                "blocked by a ThirdPartyConfigError until the source is updated or restarted"
+                    .into(),
+            );
         }
         if state.counters.quota_exhausted_day.as_deref() == Some(today.as_str()) {
             return Some("daily quota reached; collection resumes after 00:00 UTC".into());
@@ -383,6 +411,8 @@ impl Run<'_> {
         let mut fetched_pages: u64 = 0;
         let mut ahead: VecDeque<InFlight> = VecDeque::new();
         let mut shape: Option<PageShape> = None;
+        let mut progress =
+            crate::progress::Progress::new(&self.record.id, limit.saturating_sub(used));
         let stop = loop {
             let Step::Fetch(page_no) = walker.next_step() else {
                 break Stop::Finished;
@@ -460,6 +490,13 @@ impl Run<'_> {
                 self.flush(&destination, &meta, &mut buffer, &walker, deadline)
                     .await?;
             }
+            self.report.pages += 1;
+            progress.page(crate::progress::Counts {
+                pages: self.report.pages,
+                fetched: fetched_total,
+                forwarded: self.report.forwarded,
+                requests: self.report.requests,
+            });
         };
         self.discard(&mut ahead, &day).await;
         if fetched_pages > 0 {
@@ -791,15 +828,17 @@ impl Run<'_> {
         if let Err(err) = self.save().await {
             self.report.outcome = Outcome::Failed;
             self.report.health = Some(err.health_kind());
-            self.report.detail =
-                format!("progress was forwarded but the final state could not be saved: {err}");
+            self.report.detail = format!(
+                "progress was forwarded but the final state could not be saved: {}",
+                err.chain()
+            );
         }
     }
 
     async fn fail(&mut self, err: Error) {
         let now = now_ms();
         let kind = err.health_kind();
-        let message = err.to_string();
+        let message = err.chain();
         self.report.outcome = Outcome::Failed;
         self.report.health = Some(kind);
         self.report.detail = message.clone();
@@ -832,7 +871,7 @@ impl Run<'_> {
             state.transition(
                 Lifecycle::Error,
                 now,
-                "ThirdPartyConfigError: collection stopped until the source is updated.",
+                "ThirdPartyConfigError: collection stopped until the source is updated or restarted.",
             );
             (None, None)
         };

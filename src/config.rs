@@ -313,7 +313,28 @@ const CONFIG: &str = "source.config";
 
 /// Parses and validates the hosted source's JSON (a document with `api.version` and
 /// `source`, or just the `source` object).
+///
+/// ```
+/// use knowbe4_source::config::{ValidationOptions, parse_source};
+///
+/// let json = r#"{"api.version": "v1", "source": {"config": {
+///     "name": "KnowBe4", "baseURL": "https://eu.knowbe4.com", "apiKey": "key",
+///     "licensedUsers": 50}}}"#;
+/// let parsed = parse_source(json, ValidationOptions::default()).unwrap();
+/// assert_eq!(parsed.spec.api_base, "https://api-eu.events.knowbe4.com");
+/// assert_eq!(parsed.spec.daily_request_limit, 500);
+///
+/// // Rejections name the field and say what it must be.
+/// let bad = json.replace("50", "-5");
+/// let err = parse_source(&bad, ValidationOptions::default()).err().unwrap();
+/// assert_eq!(
+///     err.to_string(),
+///     "invalid configuration: source.config.licensedUsers: must be a whole number from 1 to 4294967295"
+/// );
+/// ```
 pub fn parse_source(json: &str, options: ValidationOptions) -> Result<ParsedSource> {
+    // A UTF-8 byte order mark (Windows editors) is not JSON but harmless.
+    let json = json.strip_prefix('\u{feff}').unwrap_or(json);
     let value: serde_json::Value = serde_json::from_str(json)
         .map_err(|e| Error::config("source", format!("not valid JSON: {e}")))?;
     parse_source_value(value, options)
@@ -324,6 +345,7 @@ pub fn parse_source_value(
     value: serde_json::Value,
     options: ValidationOptions,
 ) -> Result<ParsedSource> {
+    check_document_shape(&value)?;
     // A bare `source` object (with `config`) is accepted as well as the whole document.
     let value = match value {
         serde_json::Value::Object(map)
@@ -372,16 +394,54 @@ pub fn parse_source_value(
     validate_config(doc.source.config, options)
 }
 
-/// serde's messages quote the offending value (which could be a key); keep only what was
-/// expected.
+/// Refuses, in the user's terms, documents that are not the hosted source's JSON object:
+/// another JSON type, or a Lambda payload (`{"action": ...}`) given where its `source` goes.
+fn check_document_shape(value: &serde_json::Value) -> Result<()> {
+    const EXPECTED: &str = "expected the hosted source's JSON object, \
+        {\"api.version\": \"v1\", \"source\": {\"config\": {...}}} (README, \"A source\")";
+    let kind = match value {
+        serde_json::Value::Object(map) if map.contains_key("action") => {
+            return Err(Error::config(
+                "source",
+                "this looks like a Lambda payload ({\"action\": ...}); the command line takes \
+                 the hosted source's JSON, which is the payload's \"source\" value. Save that \
+                 value to a file, or send the whole payload to the function \
+                 (aws lambda invoke --payload fileb://FILE)",
+            ));
+        }
+        serde_json::Value::Object(_) => return Ok(()),
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Null => "null",
+    };
+    Err(Error::config("source", format!("{EXPECTED}, not {kind}")))
+}
+
+/// serde's messages quote the offending value (which could be a key) and name Rust types;
+/// keep only what was expected, in the user's terms.
 fn scrub_serde_message(message: &str) -> String {
     if message.starts_with("invalid type") || message.starts_with("invalid value") {
         return match message.split_once(", expected ") {
-            Some((_, expected)) => format!("invalid value, expected {expected}"),
+            Some((_, expected)) => expected_in_words(expected),
             None => "invalid value".into(),
         };
     }
     message.to_string()
+}
+
+/// serde's "expected ..." (a Rust type) as what the value must be.
+fn expected_in_words(expected: &str) -> String {
+    match expected {
+        "u32" => format!("must be a whole number from 1 to {}", u32::MAX),
+        "f64" => "must be a number".into(),
+        "a string" => "must be a string (in double quotes)".into(),
+        "a boolean" => "must be true or false".into(),
+        "a map" => "must be a JSON object".into(),
+        e if e.starts_with("struct ") => "must be a JSON object".into(),
+        other => format!("invalid value, expected {other}"),
+    }
 }
 
 fn field(name: &str) -> String {
@@ -875,6 +935,63 @@ mod tests {
         assert_eq!(field_of(err), "api.version");
         let err = parse(serde_json::json!({"source":{"config":{"name":"n","apiKey":"k","region":"US"},"schemaRef":{"type":"Okta"}}})).err().unwrap();
         assert_eq!(field_of(err), "source.schemaRef.type");
+    }
+
+    fn message_of(err: Error) -> String {
+        match err {
+            Error::InvalidConfig { message, .. } => message,
+            other => panic!("expected a config error, got {other}"),
+        }
+    }
+
+    #[test]
+    fn rejections_are_in_the_users_terms() {
+        for bad in [
+            serde_json::json!(-5),
+            serde_json::json!(2.5),
+            serde_json::json!("50"),
+        ] {
+            let config = hosted(
+                serde_json::json!({"name":"n","apiKey":"k","region":"US","licensedUsers":bad}),
+            );
+            let err = parse(config).err().unwrap();
+            assert_eq!(
+                err.to_string(),
+                "invalid configuration: source.config.licensedUsers: must be a whole number from 1 to 4294967295",
+                "{bad}"
+            );
+        }
+        let err = parse(serde_json::json!([])).err().unwrap();
+        assert_eq!(
+            field_of(parse(serde_json::json!([])).err().unwrap()),
+            "source"
+        );
+        let message = message_of(err);
+        assert!(
+            message.starts_with("expected the hosted source's JSON object")
+                && message.ends_with("not an array"),
+            "{message}"
+        );
+        let payload = serde_json::json!({"action":"create","id":"x","source":hosted(serde_json::json!({"name":"n"}))});
+        let message = message_of(parse(payload).err().unwrap());
+        assert!(
+            message.starts_with("this looks like a Lambda payload"),
+            "{message}"
+        );
+        let config =
+            hosted(serde_json::json!({"name":"n","apiKey":"k","region":"US","quotaShare":"half"}));
+        assert_eq!(message_of(parse(config).err().unwrap()), "must be a number");
+        let config = hosted(serde_json::json!({"name":"n","apiKey":"k","region":"US","fields":[]}));
+        assert_eq!(
+            message_of(parse(config).err().unwrap()),
+            "must be a JSON object"
+        );
+        for text in [
+            "invalid type: integer `1`, expected u32",
+            "invalid type: map, expected struct HostedDocument with 2 elements",
+        ] {
+            assert!(!scrub_serde_message(text).contains("expected"), "{text}");
+        }
     }
 
     #[test]

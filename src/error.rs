@@ -1,14 +1,14 @@
 //! The one error type of the collector, and the health event type each error maps to.
 //!
 //! Variants say what the caller should do: a `Config` error blocks the source until it is
-//! updated; a `ThirdParty` or `FirstParty` error is retried until the retry deadline.
+//! updated or restarted; a `ThirdParty` or `FirstParty` error is retried until the retry deadline.
 //! Messages never contain secrets: API keys and destination URLs are held as
 //! `SecretString` and are never formatted into an error.
 
 /// The three health event types of the hosted source, with its retry rules.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum HealthKind {
-    /// Invalid configuration: no retries until the source is updated.
+    /// Invalid configuration: no retries until the source is updated or restarted.
     ThirdPartyConfigError,
     /// Talking to KnowBe4 failed: retried until the retry deadline.
     ThirdPartyGenericError,
@@ -149,6 +149,45 @@ impl Error {
 /// Result with the collector's error.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// Displays an error with its chain of causes, `outer: cause: root cause`, for people.
+///
+/// A cause whose text the previous message already contains is left out (many errors
+/// repeat their source's message), so nothing is said twice. The errors of this crate never
+/// format a secret, and the causes are transport, I/O and SDK errors, which do not either.
+///
+/// ```
+/// use knowbe4_source::error::{Chain, Error};
+///
+/// let io = std::io::Error::new(std::io::ErrorKind::IsADirectory, "Is a directory");
+/// let err = Error::store("reading /tmp", io);
+/// assert_eq!(Chain(&err).to_string(), "state store failed: reading /tmp: Is a directory");
+/// ```
+pub struct Chain<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut shown = self.0.to_string();
+        f.write_str(&shown)?;
+        let mut cause = self.0.source();
+        while let Some(err) = cause {
+            let text = err.to_string();
+            if !text.is_empty() && !shown.contains(&text) {
+                write!(f, ": {text}")?;
+                shown = text;
+            }
+            cause = err.source();
+        }
+        Ok(())
+    }
+}
+
+impl Error {
+    /// This error with its chain of causes (see [`Chain`]).
+    pub fn chain(&self) -> String {
+        Chain(self).to_string()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -173,5 +212,22 @@ mod tests {
         assert_eq!(dest.health_kind(), HealthKind::FirstPartyGenericError);
         assert!(!HealthKind::ThirdPartyConfigError.retried());
         assert!(HealthKind::FirstPartyGenericError.retried());
+    }
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("outer failed: inner broke")]
+    struct Repeats(#[source] std::io::Error);
+
+    #[test]
+    fn the_chain_names_every_cause_once() {
+        let root = std::io::Error::other("inner broke");
+        let err = Error::store("saving", Repeats(root));
+        // The middle error already says the root's text: it is not repeated.
+        assert_eq!(
+            err.chain(),
+            "state store failed: saving: outer failed: inner broke"
+        );
+        let plain = Error::NotFound("x".into());
+        assert_eq!(plain.chain(), "source x not found");
     }
 }

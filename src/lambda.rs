@@ -22,7 +22,7 @@ impl From<Error> for Diagnostic {
         };
         Diagnostic {
             error_type,
-            error_message: err.to_string(),
+            error_message: err.chain(),
         }
     }
 }

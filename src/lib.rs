@@ -7,13 +7,16 @@
 //! - [`config`]: the hosted source's JSON, validated into a stored spec and its secrets.
 //! - [`checkpoint`]: what was delivered, and the walk that loses nothing (design inside).
 //! - [`state`]: per-source records: lifecycle, retry streak, counters, lease, health.
+//! - [`status`]: what `status` and `health` show: RFC 3339 times, resolved events, backlog.
 //! - [`secrets`]: a source's secrets and their stored form.
 //! - [`knowbe4`]: the User Event API client, paced at 4 requests per second.
 //! - [`metrics`]: CloudWatch Embedded Metric Format lines for runs and health events.
 //! - [`account`]: the account id (API host + key) that the quota, pacing and sharing key on.
 //! - [`planner`]: how a run spends its share of the quota: head reads and window re-reads.
+//! - [`progress`]: signs of life during long runs: a terminal line, or periodic records.
 //! - [`quota`]: how much of the daily quota a run may spend.
 //! - [`store`]: the state store trait, with DynamoDB and local-file implementations.
+//! - [`aws_env`]: deployed mode's AWS region and credentials, checked before first use.
 //! - [`failpoint`]: crash-test hooks (`KNOWBE4_SOURCE_FAILPOINT`).
 //! - [`event`]: one KnowBe4 event, parsed just enough to order and dedupe it.
 //! - [`error`]: the error type and the health event type of each error.
@@ -23,6 +26,7 @@
 
 pub mod account;
 pub mod app;
+pub mod aws_env;
 pub mod checkpoint;
 pub mod cli;
 pub mod collector;
@@ -36,12 +40,14 @@ pub mod lambda;
 pub mod logging;
 pub mod metrics;
 pub mod planner;
+pub mod progress;
 pub mod quota;
 pub mod recording_sink;
 pub mod secrets;
 pub mod sim;
 pub mod sink;
 pub mod state;
+pub mod status;
 pub mod store;
 
 pub use error::{Error, HealthKind, Result};

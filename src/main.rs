@@ -21,7 +21,7 @@ async fn async_main() -> ExitCode {
         return match lambda::run().await {
             Ok(()) => ExitCode::SUCCESS,
             Err(err) => {
-                eprintln!("{err}");
+                eprintln!("{}", knowbe4_source::error::Chain(&*err));
                 ExitCode::FAILURE
             }
         };
@@ -34,14 +34,14 @@ async fn async_main() -> ExitCode {
     let app = match App::from_env().await {
         Ok(app) => app,
         Err(err) => {
-            eprintln!("error: {err}");
+            eprintln!("error: {}", err.chain());
             return ExitCode::from(2);
         }
     };
     match knowbe4_source::cli::run_command(&app, &cli.command).await {
         Ok(code) => ExitCode::from(code as u8),
         Err(err) => {
-            eprintln!("error: {err}");
+            eprintln!("error: {}", err.chain());
             ExitCode::from(2)
         }
     }

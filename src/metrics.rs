@@ -150,6 +150,7 @@ mod tests {
             forwarded: 120,
             duplicates_dropped: 0,
             requests: 2,
+            pages: 2,
             quota_used: 2,
             quota_left: 98,
             checkpoint: None,

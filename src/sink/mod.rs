@@ -17,7 +17,7 @@ mod http;
 mod ndjson;
 pub mod retry;
 mod splunk;
-mod stdout;
+pub mod stdout;
 mod sumo;
 
 use std::collections::BTreeMap;

@@ -2,23 +2,44 @@
 //!
 //! Writes go through one locked, buffered handle per `send` and are flushed before `send`
 //! returns, so a successful `send` means the lines reached the process's stdout.
+//!
+//! When the command line gives stdout to a JSON report (`collect --json`), it first
+//! [`redirect`]s the events elsewhere (stderr or a file), so stdout holds one JSON document.
 
 use std::io::{BufWriter, Write};
+use std::sync::{Mutex, OnceLock};
 
 use super::{SendReport, ndjson};
 use crate::error::Error;
 use crate::event::RawEvent;
 
-/// Writes every event to stdout and flushes.
+/// Where the events go instead of stdout, once redirected (for the whole process).
+static REDIRECT: OnceLock<Mutex<Box<dyn Write + Send>>> = OnceLock::new();
+
+/// Sends the events of the `stdout` destination to `out` instead of stdout, for the rest
+/// of the process. Only the first call has an effect; returns whether it did.
+pub fn redirect(out: Box<dyn Write + Send>) -> bool {
+    REDIRECT.set(Mutex::new(out)).is_ok()
+}
+
+/// Writes every event to stdout (or where it was [`redirect`]ed) and flushes.
 pub(crate) fn send(events: &[RawEvent]) -> Result<SendReport, Error> {
-    let stdout = std::io::stdout();
-    let mut out = BufWriter::with_capacity(64 * 1024, stdout.lock());
-    let bytes = write_events(&mut out, events)
-        .and_then(|bytes| out.flush().map(|()| bytes))
-        .map_err(|err| Error::Destination {
-            message: format!("writing to stdout failed ({:?})", err.kind()),
-            status: None,
-        })?;
+    let written = match REDIRECT.get() {
+        Some(target) => {
+            let mut target = target.lock().unwrap_or_else(|e| e.into_inner());
+            let mut out = BufWriter::with_capacity(64 * 1024, &mut **target);
+            write_events(&mut out, events).and_then(|bytes| out.flush().map(|()| bytes))
+        }
+        None => {
+            let stdout = std::io::stdout();
+            let mut out = BufWriter::with_capacity(64 * 1024, stdout.lock());
+            write_events(&mut out, events).and_then(|bytes| out.flush().map(|()| bytes))
+        }
+    };
+    let bytes = written.map_err(|err| Error::Destination {
+        message: format!("writing the events failed ({:?})", err.kind()),
+        status: None,
+    })?;
     Ok(SendReport {
         events: events.len(),
         requests: 0,

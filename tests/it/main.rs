@@ -11,6 +11,7 @@ mod hostile;
 mod lambda_logs;
 mod lifecycle;
 mod loopback;
+mod operator;
 mod payloads;
 mod plain_http;
 mod readings;
