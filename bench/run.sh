@@ -111,7 +111,7 @@ collect() {
     start="$(now_ms)"
     env FORWARD_FORMAT=stdout LOG_FORMAT=json RUST_LOG=info "$@" \
         /usr/bin/time -v -o "$WORK/$name.time" \
-        "$BIN/knowbe4-source" collect --source bench --json \
+        "$BIN/knowbe4-source" collect --source bench --json --events-file /dev/null \
         >/dev/null 2>"$WORK/$name.collect.err" &
     pid=$!
     PIDS+=("$pid")
@@ -302,7 +302,7 @@ first_request_ms() {
     local seen before first pid
     seen="$(curl -sf "$BASE/_sim/requests" | py "import json,sys; print(len(json.load(sys.stdin)))")"
     before="$(now_ms)"
-    env FORWARD_FORMAT=stdout "$BIN/knowbe4-source" collect --source bench \
+    env FORWARD_FORMAT=stdout "$BIN/knowbe4-source" collect --source bench --events-file /dev/null \
         >/dev/null 2>"$WORK/$1.collect.err" &
     pid=$!
     PIDS+=("$pid")

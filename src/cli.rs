@@ -485,7 +485,10 @@ mod tests {
             "quota_left_today": 4970, "daily_request_limit": 5000, "quota_reached": false,
             "forwarded_last_run": 0, "forwarded_today": 0, "forwarded_total": 0,
             "lag_seconds": null, "retry_deadline": null, "blocked_until_update": false,
-            "history": [], "health": []
+            "history": [], "health": [],
+            "account": "0123abcd", "account_sources": ["acme"], "account_note": null,
+            "freshness": {"new_events_lag_secs": 150, "backdated_lag_secs": 2100,
+                "window_reread_every_secs": 1800, "warning": null}
         }))
         .unwrap()
     }

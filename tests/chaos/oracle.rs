@@ -180,6 +180,23 @@ pub fn write_row(class: &str, description: &str, verdicts: &[Verdict]) {
     .unwrap();
 }
 
+/// The seeds of `class`, saying on stderr which one starts (and the API reading it
+/// plays), so a long suite shows what it is doing (`cargo test -- --nocapture`, or the
+/// output of a failing test).
+pub fn seeds_of(class: &'static str) -> impl Iterator<Item = u64> {
+    let range = seeds();
+    let total = range.end - range.start;
+    range.enumerate().map(move |(i, seed)| {
+        let readings = knowbe4_source::sim::Reading::core();
+        eprintln!(
+            "[chaos] {class}: seed {seed} ({} of {total}), reading {}",
+            i + 1,
+            readings[(seed as usize) % readings.len()]
+        );
+        seed
+    })
+}
+
 /// Seeds per class: `CHAOS_SEEDS` (default 2), starting at `CHAOS_FIRST_SEED` (default 1).
 pub fn seeds() -> std::ops::Range<u64> {
     let n: u64 = std::env::var("CHAOS_SEEDS")

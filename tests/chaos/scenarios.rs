@@ -19,7 +19,7 @@ use secrecy::SecretString;
 
 use crate::faulty_store::FaultyStore;
 use crate::helpers::{Harness, deadline, harness, source_json, test_settings};
-use crate::oracle::{CheckpointWatch, Verdict, judge, runs_never_interleave, seeds, write_row};
+use crate::oracle::{CheckpointWatch, Verdict, judge, runs_never_interleave, seeds_of, write_row};
 
 const KEY: &str = "chaos-key";
 
@@ -109,7 +109,7 @@ fn finish(class: &str, description: &str, verdicts: Vec<Verdict>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn knowbe4_faults() {
     let mut verdicts = Vec::new();
-    for seed in seeds() {
+    for seed in seeds_of("knowbe4-faults") {
         let mut rng = StdRng::seed_from_u64(seed);
         let mut h = harness(sim_config(seed, 1200)).await;
         h.app.settings.request_timeout = Duration::from_secs(2);
@@ -163,7 +163,7 @@ async fn knowbe4_faults() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn destination_faults() {
     let mut verdicts = Vec::new();
-    for seed in seeds() {
+    for seed in seeds_of("destination-faults") {
         let mut rng = StdRng::seed_from_u64(seed);
         let h = harness(sim_config(seed, 1500)).await;
         let id = h
@@ -214,7 +214,7 @@ async fn destination_faults() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn state_store_faults() {
     let mut verdicts = Vec::new();
-    for seed in seeds() {
+    for seed in seeds_of("state-store-faults") {
         let mut rng = StdRng::seed_from_u64(seed);
         let Harness {
             app,
@@ -278,7 +278,7 @@ async fn state_store_faults() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn process_kills() {
     let mut verdicts = Vec::new();
-    for seed in seeds() {
+    for seed in seeds_of("process-kills") {
         let mut rng = StdRng::seed_from_u64(seed);
         let sim = Simulator::spawn(sim_config(seed, 1500)).await.unwrap();
         let sink = RecordingSink::spawn().await.unwrap();
@@ -382,7 +382,7 @@ async fn process_kills() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn overlapping_runs() {
     let mut verdicts = Vec::new();
-    for seed in seeds() {
+    for seed in seeds_of("overlapping-runs") {
         let mut rng = StdRng::seed_from_u64(seed);
         let h = harness(SimConfig {
             latency_ms: 30,
