@@ -29,7 +29,9 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-BIN="$ROOT/target/release"
+# Cargo's target directory (honours CARGO_TARGET_DIR and .cargo/config).
+TARGET_DIR="$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')"
+BIN="$TARGET_DIR/release"
 KEY="bench-key"
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/knowbe4-bench.XXXXXX")"
 PIDS=()

@@ -13,7 +13,7 @@ use time::OffsetDateTime;
 use tokio::time::Instant;
 
 use crate::account::account_id;
-use crate::collector::{RunReport, collect_source};
+use crate::collector::{RunReport, Trigger, collect_source_with};
 use crate::config::{ValidationOptions, parse_source_value};
 use crate::error::{Error, Result};
 use crate::event::EventTime;
@@ -142,6 +142,11 @@ pub enum Action {
         /// The source to collect.
         #[serde(rename = "sourceId")]
         source_id: Option<String>,
+        /// Set for an EventBridge scheduled event (or `collect --scheduled`): runs follow
+        /// the freshness plan. An explicit `collect` collects everything its budget pays
+        /// for now.
+        #[serde(skip)]
+        scheduled: bool,
     },
     /// Create a source from the hosted JSON.
     Create {
@@ -193,7 +198,7 @@ pub enum Action {
 impl std::fmt::Debug for Action {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let (name, id) = match self {
-            Action::Collect { source_id } | Action::Status { source_id } => {
+            Action::Collect { source_id, .. } | Action::Status { source_id } => {
                 (self.name(), source_id.as_deref())
             }
             Action::Create { id, .. } => (self.name(), id.as_deref()),
@@ -237,7 +242,10 @@ impl Action {
                 Some("aws.events" | "aws.scheduler")
             );
         if is_scheduled && payload.get("action").is_none() {
-            return Ok(Action::Collect { source_id: None });
+            return Ok(Action::Collect {
+                source_id: None,
+                scheduled: true,
+            });
         }
         if !payload.is_object() {
             return Err(Error::config("payload", "must be a JSON object"));
@@ -492,8 +500,18 @@ impl App {
     /// Runs an action until `deadline`; returns its JSON result.
     pub async fn handle(&self, action: Action, deadline: Instant) -> Result<serde_json::Value> {
         match action {
-            Action::Collect { source_id } => {
-                let reports = self.collect(source_id.as_deref(), deadline).await?;
+            Action::Collect {
+                source_id,
+                scheduled,
+            } => {
+                let trigger = if scheduled {
+                    Trigger::Schedule
+                } else {
+                    Trigger::OnDemand
+                };
+                let reports = self
+                    .collect_with(source_id.as_deref(), deadline, trigger)
+                    .await?;
                 Ok(serde_json::json!({ "runs": reports }))
             }
             Action::Create {
@@ -534,12 +552,25 @@ impl App {
         }
     }
 
-    /// Collects one source, or every source with bounded concurrency. One failing source
-    /// never stops the others.
+    /// Collects one source, or every source with bounded concurrency, on demand (see
+    /// [`collect_with`](Self::collect_with)).
     pub async fn collect(
         &self,
         source_id: Option<&str>,
         deadline: Instant,
+    ) -> Result<Vec<RunReport>> {
+        self.collect_with(source_id, deadline, Trigger::OnDemand)
+            .await
+    }
+
+    /// Collects one source, or every source with bounded concurrency. One failing source
+    /// never stops the others. `trigger` says whether the runs follow the freshness plan
+    /// (a schedule) or collect what their budget pays for now (on demand).
+    pub async fn collect_with(
+        &self,
+        source_id: Option<&str>,
+        deadline: Instant,
+        trigger: Trigger,
     ) -> Result<Vec<RunReport>> {
         let ids: Vec<String> = match source_id {
             Some(id) => {
@@ -558,7 +589,7 @@ impl App {
         };
         let reports: Vec<RunReport> = futures::stream::iter(ids)
             .map(|id| async move {
-                let report = collect_source(self, &id, deadline).await;
+                let report = collect_source_with(self, &id, deadline, trigger).await;
                 log_run(&report);
                 self.settings
                     .metrics
@@ -587,19 +618,6 @@ impl App {
     ) -> Result<String> {
         let parsed = parse_source_value(source, self.settings.validation)?;
         let secrets = parsed.secrets(None)?;
-        let account = account_id(&parsed.spec.api_base, &secrets.api_key);
-        let destination = self.destination_id(&parsed.spec, &secrets);
-        if !allow_duplicate
-            && let Some(twin) = self.store.list_sources().await?.into_iter().find(|r| {
-                r.account.as_deref() == Some(&account)
-                    && r.destination.as_deref() == Some(&destination)
-            })
-        {
-            return Err(Error::Conflict(format!(
-                "source {} already collects this KnowBe4 account into the same destination; use --allow-duplicate (allowDuplicate in a payload) to create another anyway",
-                twin.id
-            )));
-        }
         let id = match id {
             Some(id) if valid_id(&id) => id,
             Some(_) => {
@@ -634,6 +652,20 @@ impl App {
                 }
             }
         };
+        // Every input is valid: only now read the store.
+        let account = account_id(&parsed.spec.api_base, &secrets.api_key);
+        let destination = self.destination_id(&parsed.spec, &secrets);
+        if !allow_duplicate
+            && let Some(twin) = self.store.list_sources().await?.into_iter().find(|r| {
+                r.account.as_deref() == Some(&account)
+                    && r.destination.as_deref() == Some(&destination)
+            })
+        {
+            return Err(Error::Conflict(format!(
+                "source {} already collects this KnowBe4 account into the same destination; use --allow-duplicate (allowDuplicate in a payload) to create another anyway",
+                twin.id
+            )));
+        }
         if self.store.get_source(&id).await?.is_some() {
             return Err(Error::Conflict(format!("source {id} already exists")));
         }

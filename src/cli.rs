@@ -36,6 +36,11 @@ pub enum Command {
         /// Only this source.
         #[arg(long)]
         source: Option<String>,
+        /// Follow the freshness plan, as the Lambda schedule does (for a `collect` run by
+        /// cron): with a scarce quota a run may read new events only, or nothing when
+        /// nothing is due. Without it, `collect` collects all its budget pays for now.
+        #[arg(long)]
+        scheduled: bool,
         /// Print the run reports as one JSON document on stdout.
         #[arg(long)]
         json: bool,
@@ -162,9 +167,15 @@ impl Command {
                 ),
                 SourcesCommand::List { json } => (Action::List {}, *json),
             },
-            Command::Collect { source, json, .. } => (
+            Command::Collect {
+                source,
+                json,
+                scheduled,
+                ..
+            } => (
                 Action::Collect {
                     source_id: source.clone(),
+                    scheduled: *scheduled,
                 },
                 *json,
             ),

@@ -18,7 +18,7 @@ use tokio::time::Instant;
 
 use crate::account::account_id;
 use crate::app::App;
-use crate::checkpoint::DEFAULT_PAGE_SIZE;
+use crate::checkpoint::{DEFAULT_PAGE_SIZE, HeadWalk};
 use crate::checkpoint::{Step, Walker};
 use crate::error::{Error, HealthKind, Result};
 use crate::event::{EventTime, RawEvent};
@@ -127,7 +127,29 @@ fn now_ms() -> i64 {
 }
 
 /// Collects one source until done, out of budget, or `deadline` (minus the app's margin).
+/// What started a run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Trigger {
+    /// The schedule: the run follows the freshness plan (with a scarce quota it may read
+    /// new events only, or save its budget when nothing is due).
+    Schedule,
+    /// Someone asked (`collect`): the run re-reads the whole window and spends what its
+    /// share of the quota allows now.
+    OnDemand,
+}
+
+/// Runs one source on demand (see [`collect_source_with`]).
 pub async fn collect_source(app: &App, id: &str, deadline: Instant) -> RunReport {
+    collect_source_with(app, id, deadline, Trigger::OnDemand).await
+}
+
+/// Runs one source: lease, walk, forward, checkpoint.
+pub async fn collect_source_with(
+    app: &App,
+    id: &str,
+    deadline: Instant,
+    trigger: Trigger,
+) -> RunReport {
     let started = Instant::now();
     let mut report = RunReport::new(id);
     let run_id = uuid::Uuid::new_v4().to_string();
@@ -162,6 +184,7 @@ pub async fn collect_source(app: &App, id: &str, deadline: Instant) -> RunReport
         state: None,
         pacing_chain: None,
         account: None,
+        trigger,
     };
     run.execute(deadline).await;
     // Every request of the run was sent before now (in-flight ones were awaited or
@@ -191,11 +214,18 @@ pub async fn collect_source(app: &App, id: &str, deadline: Instant) -> RunReport
 /// it says what is true rather than zeros; fields that cannot be read stay unset.
 async fn describe_untouched(app: &App, record: &SourceRecord, report: &mut RunReport) {
     let day = utc_day(OffsetDateTime::now_utc());
-    if let Ok(used) = app.store.quota_used(&record.id, &day).await {
+    let state = app.store.load_state(&record.id).await.ok().flatten();
+    // The quota is the account's; a source that never ran has not used any.
+    let account = state.as_ref().and_then(|s| s.value.account.clone());
+    let used = match &account {
+        Some(account) => app.store.quota_used(account, &day).await.ok(),
+        None => Some(0),
+    };
+    if let Some(used) = used {
         report.quota_used = used;
         report.quota_left = record.spec.daily_request_limit.saturating_sub(used);
     }
-    if let Ok(Some(state)) = app.store.load_state(&record.id).await {
+    if let Some(state) = state {
         report.checkpoint = state.value.checkpoint.high.map(EventTime::to_rfc3339);
         report.backlog = !state.value.checkpoint.gaps.is_empty();
         report.state = Some(state.value.lifecycle);
@@ -227,6 +257,8 @@ struct Run<'a> {
     state: Option<Versioned<SourceState>>,
     /// Released when the last issued request passed the rate limiter.
     pacing_chain: Option<tokio::sync::oneshot::Receiver<()>>,
+    /// What started the run (the schedule follows the freshness plan).
+    trigger: Trigger,
     /// The KnowBe4 account (API host + key) whose ledger and send slots this run uses;
     /// known once the key is loaded (the stored one until then, for `fill_quota`).
     account: Option<String>,
@@ -236,6 +268,8 @@ struct Run<'a> {
 enum Stop {
     Finished,
     Budget,
+    /// A scheduled run with nothing due saved its budget (seconds between head reads).
+    NothingDue(u64),
     Deadline,
     QuotaExhausted,
 }
@@ -390,7 +424,13 @@ impl Run<'_> {
             gaps: checkpoint.gaps.len(),
             lateness_secs: self.record.spec.lateness_window_secs,
         });
-        let budget = plan.budget;
+        let (budget, head) = match self.trigger {
+            Trigger::Schedule => (plan.budget, plan.head),
+            Trigger::OnDemand => (plan.available, HeadWalk::Full),
+        };
+        if budget == 0 && plan.available > 0 {
+            return Ok(Stop::NothingDue(plan.head_every_secs));
+        }
         if budget == 0 {
             return Ok(Stop::Budget);
         }
@@ -400,7 +440,7 @@ impl Run<'_> {
             EventTime::from_datetime(now),
             spec.first_fetch_lookback_secs,
             spec.lateness_window_secs,
-            plan.head,
+            head,
         );
         self.report.full_walk = Some(walker.is_full());
         let meta = spec.sink_meta();
@@ -817,6 +857,10 @@ impl Run<'_> {
         self.report.detail = match stop {
             Stop::Finished => "caught up".into(),
             Stop::Budget => "stopped at this run's share of the daily quota".into(),
+            Stop::NothingDue(every) => format!(
+                "nothing due: the daily quota pays for a new-events read every {} min, so this run saved its budget",
+                every.div_ceil(60)
+            ),
             Stop::Deadline => "stopped before the invocation deadline; the next run resumes".into(),
             Stop::QuotaExhausted => {
                 "daily quota reached; collection resumes after 00:00 UTC".into()

@@ -46,10 +46,9 @@ pub struct PlanInput {
     pub lateness_secs: u64,
 }
 
-/// The longest the planner lets full walks wait when the quota could pay for more: half
-/// the lateness window, at most 30 minutes. A backdated event is then delivered within
-/// about that plus one head period of its arrival, and a large quota is not spent
-/// re-reading the window every five minutes.
+/// The longest the planner lets full walks wait when the quota is scarce but could pay
+/// for more: half the lateness window, at most 30 minutes. A backdated event is then
+/// delivered within about that plus one head period of its arrival.
 fn reread_target_secs(input: &PlanInput) -> u64 {
     (input.lateness_secs / 2).clamp(input.interval_secs.max(1), 30 * 60)
 }
@@ -62,12 +61,17 @@ pub const GAP_MIN_BUDGET: u32 = 8;
 /// What a run will do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RunPlan {
-    /// Requests this run may send (its fair share of the interval's allowance).
+    /// Requests this run may send (its fair share of the interval's allowance; 0 when the
+    /// plan saves the budget because nothing is due).
     pub budget: u32,
+    /// The fair share itself, for a run asked for on demand.
+    pub available: u32,
     /// Whether the head walk re-reads the whole window or reads new events only.
     pub head: HeadWalk,
     /// The planned time between full walks, seconds.
     pub reread_every_secs: u64,
+    /// The planned time between head reads, seconds.
+    pub head_every_secs: u64,
 }
 
 /// What the quota buys, for `status`.
@@ -110,10 +114,21 @@ pub fn head_every_secs(input: &PlanInput) -> u64 {
     (DAY_SECS / heads_per_day(input)).max(input.interval_secs.max(1))
 }
 
-/// Seconds between full walks so that a day of head reads plus full walks fits the
-/// source's share: what the head reads leave pays the re-reads' extra pages.
+/// Whether the source's share pays for a full walk every run: then every run is one
+/// (the planner only steps in when the quota is scarce).
+pub fn ample(input: &PlanInput) -> bool {
+    let runs = (DAY_SECS / input.interval_secs.max(1)).max(1);
+    share(input) >= runs * window_pages(input)
+}
+
+/// Seconds between full walks: every run when the quota is ample; otherwise spaced so
+/// that a day of head reads plus full walks fits the source's share (what the head reads
+/// leave pays the re-reads' extra pages), and at least the re-read target apart.
 pub fn reread_every_secs(input: &PlanInput) -> u64 {
     let interval = input.interval_secs.max(1);
+    if ample(input) {
+        return interval;
+    }
     let runs = (DAY_SECS / interval).max(1);
     let extra = window_pages(input).saturating_sub(1).max(1);
     let quota = share(input);
@@ -139,6 +154,16 @@ pub fn plan(input: &PlanInput) -> RunPlan {
     } else {
         allowance.div_ceil(input.sources.max(1)).max(1)
     };
+    if ample(input) {
+        // Every run re-reads the whole window with whatever the interval allows.
+        return RunPlan {
+            budget,
+            available: budget,
+            head: HeadWalk::Full,
+            reread_every_secs: every,
+            head_every_secs: input.interval_secs,
+        };
+    }
     let now = EventTime::from_datetime(input.now);
     // Half an interval early rather than one interval late.
     let slack = input.interval_secs / 2;
@@ -161,8 +186,10 @@ pub fn plan(input: &PlanInput) -> RunPlan {
         head == HeadWalk::NewOnly && !head_due && (input.gaps == 0 || budget < GAP_MIN_BUDGET);
     RunPlan {
         budget: if idle { 0 } else { budget },
+        available: budget,
         head,
         reread_every_secs: every,
+        head_every_secs: head_every_secs(input),
     }
 }
 
@@ -224,9 +251,11 @@ mod tests {
     fn large_quotas_reread_every_run_small_ones_less_often() {
         assert_eq!(
             reread_every_secs(&input(2_000, 240)),
-            1_800,
-            "the target, not every run"
+            300,
+            "ample: every run"
         );
+        assert!(ample(&input(2_000, 240)));
+        assert!(!ample(&input(50, 240)));
         let fifty = reread_every_secs(&input(50, 240));
         assert!((600..=3_600).contains(&fifty), "{fifty}");
         let ten = reread_every_secs(&input(10, 60));

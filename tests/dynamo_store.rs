@@ -365,7 +365,7 @@ async fn each_day_has_its_own_quota() {
         store.reserve_request("d", "2024-05-02", 2).await.unwrap(),
         Reservation::Granted(1)
     );
-    // Another source's ledger is separate too.
+    // Another account's ledger is separate too.
     assert_eq!(
         store.reserve_request("e", "2024-05-01", 2).await.unwrap(),
         Reservation::Granted(1)
@@ -378,7 +378,7 @@ async fn each_day_has_its_own_quota() {
     let item = client
         .get_item()
         .table_name(&table)
-        .key("pk", AttributeValue::S("SOURCE#d".into()))
+        .key("pk", AttributeValue::S("ACCOUNT#d".into()))
         .key("sk", AttributeValue::S("QUOTA#2024-05-01".into()))
         .send()
         .await

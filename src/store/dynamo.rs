@@ -56,6 +56,7 @@ use async_trait::async_trait;
 use aws_sdk_dynamodb::Client;
 use aws_sdk_dynamodb::error::SdkError;
 use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
+use aws_sdk_dynamodb::operation::update_item::UpdateItemError;
 use aws_sdk_dynamodb::types::{
     AttributeDefinition, AttributeValue, BillingMode, ConditionCheck, DeleteRequest,
     KeySchemaElement, KeyType, Put, ReturnValue, ReturnValuesOnConditionCheckFailure,
@@ -620,13 +621,7 @@ impl StateStore for DynamoStore {
                     quiet_until: super::takeover_quiet_until(old_expiry, old_quiet, now),
                 }))
             }
-            Err(err)
-                if err
-                    .as_service_error()
-                    .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
-            {
-                Ok(None)
-            }
+            Err(err) if condition_failed(&err) => Ok(None),
             Err(err) => Err(Error::store(
                 format!("DynamoDB UpdateItem acquiring the lease of {id}"),
                 err,
@@ -654,16 +649,10 @@ impl StateStore for DynamoStore {
             .await;
         match result {
             Ok(out) => lease_from_item(id, &out.attributes.unwrap_or_default()),
-            Err(err)
-                if err
-                    .as_service_error()
-                    .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
-            {
-                Err(Error::Conflict(format!(
-                    "the lease of {id} (fence {}) was lost",
-                    lease.fence
-                )))
-            }
+            Err(err) if condition_failed(&err) => Err(Error::Conflict(format!(
+                "the lease of {id} (fence {}) was lost",
+                lease.fence
+            ))),
             Err(err) => Err(Error::store(
                 format!("DynamoDB UpdateItem renewing the lease of {id}"),
                 err,
@@ -692,11 +681,7 @@ impl StateStore for DynamoStore {
             .await;
         match result {
             Ok(_) => Ok(()),
-            Err(err)
-                if err
-                    .as_service_error()
-                    .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
-            {
+            Err(err) if condition_failed(&err) => {
                 // Someone else holds it now: there is nothing of ours to release.
                 tracing::debug!(
                     source_id = id,
@@ -743,13 +728,7 @@ impl StateStore for DynamoStore {
                 let item = out.attributes.unwrap_or_default();
                 Ok(Reservation::Granted(number(&item, "used", "QUOTA", id)?))
             }
-            Err(err)
-                if err
-                    .as_service_error()
-                    .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
-            {
-                Ok(Reservation::Exhausted)
-            }
+            Err(err) if condition_failed(&err) => Ok(Reservation::Exhausted),
             Err(err) => Err(Error::store(
                 format!("DynamoDB UpdateItem reserving a request for {id} on {day}"),
                 err,
@@ -776,13 +755,7 @@ impl StateStore for DynamoStore {
             .await;
         match result {
             Ok(_) => Ok(()),
-            Err(err)
-                if err
-                    .as_service_error()
-                    .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
-            {
-                Ok(())
-            }
+            Err(err) if condition_failed(&err) => Ok(()),
             Err(err) => Err(Error::store(
                 format!("DynamoDB UpdateItem releasing a request of {id} on {day}"),
                 err,
@@ -852,11 +825,7 @@ impl StateStore for DynamoStore {
             .await;
         match result {
             Ok(_) => Ok(SendSlot::Granted),
-            Err(err)
-                if err
-                    .as_service_error()
-                    .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
-            {
+            Err(err) if condition_failed(&err) => {
                 let held = match self.get_account_item(account, SK_PACE).await? {
                     Some(item) => number::<i64>(&item, "next_ms", "PACE", account)?,
                     None => now,
@@ -941,6 +910,12 @@ fn number<T: std::str::FromStr>(item: &Item, name: &str, what: &str, id: &str) -
                 "the {what} item of {id} has no valid number attribute {name}"
             ))
         })
+}
+
+/// Whether an `UpdateItem` failed only because its condition did not hold.
+fn condition_failed<R>(err: &SdkError<UpdateItemError, R>) -> bool {
+    err.as_service_error()
+        .is_some_and(|e| e.is_conditional_check_failed_exception())
 }
 
 /// The members of an account's `MEMBERS` item seen within [`MEMBER_TTL_MS`] of `now`.

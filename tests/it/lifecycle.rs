@@ -158,7 +158,14 @@ async fn delete_removes_every_item_and_the_secret() {
     assert!(table_dump(&h).await.len() >= 4);
 
     h.app.delete(&id).await.unwrap();
-    assert!(table_dump(&h).await.is_empty(), "items left after delete");
+    // The KnowBe4 account's items (quota ledger, send slot, members) are shared by every
+    // source using the key, so they outlive one source; nothing of the source remains.
+    let left: Vec<String> = table_dump(&h)
+        .await
+        .into_iter()
+        .filter(|item| !item.contains("ACCOUNT#"))
+        .collect();
+    assert!(left.is_empty(), "items left after delete: {left:?}");
     // Scheduled for deletion after a recovery window (issue 10, finding 5), not at once.
     let scheduled = h
         .secrets

@@ -142,7 +142,7 @@ async fn no_colour_off_a_terminal_nor_under_no_color() {
         if no_color {
             cmd.env("NO_COLOR", "1");
         }
-        let shell = format!("{BIN} sources create --file source.json --id op2");
+        let shell = format!("{BIN} sources create --file source.json --id op2 --allow-duplicate");
         let out = cmd
             .args(["-q", "-e", "-c", &shell, "/dev/null"])
             .output()

@@ -58,7 +58,25 @@ async fn every_payload_in_events_runs() {
         )
         .await
         .unwrap();
-    assert_eq!(scheduled["runs"][0]["forwarded"], 7, "{scheduled}");
+    // The example's quota (50 seats, half of it) is scarce: a scheduled run right after
+    // a head read has nothing due and saves its budget, and says so.
+    assert_eq!(scheduled["runs"][0]["outcome"], "collected", "{scheduled}");
+    assert_eq!(scheduled["runs"][0]["requests"], 0, "{scheduled}");
+    assert!(
+        scheduled["runs"][0]["detail"]
+            .as_str()
+            .unwrap()
+            .starts_with("nothing due"),
+        "{scheduled}"
+    );
+    let again = app
+        .handle(
+            Action::from_payload(payload("collect.json")).unwrap(),
+            deadline(60),
+        )
+        .await
+        .unwrap();
+    assert_eq!(again["runs"][0]["forwarded"], 7, "{again}");
 
     let status = app
         .handle(
