@@ -968,18 +968,36 @@ struct SlotClaimer {
 }
 
 impl SlotClaimer {
-    /// Waits for the slot; gives up after [`MAX_SLOT_WAITS`] busy answers.
+    /// Waits for a slot and returns at its start, when the request must be sent; gives up
+    /// after [`MAX_SLOT_WAITS`] tries.
+    ///
+    /// A slot is claimed to start [`SLOT_LEAD_MS`] after the claim is written, and the
+    /// request waits for that start: the write's own latency (a DynamoDB call, a local
+    /// file's fsync) then never shortens the gap to the next slot. A claim answered after
+    /// its slot started (more than [`SLOT_LATE_MS`] late) is not used: the slot is left
+    /// to pass and another claimed, so no two sends are ever closer than the spacing less
+    /// that tolerance (20 ms, within the 80 ms margin per window of the 270 ms spacing).
     async fn claim(&self) -> Result<()> {
         for _ in 0..MAX_SLOT_WAITS {
-            let now = now_ms();
+            let start = now_ms() + SLOT_LEAD_MS;
             match self
                 .store
-                .claim_send_slot(&self.account, now, self.spacing_ms)
+                .claim_send_slot(&self.account, start, self.spacing_ms)
                 .await?
             {
-                SendSlot::Granted => return Ok(()),
+                SendSlot::Granted => {
+                    let now = now_ms();
+                    if now > start + SLOT_LATE_MS {
+                        continue;
+                    }
+                    if start > now {
+                        tokio::time::sleep(Duration::from_millis((start - now) as u64)).await;
+                    }
+                    return Ok(());
+                }
                 SendSlot::Busy(until) => {
-                    let wait = (until - now).clamp(1, 2_000) as u64;
+                    // Claim again when a slot starting then would no longer overlap.
+                    let wait = (until - SLOT_LEAD_MS - now_ms()).clamp(1, 2_000) as u64;
                     tokio::time::sleep(Duration::from_millis(wait)).await;
                 }
             }
@@ -991,9 +1009,13 @@ impl SlotClaimer {
     }
 }
 
-/// Busy answers a request waits through for its account's send slot (each at most the
+/// Tries a request makes for its account's send slot (each busy answer waits out the
 /// holder's slot, ~270 ms): 16 concurrent senders to one account clear in one round.
 const MAX_SLOT_WAITS: u32 = 64;
+/// How far ahead of the claim a send slot starts: room for the claim's write.
+const SLOT_LEAD_MS: i64 = 60;
+/// How late after its start a granted slot may still be used.
+const SLOT_LATE_MS: i64 = 20;
 
 enum FetchFailure {
     Quota,
