@@ -219,12 +219,35 @@ async fn the_daily_quota_is_a_hard_limit_and_not_a_failure() {
     let first = collect_source(&h.app, &id, deadline(60)).await;
     assert_eq!(first.outcome, Outcome::Collected, "{first:?}");
     assert!(first.requests <= 3);
-    // Later runs today never go past the limit.
+    // Later runs today never go past the limit (how much of it a run may spend depends
+    // on the time of day: the allowance grows through the UTC day).
     for _ in 0..3 {
         let again = collect_source(&h.app, &id, deadline(60)).await;
         assert_ne!(again.outcome, Outcome::Failed, "{again:?}");
     }
-    assert_eq!(h.sim.stats().requests, 3);
+    let sent = h.sim.stats().requests;
+    assert!((1..=3).contains(&sent), "{sent} requests");
+    let status = h.app.status(Some(&id)).await.unwrap().remove(0);
+    assert_eq!(u64::from(status.quota_used_today), sent);
+
+    // Whatever the time: once the account's ledger holds the limit, nothing is sent and
+    // reaching it is not a failure.
+    let account = status
+        .account
+        .clone()
+        .expect("the run recorded its account");
+    let day = knowbe4_source::quota::utc_day(time::OffsetDateTime::now_utc());
+    while let knowbe4_source::store::Reservation::Granted(_) = h
+        .app
+        .store
+        .reserve_request(&account, &day, 3)
+        .await
+        .unwrap()
+    {}
+    let capped = collect_source(&h.app, &id, deadline(60)).await;
+    assert_eq!(capped.outcome, Outcome::Collected, "{capped:?}");
+    assert_eq!(capped.requests, 0);
+    assert_eq!(h.sim.stats().requests, sent, "no request past the limit");
     let status = h.app.status(Some(&id)).await.unwrap().remove(0);
     assert_eq!(status.quota_used_today, 3);
     assert!(status.quota_reached);

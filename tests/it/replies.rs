@@ -44,23 +44,31 @@ fn gzip_bomb(mib: usize) -> Vec<u8> {
 }
 
 /// Runs `command` to its end; returns its exit code and its peak resident set size in
-/// KiB (from `wait4`, so only this child is measured).
+/// KiB: the high-water mark (`VmHWM`) of the binary's own address space, polled every
+/// 10 ms. (`wait4`'s `ru_maxrss` would also count the test process's memory, which the
+/// child shares between spawning and `exec`.)
 fn run_measuring_peak_rss(mut command: std::process::Command, log: &Path) -> (i32, i64) {
     let out = std::fs::File::create(log).unwrap();
     command
         .stdout(out.try_clone().unwrap())
         .stderr(out)
         .stdin(std::process::Stdio::null());
-    let child = command.spawn().expect("the binary starts");
-    let pid = child.id() as libc::pid_t;
-    let mut status: libc::c_int = 0;
-    // SAFETY: an all-zero rusage is valid; wait4 fills it for our own child.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: pid is our child, not waited for elsewhere; the pointers are valid.
-    let waited = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
-    assert_eq!(waited, pid, "wait4 failed");
-    std::mem::forget(child);
-    (libc::WEXITSTATUS(status), usage.ru_maxrss)
+    let mut child = command.spawn().expect("the binary starts");
+    let status_file = format!("/proc/{}/status", child.id());
+    let mut peak_kib = 0;
+    loop {
+        if let Ok(text) = std::fs::read_to_string(&status_file) {
+            let hwm = text
+                .lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<i64>().ok());
+            peak_kib = peak_kib.max(hwm.unwrap_or(0));
+        }
+        if let Some(status) = child.try_wait().expect("the child can be waited for") {
+            return (status.code().unwrap_or(-1), peak_kib);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
 }
 
 /// A destination answering each batch with a 1 GiB gzip bomb (about 1 MB on the wire):
