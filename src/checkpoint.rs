@@ -321,6 +321,8 @@ enum Place {
 pub struct Walker {
     /// Whether the head walk re-reads the whole dedupe window ([`HeadWalk::Full`]).
     full: bool,
+    /// The checkpoint had no high-water mark: this walk reads back to the floor.
+    first_walk: bool,
     /// The checkpoint the run started from, with gaps clipped below the head walk.
     base: Checkpoint,
     lateness_ns: i64,
@@ -414,6 +416,7 @@ impl Walker {
         let recent_ids = base.recent.iter().map(|s| s.id.clone()).collect();
         Walker {
             full,
+            first_walk: base.high.is_none(),
             base,
             lateness_ns,
             now,
@@ -461,6 +464,12 @@ impl Walker {
     /// Whether this run's head walk re-reads the whole dedupe window.
     pub fn is_full(&self) -> bool {
         self.full
+    }
+
+    /// Whether this is the source's first walk (no high-water mark yet): it reads back
+    /// to the first-run floor.
+    pub fn is_first_walk(&self) -> bool {
+        self.first_walk
     }
 
     /// Whether the walk is in its head phase (fresh events) rather than a backlog gap.

@@ -1009,6 +1009,9 @@ impl SlotClaimer {
     }
 }
 
+/// Requests in flight at the start of a source's first walk (see `speculation_depth`).
+const FIRST_WALK_DEPTH: usize = 3;
+
 /// Tries a request makes for its account's send slot (each busy answer waits out the
 /// holder's slot, ~270 ms): 16 concurrent senders to one account clear in one round.
 const MAX_SLOT_WAITS: u32 = 64;
@@ -1091,6 +1094,12 @@ impl PageShape {
 /// walk ends on its first page, thus never spend quota on pages they do not need; without
 /// `total_pages` a drain may send up to `max - 1` requests past the list's end.
 fn speculation_depth(walker: &Walker, shape: Option<&PageShape>, max: usize) -> usize {
+    if shape.is_none() && walker.is_first_walk() && walker.in_head() && walker.delivered() == 0 {
+        // A source's first walk reads back to its floor (a day by default): usually many
+        // pages. Two requests ahead from the start keep the rate limit busy while page 1
+        // is answered; a quiet account spends at most two requests on them, once.
+        return FIRST_WALK_DEPTH.min(max.max(1));
+    }
     let (Some(floor), Some(shape)) = (walker.sequential_floor(), shape) else {
         return 1;
     };
