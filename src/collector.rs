@@ -461,7 +461,12 @@ impl Run<'_> {
             if Some(page_no) != shape.as_ref().map(|s| s.next_page) {
                 shape = None; // a new walk or a jump: its pages are not known yet
             }
-            let depth = speculation_depth(&walker, shape.as_ref(), self.app.settings.max_in_flight);
+            let depth = speculation_depth(
+                &walker,
+                shape.as_ref(),
+                self.app.settings.max_in_flight,
+                authenticated,
+            );
             let fetched = self
                 .next_page(
                     &client,
@@ -1093,11 +1098,22 @@ impl PageShape {
 /// ~1 s latency, four or five keep the rate limit saturated). Steady-state runs, whose
 /// walk ends on its first page, thus never spend quota on pages they do not need; without
 /// `total_pages` a drain may send up to `max - 1` requests past the list's end.
-fn speculation_depth(walker: &Walker, shape: Option<&PageShape>, max: usize) -> usize {
-    if shape.is_none() && walker.is_first_walk() && walker.in_head() && walker.delivered() == 0 {
-        // A source's first walk reads back to its floor (a day by default): usually many
-        // pages. Two requests ahead from the start keep the rate limit busy while page 1
-        // is answered; a quiet account spends at most two requests on them, once.
+fn speculation_depth(
+    walker: &Walker,
+    shape: Option<&PageShape>,
+    max: usize,
+    key_accepted: bool,
+) -> usize {
+    if shape.is_none()
+        && key_accepted
+        && walker.is_first_walk()
+        && walker.in_head()
+        && walker.delivered() == 0
+    {
+        // A first walk reads back to the floor (a day by default): usually many pages.
+        // Two requests ahead from the start keep the rate limit busy while page 1 is
+        // answered; a quiet account spends at most two requests on them, once. Never
+        // before KnowBe4 has accepted the key: a wrong key would fail three calls, not one.
         return FIRST_WALK_DEPTH.min(max.max(1));
     }
     let (Some(floor), Some(shape)) = (walker.sequential_floor(), shape) else {
