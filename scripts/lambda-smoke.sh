@@ -57,6 +57,8 @@ free_port() {
 start_group() {
   local log_file=$1
   shift
+  # Created here, so a reader never races the background process's redirection.
+  : >"$log_file"
   setsid "$@" >"$log_file" 2>&1 </dev/null &
   pgids+=("$!")
   last_pid=$!
