@@ -238,9 +238,15 @@ impl Page {
     /// Whether this page ends the list, for a walk whose pages hold `page_size` events:
     /// what the response says, else a page shorter than a full one.
     pub fn is_last(&self, page_size: u32) -> bool {
-        match self.more {
+        Self::ends_list(self.more, self.events.len(), page_size)
+    }
+
+    /// Whether a page that said `more` (or nothing) and held `events` ends the list of a
+    /// walk whose pages hold `page_size` events.
+    pub fn ends_list(more: Option<bool>, events: usize, page_size: u32) -> bool {
+        match more {
             Some(more) => !more,
-            None => self.events.is_empty() || self.events.len() < page_size as usize,
+            None => events == 0 || events < page_size as usize,
         }
     }
 }
@@ -321,8 +327,6 @@ enum Place {
 pub struct Walker {
     /// Whether the head walk re-reads the whole dedupe window ([`HeadWalk::Full`]).
     full: bool,
-    /// The checkpoint had no high-water mark: this walk reads back to the floor.
-    first_walk: bool,
     /// The checkpoint the run started from, with gaps clipped below the head walk.
     base: Checkpoint,
     lateness_ns: i64,
@@ -416,7 +420,6 @@ impl Walker {
         let recent_ids = base.recent.iter().map(|s| s.id.clone()).collect();
         Walker {
             full,
-            first_walk: base.high.is_none(),
             base,
             lateness_ns,
             now,
@@ -464,12 +467,6 @@ impl Walker {
     /// Whether this run's head walk re-reads the whole dedupe window.
     pub fn is_full(&self) -> bool {
         self.full
-    }
-
-    /// Whether this is the source's first walk (no high-water mark yet): it reads back
-    /// to the first-run floor.
-    pub fn is_first_walk(&self) -> bool {
-        self.first_walk
     }
 
     /// Whether the walk is in its head phase (fresh events) rather than a backlog gap.

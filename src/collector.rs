@@ -16,7 +16,6 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use tokio::time::Instant;
 
-use crate::account::account_id;
 use crate::app::App;
 use crate::checkpoint::{DEFAULT_PAGE_SIZE, HeadWalk};
 use crate::checkpoint::{Step, Walker};
@@ -213,22 +212,42 @@ pub async fn collect_source_with(
 /// Fills a skipped run's report from the store (quota left today, checkpoint, state), so
 /// it says what is true rather than zeros; fields that cannot be read stay unset.
 async fn describe_untouched(app: &App, record: &SourceRecord, report: &mut RunReport) {
-    let day = utc_day(OffsetDateTime::now_utc());
     let state = app.store.load_state(&record.id).await.ok().flatten();
-    // The quota is the account's; a source that never ran has not used any.
     let account = state.as_ref().and_then(|s| s.value.account.clone());
-    let used = match &account {
-        Some(account) => app.store.quota_used(account, &day).await.ok(),
-        None => Some(0),
-    };
-    if let Some(used) = used {
-        report.quota_used = used;
-        report.quota_left = record.spec.daily_request_limit.saturating_sub(used);
-    }
+    report_quota(app, record, account.as_deref(), report).await;
     if let Some(state) = state {
         report.checkpoint = state.value.checkpoint.high.map(EventTime::to_rfc3339);
         report.backlog = !state.value.checkpoint.gaps.is_empty();
         report.state = Some(state.value.lifecycle);
+    }
+}
+
+/// Fills the report's quota figures as `status` shows them: the account's requests today
+/// against the account's limit (the smallest its sources give). A source that never ran
+/// has no account yet and has used nothing. Figures that cannot be read are left out.
+async fn report_quota(
+    app: &App,
+    record: &SourceRecord,
+    account: Option<&str>,
+    report: &mut RunReport,
+) {
+    let day = utc_day(OffsetDateTime::now_utc());
+    let (used, limit) = match account {
+        Some(account) => (
+            app.store.quota_used(account, &day).await.ok(),
+            app.store
+                .account_members(account, now_ms())
+                .await
+                .ok()
+                .and_then(|m| m.limit()),
+        ),
+        None => (Some(0), None),
+    };
+    if let Some(used) = used {
+        report.quota_used = used;
+        report.quota_left = limit
+            .unwrap_or(record.spec.daily_request_limit)
+            .saturating_sub(used);
     }
 }
 
@@ -371,7 +390,7 @@ impl Run<'_> {
             self.app.settings.request_timeout,
         );
         // The limits are the account's: every source using this key shares them.
-        let account = account_id(&self.record.spec.api_base, &secrets.api_key);
+        let account = client.account().to_string();
         let members = self
             .app
             .store
@@ -461,12 +480,7 @@ impl Run<'_> {
             if Some(page_no) != shape.as_ref().map(|s| s.next_page) {
                 shape = None; // a new walk or a jump: its pages are not known yet
             }
-            let depth = speculation_depth(
-                &walker,
-                shape.as_ref(),
-                self.app.settings.max_in_flight,
-                authenticated,
-            );
+            let depth = speculation_depth(&walker, shape.as_ref(), self.app.settings.max_in_flight);
             let fetched = self
                 .next_page(
                     &client,
@@ -508,7 +522,7 @@ impl Run<'_> {
                 self.transition(Lifecycle::Collecting, "Collecting events.")
                     .await?;
             }
-            shape = PageShape::of(&page, page_no, &walker);
+            let summary = PageSummary::of(&page);
             fetched_pages += 1;
             let events = match walker.on_page(page_no, page) {
                 Ok(events) => events,
@@ -523,6 +537,7 @@ impl Run<'_> {
                         .await);
                 }
             };
+            shape = summary.shape(page_no, &walker);
             fetched_total += events.len() as u64;
             self.report.duplicates_dropped = walker.duplicates();
             let (undated, ids) = walker.undated();
@@ -947,18 +962,11 @@ impl Run<'_> {
     }
 
     async fn fill_quota(&mut self) {
-        let day = utc_day(OffsetDateTime::now_utc());
-        let Some(account) = self
+        let account = self
             .account
             .clone()
-            .or_else(|| self.state.as_ref()?.value.account.clone())
-        else {
-            return;
-        };
-        if let Ok(used) = self.app.store.quota_used(&account, &day).await {
-            self.report.quota_used = used;
-            self.report.quota_left = self.record.spec.daily_request_limit.saturating_sub(used);
-        }
+            .or_else(|| self.state.as_ref()?.value.account.clone());
+        report_quota(self.app, &self.record, account.as_deref(), &mut self.report).await;
     }
 }
 
@@ -1014,9 +1022,6 @@ impl SlotClaimer {
     }
 }
 
-/// Requests in flight at the start of a source's first walk (see `speculation_depth`).
-const FIRST_WALK_DEPTH: usize = 3;
-
 /// Tries a request makes for its account's send slot (each busy answer waits out the
 /// holder's slot, ~270 ms): 16 concurrent senders to one account clear in one round.
 const MAX_SLOT_WAITS: u32 = 64;
@@ -1063,28 +1068,50 @@ struct PageShape {
     pages_left: Option<u64>,
 }
 
-impl PageShape {
-    fn of(page: &crate::checkpoint::Page, page_no: u32, walker: &Walker) -> Option<PageShape> {
-        // The walker learns this page's size only when it reads the page, after this.
-        let page_size = page
-            .limit
-            .unwrap_or_else(|| walker.page_size().max(page.events.len() as u32));
-        if page.is_last(page_size) {
+/// What the walk needs of a page to guess how many follow, taken before the walker
+/// consumes it; completed with what the walker learned from it (its page size, what
+/// `count` means).
+struct PageSummary {
+    newest: Option<EventTime>,
+    oldest: Option<EventTime>,
+    events: usize,
+    more: Option<bool>,
+    count: Option<u64>,
+    total_pages: Option<u64>,
+}
+
+impl PageSummary {
+    fn of(page: &crate::checkpoint::Page) -> PageSummary {
+        PageSummary {
+            newest: page.events.first().map(|e| e.occurred),
+            oldest: page.events.last().map(|e| e.occurred),
+            events: page.events.len(),
+            more: page.more,
+            count: page.count,
+            total_pages: page.total_pages,
+        }
+    }
+
+    /// The shape of page `page_no`, once `walker` has read it; `None` when it ended the
+    /// list.
+    fn shape(self, page_no: u32, walker: &Walker) -> Option<PageShape> {
+        let page_size = walker.page_size();
+        if crate::checkpoint::Page::ends_list(self.more, self.events, page_size) {
             return None;
         }
-        let from_count = match (walker.count_is_total(), page.count) {
+        let from_count = match (walker.count_is_total(), self.count) {
             (Some(true), Some(count)) => Some(count.div_ceil(u64::from(page_size))),
             _ => None,
         };
-        let pages_left = page
+        let pages_left = self
             .total_pages
             .or(from_count)
             .map(|pages| pages.saturating_sub(u64::from(page_no)));
         Some(PageShape {
             next_page: page_no + 1,
-            newest: page.events.first()?.occurred,
-            oldest: page.events.last()?.occurred,
-            events: page.events.len(),
+            newest: self.newest?,
+            oldest: self.oldest?,
+            events: self.events,
             page_size,
             pages_left,
         })
@@ -1098,24 +1125,7 @@ impl PageShape {
 /// ~1 s latency, four or five keep the rate limit saturated). Steady-state runs, whose
 /// walk ends on its first page, thus never spend quota on pages they do not need; without
 /// `total_pages` a drain may send up to `max - 1` requests past the list's end.
-fn speculation_depth(
-    walker: &Walker,
-    shape: Option<&PageShape>,
-    max: usize,
-    key_accepted: bool,
-) -> usize {
-    if shape.is_none()
-        && key_accepted
-        && walker.is_first_walk()
-        && walker.in_head()
-        && walker.delivered() == 0
-    {
-        // A first walk reads back to the floor (a day by default): usually many pages.
-        // Two requests ahead from the start keep the rate limit busy while page 1 is
-        // answered; a quiet account spends at most two requests on them, once. Never
-        // before KnowBe4 has accepted the key: a wrong key would fail three calls, not one.
-        return FIRST_WALK_DEPTH.min(max.max(1));
-    }
+fn speculation_depth(walker: &Walker, shape: Option<&PageShape>, max: usize) -> usize {
     let (Some(floor), Some(shape)) = (walker.sequential_floor(), shape) else {
         return 1;
     };

@@ -174,10 +174,9 @@ pub fn spacing_for(base: &str) -> Duration {
 
 /// The rate limiter of one KnowBe4 account (API host + key), shared by every source
 /// of this process that uses it.
-fn limiter_for(base: &str, key: &SecretString) -> Arc<DefaultDirectRateLimiter> {
+fn limiter_for(base: &str, account: &str) -> Arc<DefaultDirectRateLimiter> {
     static LIMITERS: OnceLock<Mutex<HashMap<String, Arc<DefaultDirectRateLimiter>>>> =
         OnceLock::new();
-    let account = crate::account::account_id(base, key);
     let quota = Quota::with_period(spacing_for(base))
         .expect("non-zero period")
         .allow_burst(NonZeroU32::MIN);
@@ -185,7 +184,7 @@ fn limiter_for(base: &str, key: &SecretString) -> Arc<DefaultDirectRateLimiter> 
         .get_or_init(Default::default)
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
-        .entry(account)
+        .entry(account.to_string())
         .or_insert_with(|| Arc::new(RateLimiter::direct(quota)))
         .clone()
 }
@@ -199,6 +198,8 @@ pub struct KnowBe4Client {
     base: String,
     /// The User Event API key.
     key: SecretString,
+    /// The account (API host + key) the limits belong to: [`crate::account::account_id`].
+    account: String,
     /// Paces requests to the account's rate limit.
     limiter: Arc<DefaultDirectRateLimiter>,
     /// Sent as `x-run-id` so a request log can tell runs apart.
@@ -226,8 +227,10 @@ impl KnowBe4Client {
         timeout: Duration,
     ) -> Self {
         let base = base.trim_end_matches('/').to_string();
+        let account = crate::account::account_id(&base, &key);
         KnowBe4Client {
-            limiter: limiter_for(&base, &key),
+            limiter: limiter_for(&base, &account),
+            account,
             http,
             base,
             key,
@@ -238,8 +241,14 @@ impl KnowBe4Client {
 
     /// Replaces the key (after a forced re-read of the secret).
     pub fn set_key(&mut self, key: SecretString) {
-        self.limiter = limiter_for(&self.base, &key);
+        self.account = crate::account::account_id(&self.base, &key);
+        self.limiter = limiter_for(&self.base, &self.account);
         self.key = key;
+    }
+
+    /// The account id the limits (ledger, send slot, pacing) are kept under.
+    pub fn account(&self) -> &str {
+        &self.account
     }
 
     /// Waits until the rate limiter allows one more request.

@@ -226,32 +226,31 @@ impl DynamoStore {
 
     /// A consistent GetItem of one account item.
     async fn get_account_item(&self, account: &str, sk: &str) -> Result<Option<Item>> {
+        self.get_key(
+            Self::account_key(account, sk),
+            format!("{sk} of account {account}"),
+        )
+        .await
+    }
+
+    /// A consistent GetItem of the item at `key` (`what` names it in errors).
+    async fn get_key(&self, key: Item, what: String) -> Result<Option<Item>> {
         let out = self
             .client
             .get_item()
             .table_name(&self.table)
-            .set_key(Some(Self::account_key(account, sk)))
+            .set_key(Some(key))
             .consistent_read(true)
             .send()
             .await
-            .map_err(|e| {
-                Error::store(format!("DynamoDB GetItem on {sk} of account {account}"), e)
-            })?;
+            .map_err(|e| Error::store(format!("DynamoDB GetItem on {what}"), e))?;
         Ok(out.item)
     }
 
     /// A consistent GetItem of one item.
     async fn get(&self, id: &str, sk: &str) -> Result<Option<Item>> {
-        let out = self
-            .client
-            .get_item()
-            .table_name(&self.table)
-            .set_key(Some(Self::key(id, sk)))
-            .consistent_read(true)
-            .send()
+        self.get_key(Self::key(id, sk), format!("{sk} of {id}"))
             .await
-            .map_err(|e| Error::store(format!("DynamoDB GetItem on {sk} of {id}"), e))?;
-        Ok(out.item)
     }
 
     /// Every item of source `id` (all pages), optionally only those whose sort key
@@ -697,8 +696,7 @@ impl StateStore for DynamoStore {
         }
     }
 
-    async fn reserve_request(&self, account: &str, day: &str, limit: u32) -> Result<Reservation> {
-        let id = account;
+    async fn reserve_request(&self, id: &str, day: &str, limit: u32) -> Result<Reservation> {
         // The condition below lets the first reservation of a day through, so a zero
         // limit has to be answered here.
         if limit == 0 {
@@ -736,8 +734,7 @@ impl StateStore for DynamoStore {
         }
     }
 
-    async fn release_request(&self, account: &str, day: &str) -> Result<()> {
-        let id = account;
+    async fn release_request(&self, id: &str, day: &str) -> Result<()> {
         let result = self
             .client
             .update_item()
