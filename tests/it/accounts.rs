@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use std::process::Command;
 
 use knowbe4_source::recording_sink::RecordingSink;
-use knowbe4_source::sim::{SimConfig, Simulator};
+use knowbe4_source::sim::{Reading, SimConfig, Simulator};
 
 use crate::helpers::*;
 
@@ -94,12 +94,16 @@ async fn collect_all_at_once(state: &std::path::Path, table: Option<&str>, sourc
 /// used today; checks the account's limits as KnowBe4 (the simulator) saw them. The
 /// limits are chosen so that nothing depends on the time of day (a run's allowance grows
 /// through the UTC day).
-async fn shared_account(table: Option<&str>, sources: usize) {
+///
+/// Each call plays one reading of the API's unconfirmed paging details, so the four cases
+/// cover {count per page, per list} × {pages of 50, 100}; 1,013 events fill neither.
+async fn shared_account(table: Option<&str>, sources: usize, reading: Reading) {
     let key = "shared-account-key";
     let sim = Simulator::spawn(SimConfig {
         api_key: key.into(),
         events: 1_013,
         span_hours: 48,
+        reading,
         ..SimConfig::default()
     })
     .await
@@ -120,7 +124,7 @@ async fn shared_account(table: Option<&str>, sources: usize) {
     for _ in 0..3 {
         collect_all_at_once(&state, table, sources).await;
     }
-    let context = format!("{sources} sources, table {table:?}");
+    let context = format!("{sources} sources, table {table:?}, {reading}");
     // The account's rate, as the server counted it: never more than 4 in any second.
     assert_rate_respected(&sim);
     let refused = sim.requests().iter().filter(|r| r.status == 429).count();
@@ -178,20 +182,22 @@ async fn shared_account(table: Option<&str>, sources: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sources_sharing_a_key_share_the_rate_and_the_quota_across_processes_local_file() {
-    shared_account(None, 2).await;
-    shared_account(None, 4).await;
+    let readings = Reading::core();
+    shared_account(None, 2, readings[0]).await;
+    shared_account(None, 4, readings[1]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sources_sharing_a_key_share_the_rate_and_the_quota_across_invocations_dynamodb() {
     let config = aws_config().await;
     let dynamo = aws_sdk_dynamodb::Client::new(&config);
-    for sources in [2, 4] {
+    let readings = Reading::core();
+    for (sources, reading) in [(2, readings[2]), (4, readings[3])] {
         let table = unique("kb4-accounts");
         knowbe4_source::store::dynamo::DynamoStore::create_table(&dynamo, &table)
             .await
             .unwrap();
-        shared_account(Some(&table), sources).await;
+        shared_account(Some(&table), sources, reading).await;
     }
 }
 
