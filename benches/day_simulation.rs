@@ -715,8 +715,10 @@ fn main() {
             duration(r.backdated_lag_secs.last().copied().unwrap_or(0.0)),
             r.duplicates,
             r.duplicates as f64 * 100.0 / r.arrived.max(1) as f64,
-            if r.unsettled == 0 {
-                "0 (asserted for the planner)".to_string()
+            if r.unsettled == 0 && s.planner {
+                "0 (asserted)".to_string()
+            } else if r.unsettled == 0 {
+                "0".to_string()
             } else {
                 format!("{} never delivered: not settled", r.unsettled)
             },
