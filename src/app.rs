@@ -923,7 +923,7 @@ impl App {
 
 /// Logs the one-line run summary, each field once: the whole report as one JSON field
 /// (`run_summary`) when logs are JSON, the main fields as `key=value` for people.
-fn log_run(report: &RunReport) {
+pub(crate) fn log_run(report: &RunReport) {
     if crate::logging::json_logs() {
         tracing::info!(
             run_summary = %serde_json::to_string(report).unwrap_or_default(),

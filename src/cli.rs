@@ -65,6 +65,23 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Queue one work message per due source on WORK_QUEUE_URL (fan-out), as the
+    /// schedule does when the queue is set; prints `{"queued": N, ...}`.
+    Dispatch,
+    /// Work the queue at WORK_QUEUE_URL as the Lambda event source mapping would: each
+    /// message is one scheduled run of its source; deleted when done, left for SQS to
+    /// retry when the run could not start.
+    Worker {
+        /// Exit once the queue holds nothing, visible or in flight.
+        #[arg(long)]
+        once: bool,
+        /// Messages worked on at once.
+        #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
+        concurrency: u16,
+        /// Long-poll wait of each receive, seconds (0 to 20; 0 polls every 200 ms).
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(i32).range(0..=20))]
+        wait_seconds: i32,
+    },
     /// Run the whole product locally: a simulator, a local state file and stdout.
     Demo {
         /// Events the simulator starts with.
@@ -191,7 +208,7 @@ impl Command {
                 },
                 *json,
             ),
-            Command::Demo { .. } => return Ok(None),
+            Command::Demo { .. } | Command::Dispatch | Command::Worker { .. } => return Ok(None),
         }))
     }
 }
@@ -454,6 +471,9 @@ pub fn format_status(s: &SourceStatus) -> String {
 
 /// Runs a (non-demo) command against `app`; returns the exit code.
 pub async fn run_command(app: &crate::app::App, command: &Command) -> Result<i32> {
+    if let Some(code) = crate::fanout::command::run(app, command).await? {
+        return Ok(code);
+    }
     let Some((action, json)) = command.action()? else {
         return Ok(0);
     };

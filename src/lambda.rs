@@ -43,13 +43,29 @@ fn deadline_of(deadline_epoch_ms: u64) -> Instant {
     Instant::now() + Duration::from_millis(deadline_epoch_ms.saturating_sub(now_ms))
 }
 
-/// Handles one invocation.
+/// Handles one invocation. With a work queue, the schedule dispatches instead of
+/// collecting; SQS events (work messages) are handled whether or not one is set.
 pub async fn handle(
     app: &App,
+    queue: Option<&crate::fanout::WorkQueue>,
     event: LambdaEvent<serde_json::Value>,
 ) -> Result<serde_json::Value, Error> {
     let deadline = deadline_of(event.context.deadline);
+    if crate::fanout::is_sqs_event(&event.payload) {
+        return crate::fanout::work::handle_sqs_payload(app, event.payload, deadline).await;
+    }
     let action = Action::from_payload(event.payload)?;
+    if let (
+        Some(queue),
+        Action::Collect {
+            source_id: None,
+            scheduled: true,
+        },
+    ) = (queue, &action)
+    {
+        let report = crate::fanout::dispatch::dispatch(app, queue).await?;
+        return serde_json::to_value(report).map_err(|e| Error::store("serialising the result", e));
+    }
     app.handle(action, deadline).await
 }
 
@@ -58,9 +74,11 @@ pub async fn run() -> Result<(), lambda_runtime::Error> {
     crate::logging::init_lambda();
     let app = App::from_env().await?;
     let app = &app;
-    lambda_runtime::run(service_fn(
-        move |event| async move { handle(app, event).await },
-    ))
+    let queue = crate::fanout::WorkQueue::from_env().await?;
+    let queue = queue.as_ref();
+    lambda_runtime::run(service_fn(move |event| async move {
+        handle(app, queue, event).await
+    }))
     .await
 }
 

@@ -4,6 +4,7 @@
 //! - [`app`]: clients built once, and every action behind one entry point.
 //! - [`collector`]: one collection run for one source, in a crash-safe order.
 //! - [`lambda`], [`cli`], [`demo`], [`logging`]: the thin entry points.
+//! - [`fanout`]: dispatch over an SQS work queue, its message handling and local worker.
 //! - [`config`]: the hosted source's JSON, validated into a stored spec and its secrets.
 //! - [`checkpoint`]: what was delivered, and the walk that loses nothing (design inside).
 //! - [`state`]: per-source records: lifecycle, retry streak, counters, lease, health.
@@ -35,6 +36,7 @@ pub mod demo;
 pub mod error;
 pub mod event;
 pub mod failpoint;
+pub mod fanout;
 pub mod knowbe4;
 pub mod lambda;
 pub mod logging;

@@ -863,6 +863,84 @@ impl StateStore for DynamoStore {
         events.truncate(limit);
         Ok(events)
     }
+
+    /// One paginated Scan of the table, filtered to the items dispatch reads (`CONFIG`,
+    /// `STATE`, `LEASE`, and each account's `MEMBERS` and `QUOTA#<day>`): about one call
+    /// per megabyte of them, however many sources there are.
+    async fn snapshot(&self, day: &str, now: Millis) -> Result<super::StoreSnapshot> {
+        let quota_sk = format!("{SK_QUOTA_PREFIX}{day}");
+        let mut records: HashMap<String, SourceRecord> = HashMap::new();
+        let mut states: HashMap<String, SourceState> = HashMap::new();
+        let mut leases: HashMap<String, Millis> = HashMap::new();
+        let mut snapshot = super::StoreSnapshot::default();
+        let mut start: Option<Item> = None;
+        loop {
+            let out = self
+                .client
+                .scan()
+                .table_name(&self.table)
+                .consistent_read(true)
+                .filter_expression("#sk IN (:config, :state, :lease, :members, :quota)")
+                .expression_attribute_names("#sk", SK)
+                .expression_attribute_values(":config", s(SK_CONFIG))
+                .expression_attribute_values(":state", s(SK_STATE))
+                .expression_attribute_values(":lease", s(SK_LEASE))
+                .expression_attribute_values(":members", s(SK_MEMBERS))
+                .expression_attribute_values(":quota", s(&quota_sk))
+                .set_exclusive_start_key(start.take())
+                .send()
+                .await
+                .map_err(|e| Error::store("DynamoDB Scan for dispatch", e))?;
+            for item in out.items.unwrap_or_default() {
+                let pk = item.get(PK).and_then(|v| v.as_s().ok()).cloned();
+                let sk = item.get(SK).and_then(|v| v.as_s().ok()).cloned();
+                let (Some(pk), Some(sk)) = (pk, sk) else {
+                    continue;
+                };
+                if let Some(account) = pk.strip_prefix("ACCOUNT#") {
+                    if sk == SK_MEMBERS {
+                        snapshot
+                            .members
+                            .insert(account.to_string(), members_of(&item, now));
+                    } else if sk == quota_sk {
+                        let used = number(&item, "used", &sk, &pk)?;
+                        snapshot.quota_used.insert(account.to_string(), used);
+                    }
+                    continue;
+                }
+                let Some(id) = pk.strip_prefix("SOURCE#") else {
+                    continue;
+                };
+                match sk.as_str() {
+                    SK_CONFIG => {
+                        records.insert(id.to_string(), from_doc("CONFIG", id, &item)?);
+                    }
+                    SK_STATE => {
+                        states.insert(id.to_string(), from_doc("STATE", id, &item)?);
+                    }
+                    SK_LEASE => {
+                        leases.insert(id.to_string(), number(&item, "expires_at_ms", "LEASE", id)?);
+                    }
+                    _ => {}
+                }
+            }
+            start = out.last_evaluated_key;
+            if start.is_none() {
+                break;
+            }
+        }
+        let mut sources: Vec<super::SourceSnapshot> = records
+            .into_iter()
+            .map(|(id, record)| super::SourceSnapshot {
+                state: states.remove(&id),
+                lease_expires_at: Some(leases.remove(&id).unwrap_or(0)),
+                record,
+            })
+            .collect();
+        sources.sort_by(|a, b| a.record.id.cmp(&b.record.id));
+        snapshot.sources = sources;
+        Ok(snapshot)
+    }
 }
 
 /// The partition key of source `id`.

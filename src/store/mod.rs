@@ -13,6 +13,8 @@ pub mod dynamo;
 pub mod file;
 pub mod secrets_manager;
 
+use std::collections::HashMap;
+
 use async_trait::async_trait;
 
 use crate::error::Result;
@@ -82,6 +84,29 @@ pub enum SendSlot {
     Granted,
     /// Another request holds the slot until this time (epoch ms): try again then.
     Busy(Millis),
+}
+
+/// One source as dispatch sees it (see [`StateStore::snapshot`]).
+#[derive(Clone, Debug)]
+pub struct SourceSnapshot {
+    /// Its configuration.
+    pub record: SourceRecord,
+    /// Its run state (absent while it is being created or deleted).
+    pub state: Option<SourceState>,
+    /// When its lease lapses (epoch ms; 0 when released), if the store says.
+    pub lease_expires_at: Option<Millis>,
+}
+
+/// Every source with what decides whether a scheduled run of it is due: its state, its
+/// lease, and its account's requests today and members. Read by fan-out dispatch.
+#[derive(Clone, Debug, Default)]
+pub struct StoreSnapshot {
+    /// The sources, in id order.
+    pub sources: Vec<SourceSnapshot>,
+    /// Requests reserved on the snapshot's day, by account id (absent: none).
+    pub quota_used: HashMap<String, u32>,
+    /// The members of each account seen in the snapshot, by account id.
+    pub members: HashMap<String, AccountMembers>,
 }
 
 /// Persistence of sources, their state, leases, quota ledger and health events.
@@ -175,4 +200,28 @@ pub trait StateStore: Send + Sync {
 
     /// The source's health events, newest first, at most `limit`.
     async fn list_health(&self, id: &str, limit: usize) -> Result<Vec<HealthEvent>>;
+
+    /// Every source with its state, lease and account figures for `day` (see
+    /// [`StoreSnapshot`]). This default reads source by source (leases unknown); the
+    /// DynamoDB store reads the whole table in one paginated Scan.
+    async fn snapshot(&self, day: &str, now: Millis) -> Result<StoreSnapshot> {
+        let mut snapshot = StoreSnapshot::default();
+        for record in self.list_sources().await? {
+            let state = self.load_state(&record.id).await?.map(|s| s.value);
+            if let Some(account) = state.as_ref().and_then(|s| s.account.clone())
+                && !snapshot.members.contains_key(&account)
+            {
+                let used = self.quota_used(&account, day).await?;
+                snapshot.quota_used.insert(account.clone(), used);
+                let members = self.account_members(&account, now).await?;
+                snapshot.members.insert(account, members);
+            }
+            snapshot.sources.push(SourceSnapshot {
+                record,
+                state,
+                lease_expires_at: None,
+            });
+        }
+        Ok(snapshot)
+    }
 }

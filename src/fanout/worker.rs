@@ -1,0 +1,141 @@
+//! The local worker: polls the work queue and handles each message as the event source
+//! mapping would (delete when done, leave for SQS to retry when the run could not start).
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use serde::Serialize;
+use tokio::time::Instant;
+
+use super::queue::{RECEIVE_BATCH, Received, WorkQueue};
+use super::work::{Disposition, run_message};
+use crate::app::App;
+use crate::error::Result;
+
+/// Receive calls that may fail in a row before the worker gives up.
+const RECEIVE_FAILURES: u32 = 5;
+
+/// How a worker runs.
+#[derive(Clone, Copy, Debug)]
+pub struct WorkerOptions {
+    /// Exit once the queue holds nothing, visible or in flight (`--once`).
+    pub once: bool,
+    /// Messages worked on at once (`--concurrency`).
+    pub concurrency: usize,
+    /// Long-poll wait of each receive, seconds (0..=20; 0 polls and sleeps `idle`).
+    pub wait_secs: i32,
+    /// Pause between empty polls when not long-polling.
+    pub idle: Duration,
+    /// Longest a message's run may take (`RUN_TIMEOUT_SECS`); keep it below the queue's
+    /// visibility timeout, or SQS hands the message to another worker mid-run.
+    pub run_timeout: Duration,
+}
+
+/// What a worker did.
+#[derive(Clone, Debug, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkerReport {
+    /// Messages received.
+    pub received: u64,
+    /// Runs started (messages deleted after their run).
+    pub started: u64,
+    /// Duplicate deliveries dropped (lease held elsewhere).
+    pub skipped_leased: u64,
+    /// Messages left for SQS to retry.
+    pub failed_to_start: u64,
+    /// Messages whose delete failed (they come back; the lease makes that harmless).
+    pub delete_failures: u64,
+}
+
+/// Polls `queue` until stopped (or, with `once`, until it is empty).
+pub async fn run(app: &App, queue: &WorkQueue, options: WorkerOptions) -> Result<WorkerReport> {
+    let mut report = WorkerReport::default();
+    let mut running = FuturesUnordered::new();
+    let mut receive_failures = 0;
+    let concurrency = options.concurrency.max(1);
+    loop {
+        if running.len() < concurrency {
+            let want = ((concurrency - running.len()) as i32).min(RECEIVE_BATCH);
+            // Long-poll only when idle; with work running, a quick look.
+            let wait = if running.is_empty() {
+                options.wait_secs
+            } else {
+                0
+            };
+            let messages = match queue.receive(want, wait).await {
+                Ok(messages) => {
+                    receive_failures = 0;
+                    messages
+                }
+                Err(err) => {
+                    receive_failures += 1;
+                    if receive_failures >= RECEIVE_FAILURES && running.is_empty() {
+                        return Err(err);
+                    }
+                    tracing::warn!(error = %err.chain(), "Could not receive from the work queue; trying again.");
+                    tokio::time::sleep(options.idle.max(Duration::from_millis(500))).await;
+                    Vec::new()
+                }
+            };
+            if !messages.is_empty() {
+                for message in messages {
+                    report.received += 1;
+                    running.push(handle(app, queue, message, options.run_timeout));
+                }
+                continue;
+            }
+            if running.is_empty() {
+                if options.once && queue.depth().await?.is_empty() {
+                    break;
+                }
+                if wait == 0 {
+                    tokio::time::sleep(options.idle).await;
+                }
+                continue;
+            }
+        }
+        // Wait for a run to end, or look at the queue again if there is room.
+        let tick = tokio::time::sleep(options.idle.max(Duration::from_millis(50)));
+        tokio::select! {
+            Some((d, deleted)) = running.next() => tally(&mut report, &d, deleted),
+            () = tick, if running.len() < concurrency => {}
+        }
+    }
+    while let Some((d, deleted)) = running.next().await {
+        tally(&mut report, &d, deleted);
+    }
+    Ok(report)
+}
+
+fn tally(report: &mut WorkerReport, d: &Disposition, deleted: bool) {
+    match d {
+        Disposition::Done(_) => report.started += 1,
+        Disposition::Leased(_) => report.skipped_leased += 1,
+        Disposition::Retry(_) => report.failed_to_start += 1,
+    }
+    if d.delete() && !deleted {
+        report.delete_failures += 1;
+    }
+}
+
+/// Runs one message; deletes it unless it is to be retried. Returns whether it was.
+async fn handle(
+    app: &App,
+    queue: &WorkQueue,
+    message: Received,
+    run_timeout: Duration,
+) -> (Disposition, bool) {
+    let deadline = Instant::now() + run_timeout;
+    let d = run_message(app, &message.body, message.receive_count, deadline).await;
+    if !d.delete() {
+        return (d, false);
+    }
+    match queue.delete(&message.receipt_handle).await {
+        Ok(()) => (d, true),
+        Err(err) => {
+            tracing::warn!(message_id = %message.message_id, error = %err.chain(), "Could not delete a finished work message; it will be delivered again and dropped at the lease or run again.");
+            (d, false)
+        }
+    }
+}
