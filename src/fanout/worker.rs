@@ -1,6 +1,8 @@
 //! The local worker: polls the work queue and handles each message as the event source
 //! mapping would (delete when done, leave for SQS to retry when the run could not start).
 
+use std::future::Future;
+use std::pin::Pin;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -46,16 +48,23 @@ pub struct WorkerReport {
     pub failed_to_start: u64,
     /// Messages whose delete failed (they come back; the lease makes that harmless).
     pub delete_failures: u64,
+    /// Sum of the started runs' durations, milliseconds (for cost estimates).
+    pub run_ms_total: u64,
+    /// The longest started run, milliseconds.
+    pub run_ms_max: u64,
 }
 
-/// Polls `queue` until stopped (or, with `once`, until it is empty).
+/// Polls `queue` until stopped (or, with `once`, until it is empty). Receives and runs
+/// progress together: a run is never left waiting while the worker polls the queue.
 pub async fn run(app: &App, queue: &WorkQueue, options: WorkerOptions) -> Result<WorkerReport> {
+    type Receiving<'q> = Pin<Box<dyn Future<Output = Result<Vec<Received>>> + Send + 'q>>;
     let mut report = WorkerReport::default();
     let mut running = FuturesUnordered::new();
+    let mut receiving: Option<(Receiving<'_>, i32)> = None;
     let mut receive_failures = 0;
     let concurrency = options.concurrency.max(1);
     loop {
-        if running.len() < concurrency {
+        if receiving.is_none() && running.len() < concurrency {
             let want = ((concurrency - running.len()) as i32).min(RECEIVE_BATCH);
             // Long-poll only when idle; with work running, a quick look.
             let wait = if running.is_empty() {
@@ -63,43 +72,55 @@ pub async fn run(app: &App, queue: &WorkQueue, options: WorkerOptions) -> Result
             } else {
                 0
             };
-            let messages = match queue.receive(want, wait).await {
-                Ok(messages) => {
-                    receive_failures = 0;
-                    messages
-                }
-                Err(err) => {
-                    receive_failures += 1;
-                    if receive_failures >= RECEIVE_FAILURES && running.is_empty() {
-                        return Err(err);
+            receiving = Some((Box::pin(queue.receive(want, wait)), wait));
+        }
+        tokio::select! {
+            Some((d, deleted)) = running.next(), if !running.is_empty() => {
+                tally(&mut report, &d, deleted);
+            }
+            result = async { (&mut receiving.as_mut().expect("checked").0).await }, if receiving.is_some() => {
+                let wait = receiving.take().map_or(0, |(_, wait)| wait);
+                let messages = match result {
+                    Ok(messages) => {
+                        receive_failures = 0;
+                        messages
                     }
-                    tracing::warn!(error = %err.chain(), "Could not receive from the work queue; trying again.");
-                    tokio::time::sleep(options.idle.max(Duration::from_millis(500))).await;
-                    Vec::new()
-                }
-            };
-            if !messages.is_empty() {
+                    Err(err) => {
+                        receive_failures += 1;
+                        if receive_failures >= RECEIVE_FAILURES && running.is_empty() {
+                            return Err(err);
+                        }
+                        tracing::warn!(error = %err.chain(), "Could not receive from the work queue; trying again.");
+                        Vec::new()
+                    }
+                };
+                let idle = messages.is_empty();
                 for message in messages {
                     report.received += 1;
                     running.push(handle(app, queue, message, options.run_timeout));
                 }
-                continue;
-            }
-            if running.is_empty() {
-                if options.once && queue.depth().await?.is_empty() {
-                    break;
+                if idle && running.is_empty() {
+                    if options.once && receive_failures == 0 && queue.depth().await?.is_empty() {
+                        break;
+                    }
+                    if wait == 0 || receive_failures > 0 {
+                        tokio::time::sleep(options.idle).await;
+                    }
+                } else if idle {
+                    // Work is running and the queue had nothing: look again in a while,
+                    // finishing runs meanwhile.
+                    let pause = tokio::time::sleep(options.idle);
+                    tokio::pin!(pause);
+                    loop {
+                        tokio::select! {
+                            Some((d, deleted)) = running.next(), if !running.is_empty() => {
+                                tally(&mut report, &d, deleted);
+                            }
+                            () = &mut pause => break,
+                        }
+                    }
                 }
-                if wait == 0 {
-                    tokio::time::sleep(options.idle).await;
-                }
-                continue;
             }
-        }
-        // Wait for a run to end, or look at the queue again if there is room.
-        let tick = tokio::time::sleep(options.idle.max(Duration::from_millis(50)));
-        tokio::select! {
-            Some((d, deleted)) = running.next() => tally(&mut report, &d, deleted),
-            () = tick, if running.len() < concurrency => {}
         }
     }
     while let Some((d, deleted)) = running.next().await {
@@ -110,7 +131,11 @@ pub async fn run(app: &App, queue: &WorkQueue, options: WorkerOptions) -> Result
 
 fn tally(report: &mut WorkerReport, d: &Disposition, deleted: bool) {
     match d {
-        Disposition::Done(_) => report.started += 1,
+        Disposition::Done(run) => {
+            report.started += 1;
+            report.run_ms_total += run.duration_ms;
+            report.run_ms_max = report.run_ms_max.max(run.duration_ms);
+        }
         Disposition::Leased(_) => report.skipped_leased += 1,
         Disposition::Retry(_) => report.failed_to_start += 1,
     }

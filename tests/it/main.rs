@@ -4,6 +4,7 @@
 mod accounts;
 mod cli;
 mod collect;
+mod fanout;
 mod fields;
 mod fuzz;
 mod helpers;

@@ -1,0 +1,467 @@
+//! Fan-out over SQS, against moto (DynamoDB, Secrets Manager, SQS), simulators and a
+//! recording destination: dispatch, workers as separate processes (the real binary),
+//! a killed worker, a poison message, and the Lambda SQS event's batch item failures.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use knowbe4_source::app::{App, Vault};
+use knowbe4_source::fanout::WorkQueue;
+use knowbe4_source::fanout::dispatch::dispatch;
+use knowbe4_source::fanout::work::handle_sqs_payload;
+use knowbe4_source::fanout::worker::WorkerReport;
+use knowbe4_source::sim::{SimConfig, Simulator};
+use knowbe4_source::sink::{DestinationConfig, Format};
+use knowbe4_source::store::dynamo::DynamoStore;
+use knowbe4_source::store::secrets_manager::SecretsManagerVault;
+use secrecy::SecretString;
+
+use crate::helpers::*;
+
+/// A work queue and its dead-letter queue in moto; returns (queue, its URL, DLQ URL).
+async fn queues(visibility_secs: u32, max_receive: u32) -> (WorkQueue, String, String) {
+    let sqs = aws_sdk_sqs::Client::new(&aws_config().await);
+    let name = unique("work");
+    let dlq_url = sqs
+        .create_queue()
+        .queue_name(format!("{name}-dlq"))
+        .send()
+        .await
+        .expect("DLQ created in moto")
+        .queue_url()
+        .unwrap()
+        .to_string();
+    let dlq_arn = sqs
+        .get_queue_attributes()
+        .queue_url(&dlq_url)
+        .attribute_names(aws_sdk_sqs::types::QueueAttributeName::QueueArn)
+        .send()
+        .await
+        .unwrap()
+        .attributes()
+        .unwrap()[&aws_sdk_sqs::types::QueueAttributeName::QueueArn]
+        .clone();
+    let redrive = serde_json::json!({
+        "deadLetterTargetArn": dlq_arn,
+        "maxReceiveCount": max_receive.to_string(),
+    });
+    let url = sqs
+        .create_queue()
+        .queue_name(&name)
+        .attributes(
+            aws_sdk_sqs::types::QueueAttributeName::VisibilityTimeout,
+            visibility_secs.to_string(),
+        )
+        .attributes(
+            aws_sdk_sqs::types::QueueAttributeName::RedrivePolicy,
+            redrive.to_string(),
+        )
+        .send()
+        .await
+        .expect("queue created in moto")
+        .queue_url()
+        .unwrap()
+        .to_string();
+    (WorkQueue::new(sqs, url.clone()), url, dlq_url)
+}
+
+/// The bodies waiting in a queue (received with a zero visibility timeout, so they stay).
+async fn bodies(url: &str) -> Vec<String> {
+    let sqs = aws_sdk_sqs::Client::new(&aws_config().await);
+    let out = sqs
+        .receive_message()
+        .queue_url(url)
+        .max_number_of_messages(10)
+        .visibility_timeout(0)
+        .send()
+        .await
+        .unwrap();
+    out.messages()
+        .iter()
+        .map(|m| m.body().unwrap_or_default().to_string())
+        .collect()
+}
+
+/// The real binary as a worker on `queue_url`, sharing the harness's table and secrets,
+/// forwarding to the harness's sink by default.
+fn worker(h: &Harness, queue_url: &str, extra_env: &[(&str, &str)]) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_knowbe4-source"));
+    command
+        .args([
+            "worker",
+            "--once",
+            "--concurrency",
+            "4",
+            "--wait-seconds",
+            "0",
+        ])
+        .env_remove("AWS_LAMBDA_RUNTIME_API")
+        .env_remove("STATE_FILE")
+        .env("STATE_TABLE", &h.table)
+        .env("SECRET_PREFIX", &h.prefix)
+        .env("WORK_QUEUE_URL", queue_url)
+        .env("KNOWBE4_ALLOW_CUSTOM_BASE_URL", "1")
+        .env("FORWARD_FORMAT", "sumo")
+        .env("FORWARD_URL", h.sink.url())
+        .env("RUN_TIMEOUT_SECS", "60")
+        .env("DEADLINE_MARGIN_SECS", "2")
+        .env("KNOWBE4_REQUEST_TIMEOUT_SECS", "10")
+        .env("EMF_METRICS", "off")
+        .env(
+            "RUST_LOG",
+            std::env::var("FANOUT_TEST_LOG").unwrap_or("warn".into()),
+        )
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(if std::env::var_os("FANOUT_TEST_STDERR").is_some() {
+            std::process::Stdio::inherit()
+        } else {
+            std::process::Stdio::piped()
+        });
+    for (name, value) in extra_env {
+        command.env(name, value);
+    }
+    command
+}
+
+/// Waits for a worker; returns its report (asserting it exited 0).
+async fn finished(child: tokio::process::Child) -> WorkerReport {
+    let out = tokio::time::timeout(Duration::from_secs(240), child.wait_with_output())
+        .await
+        .expect("the worker finished within 4 minutes")
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "worker failed: {stderr}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let last = stdout.lines().last().unwrap_or_default();
+    let report: serde_json::Value = serde_json::from_str(last)
+        .unwrap_or_else(|e| panic!("worker report {last:?}: {e}; stderr: {stderr}"));
+    WorkerReport {
+        received: report["received"].as_u64().unwrap(),
+        started: report["started"].as_u64().unwrap(),
+        skipped_leased: report["skippedLeased"].as_u64().unwrap(),
+        failed_to_start: report["failedToStart"].as_u64().unwrap(),
+        delete_failures: report["deleteFailures"].as_u64().unwrap(),
+        ..WorkerReport::default()
+    }
+}
+
+/// Creates `per_account` sources on each simulator (ids `a<account>-s<n>`).
+async fn create_sources(h: &Harness, sims: &[(Simulator, String)], per_account: usize) {
+    let specs: Vec<(String, serde_json::Value)> = sims
+        .iter()
+        .enumerate()
+        .flat_map(|(a, (sim, key))| {
+            (0..per_account).map(move |s| {
+                (
+                    format!("a{a}-s{s}"),
+                    source_json(
+                        &sim.base_url(),
+                        key,
+                        serde_json::json!({"name": format!("account {a} source {s}")}),
+                    ),
+                )
+            })
+        })
+        .collect();
+    let results: Vec<_> = futures::stream::iter(specs)
+        .map(|(id, json)| async move { h.app.create_with(json, Some(id), true).await })
+        .buffer_unordered(8)
+        .collect()
+        .await;
+    for r in results {
+        r.expect("source created");
+    }
+}
+
+/// 300 sources over 30 accounts, one dispatch, 4 worker processes: every source is run
+/// exactly once, nothing is lost, and no account sees more than 4 requests in a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dispatch_and_four_workers_collect_every_source_once_within_each_accounts_rate() {
+    const ACCOUNTS: usize = 30;
+    const PER_ACCOUNT: usize = 10;
+    const EVENTS: usize = 3;
+    let h = harness(SimConfig::default()).await;
+    let mut sims = Vec::new();
+    for a in 0..ACCOUNTS {
+        let key = canary(&format!("acct{a}"));
+        let sim = Simulator::spawn(SimConfig {
+            api_key: key.clone(),
+            events: EVENTS,
+            seed: a as u64 + 1,
+            ..SimConfig::default()
+        })
+        .await
+        .unwrap();
+        sims.push((sim, key));
+    }
+    create_sources(&h, &sims, PER_ACCOUNT).await;
+    let (queue, url, dlq) = queues(120, 3).await;
+
+    let report = dispatch(&h.app, &queue).await.expect("dispatch");
+    assert_eq!(report.sources, ACCOUNTS * PER_ACCOUNT);
+    assert_eq!(report.queued, ACCOUNTS * PER_ACCOUNT, "{report:?}");
+    assert!(report.not_due.is_empty(), "{report:?}");
+    assert_eq!(report.send_calls, ACCOUNTS * PER_ACCOUNT / 10);
+
+    let children: Vec<_> = (0..4)
+        .map(|_| worker(&h, &url, &[]).spawn().expect("worker started"))
+        .collect();
+    let mut total = WorkerReport::default();
+    for child in children {
+        let r = finished(child).await;
+        total.received += r.received;
+        total.started += r.started;
+        total.skipped_leased += r.skipped_leased;
+        total.failed_to_start += r.failed_to_start;
+        total.delete_failures += r.delete_failures;
+    }
+    let sources = (ACCOUNTS * PER_ACCOUNT) as u64;
+    assert_eq!(total.received, sources, "{total:?}");
+    assert_eq!(total.started, sources, "{total:?}");
+    assert_eq!(
+        (
+            total.skipped_leased,
+            total.failed_to_start,
+            total.delete_failures
+        ),
+        (0, 0, 0)
+    );
+    assert!(bodies(&url).await.is_empty());
+    assert!(bodies(&dlq).await.is_empty());
+
+    for (a, (sim, _)) in sims.iter().enumerate() {
+        // Exactly one run per source of the account: each run has its own id.
+        let runs: HashSet<Option<String>> =
+            sim.requests().iter().map(|r| r.run_id.clone()).collect();
+        assert_eq!(runs.len(), PER_ACCOUNT, "account {a}: {runs:?}");
+        assert!(runs.iter().all(Option::is_some));
+        assert_rate_respected(sim);
+        for s in 0..PER_ACCOUNT {
+            let id = format!("a{a}-s{s}");
+            let state = h.app.store.load_state(&id).await.unwrap().unwrap().value;
+            assert_eq!(
+                state.counters.forwarded_total, EVENTS as u64,
+                "{id} forwarded every event of its account once"
+            );
+        }
+    }
+    // Nothing lost, nothing twice: every source's copy of its account's events arrived.
+    let ids = h.sink.event_ids();
+    assert_eq!(ids.len(), ACCOUNTS * PER_ACCOUNT * EVENTS);
+    let distinct: HashSet<&String> = ids.iter().collect();
+    assert_eq!(
+        distinct.len(),
+        ACCOUNTS * EVENTS,
+        "each account's events, by id"
+    );
+
+    // Right after the runs, a source whose lease is held is not dispatched.
+    let lease = h
+        .app
+        .store
+        .acquire_lease("a0-s0", "someone-else", now_ms(), 60_000)
+        .await
+        .unwrap()
+        .expect("the lease is free");
+    let again = dispatch(&h.app, &queue).await.expect("second dispatch");
+    assert_eq!(
+        again
+            .not_due
+            .get(&knowbe4_source::fanout::dispatch::NotDue::Leased),
+        Some(&1),
+        "{again:?}"
+    );
+    assert_eq!(again.queued, ACCOUNTS * PER_ACCOUNT - 1);
+    h.app.store.release_lease(&lease, now_ms()).await.unwrap();
+}
+
+fn now_ms() -> i64 {
+    (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
+}
+
+/// A worker killed mid-run (after fetching, before forwarding) leaves its message; it
+/// reappears after the visibility timeout, when the dead run's lease has lapsed, and
+/// another worker collects the source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_workers_message_reappears_and_another_worker_collects_the_source() {
+    let (key, h) = harness_with_canary_key(40).await;
+    h.app
+        .create_with(
+            source_json(&h.sim.base_url(), &key, serde_json::json!({})),
+            Some("victim".into()),
+            false,
+        )
+        .await
+        .unwrap();
+    let (queue, url, dlq) = queues(4, 5).await;
+    assert_eq!(dispatch(&h.app, &queue).await.unwrap().queued, 1);
+
+    let lease = [("LEASE_TTL_SECS", "2")];
+    let out = worker(
+        &h,
+        &url,
+        &[
+            lease[0],
+            ("KNOWBE4_SOURCE_FAILPOINT", "after_fetch_before_forward:1"),
+        ],
+    )
+    .spawn()
+    .unwrap()
+    .wait_with_output()
+    .await
+    .unwrap();
+    assert!(!out.status.success(), "the failpoint aborted the worker");
+    assert!(h.sink.event_ids().is_empty(), "killed before forwarding");
+    assert_eq!(
+        h.app
+            .store
+            .load_state("victim")
+            .await
+            .unwrap()
+            .unwrap()
+            .value
+            .counters
+            .forwarded_total,
+        0
+    );
+
+    let report = finished(worker(&h, &url, &lease).spawn().unwrap()).await;
+    assert_eq!(report.started, 1, "{report:?}");
+    assert_eq!(report.failed_to_start, 0, "{report:?}");
+    let ids = h.sink.event_ids();
+    assert_eq!(ids.len(), 40, "every event, once");
+    assert!(duplicates(&ids).is_empty());
+    assert!(bodies(&url).await.is_empty());
+    assert!(bodies(&dlq).await.is_empty());
+    assert_rate_respected(&h.sim);
+}
+
+/// A message naming no source, and one that is not a work message, are retried by SQS
+/// up to the redrive count and then wait in the dead-letter queue, not in a loop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_messages_go_to_the_dead_letter_queue_after_the_redrive_count() {
+    let h = harness(SimConfig::default()).await;
+    let (queue, url, dlq) = queues(1, 2).await;
+    let poison = [
+        (
+            "0".to_string(),
+            r#"{"sourceId":"no-such-source","dispatchedAt":"2026-12-06T00:00:00.000Z"}"#
+                .to_string(),
+        ),
+        ("1".to_string(), "not a work message".to_string()),
+    ];
+    assert!(queue.send_batch(&poison).await.unwrap().is_empty());
+    let report = finished(worker(&h, &url, &[]).spawn().unwrap()).await;
+    // Each was received twice (the redrive count), failed to start, and was not deleted.
+    assert_eq!(report.received, 4, "{report:?}");
+    assert_eq!(report.failed_to_start, 4, "{report:?}");
+    assert_eq!(report.started, 0);
+    assert!(bodies(&url).await.is_empty());
+    let mut dead = bodies(&dlq).await;
+    dead.sort();
+    let mut expected: Vec<String> = poison.iter().map(|(_, b)| b.clone()).collect();
+    expected.sort();
+    assert_eq!(dead, expected);
+}
+
+/// The Lambda SQS event: the response names only the records whose run could not start
+/// (no such source; the state store failing), not a duplicate delivery (lease held) nor a
+/// source whose KnowBe4 refused the key (its health event and streak govern it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sqs_event_reports_only_runs_that_could_not_start() {
+    let (key, h) = harness_with_canary_key(5).await;
+    let create = |id: &str, key: &str| {
+        h.app.create_with(
+            source_json(&h.sim.base_url(), key, serde_json::json!({})),
+            Some(id.to_string()),
+            true,
+        )
+    };
+    create("good", &key).await.unwrap();
+    create("leased", &key).await.unwrap();
+    create("wrong-key", "not-the-key").await.unwrap();
+    let held = h
+        .app
+        .store
+        .acquire_lease("leased", "another-run", now_ms(), 60_000)
+        .await
+        .unwrap()
+        .unwrap();
+    let record = |id: &str, source: &str| {
+        serde_json::json!({
+            "messageId": id,
+            "receiptHandle": format!("handle-{id}"),
+            "body": serde_json::json!({"sourceId": source, "dispatchedAt": "2026-12-06T00:00:00.000Z"}).to_string(),
+            "attributes": {"ApproximateReceiveCount": "1"},
+            "messageAttributes": {},
+            "md5OfBody": "",
+            "eventSource": "aws:sqs",
+            "eventSourceARN": "arn:aws:sqs:us-east-1:123456789012:work",
+            "awsRegion": "us-east-1"
+        })
+    };
+    let event = serde_json::json!({"Records": [
+        record("m1", "good"),
+        record("m2", "leased"),
+        record("m3", "wrong-key"),
+        record("m4", "gone"),
+    ]});
+    assert!(knowbe4_source::fanout::is_sqs_event(&event));
+    let response = handle_sqs_payload(&h.app, event.clone(), deadline(60))
+        .await
+        .unwrap();
+    assert_eq!(
+        response,
+        serde_json::json!({"batchItemFailures": [{"itemIdentifier": "m4"}]})
+    );
+    assert_eq!(h.sink.event_ids().len(), 5, "good was collected");
+    let leased = h
+        .app
+        .store
+        .load_state("leased")
+        .await
+        .unwrap()
+        .unwrap()
+        .value;
+    assert_eq!(
+        leased.counters.forwarded_total, 0,
+        "the lease holder's to collect"
+    );
+    let health = h.app.store.list_health("wrong-key", 10).await.unwrap();
+    assert_eq!(health.len(), 1, "the refused key is a health event");
+    h.app.store.release_lease(&held, now_ms()).await.unwrap();
+
+    // The state store failing: every record is retried.
+    let config = aws_config().await;
+    let broken = App::new(
+        Arc::new(DynamoStore::new(
+            aws_sdk_dynamodb::Client::new(&config),
+            "no-such-table",
+        )),
+        Vault::SecretsManager(SecretsManagerVault::new(
+            aws_sdk_secretsmanager::Client::new(&config),
+            h.prefix.clone(),
+        )),
+        knowbe4_source::app::knowbe4_http_client().unwrap(),
+        DestinationConfig {
+            format: Format::Sumo,
+            url: Some(SecretString::from(h.sink.url())),
+            token: None,
+        },
+        test_settings(&h.prefix),
+    );
+    let response = handle_sqs_payload(&broken, event, deadline(60))
+        .await
+        .unwrap();
+    let mut failed: Vec<String> = response["batchItemFailures"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["itemIdentifier"].as_str().unwrap().to_string())
+        .collect();
+    failed.sort();
+    assert_eq!(failed, ["m1", "m2", "m3", "m4"]);
+}
