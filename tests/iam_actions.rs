@@ -1,5 +1,5 @@
-//! The function's IAM policy in `infra/template.yaml` grants exactly the DynamoDB and
-//! Secrets Manager actions that the deployed code calls, and CloudWatch Logs only
+//! The function's IAM policy in `infra/template.yaml` grants exactly the DynamoDB,
+//! Secrets Manager and SQS actions that the deployed code calls, and CloudWatch Logs only
 //! `CreateLogStream` and `PutLogEvents`. No AWS account needed: both sides are read from
 //! the files.
 //!
@@ -117,6 +117,40 @@ const SECRETSMANAGER_OPERATIONS: &[&str] = &[
     "validate_resource_policy",
 ];
 
+/// SQS operations of `aws-sdk-sqs`.
+const SQS_OPERATIONS: &[&str] = &[
+    "add_permission",
+    "cancel_message_move_task",
+    "change_message_visibility",
+    "change_message_visibility_batch",
+    "create_queue",
+    "delete_message",
+    "delete_message_batch",
+    "delete_queue",
+    "get_queue_attributes",
+    "get_queue_url",
+    "list_dead_letter_source_queues",
+    "list_message_move_tasks",
+    "list_queue_tags",
+    "list_queues",
+    "purge_queue",
+    "receive_message",
+    "remove_permission",
+    "send_message",
+    "send_message_batch",
+    "set_queue_attributes",
+    "start_message_move_task",
+    "tag_queue",
+    "untag_queue",
+];
+
+/// The IAM action of an SQS operation: the batch operations are authorised as their
+/// single-message action (`SendMessageBatch` is `sqs:SendMessage`).
+fn sqs_action(operation: &str) -> String {
+    let single = operation.strip_suffix("_batch").unwrap_or(operation);
+    format!("sqs:{}", pascal_case(single))
+}
+
 /// How IAM authorises the parts of a `TransactWriteItems`: the builder of each part and
 /// the action it needs.
 const TRANSACT_WRITE_PARTS: &[(&str, &str)] = &[
@@ -142,7 +176,7 @@ fn function_policy_grants_exactly_the_aws_calls_the_code_makes() {
     let called = sdk_actions_in(&root());
 
     let mut problems = Vec::new();
-    for service in ["dynamodb", "secretsmanager"] {
+    for service in ["dynamodb", "secretsmanager", "sqs"] {
         let prefix = format!("{service}:");
         let want: BTreeSet<&String> = called.iter().filter(|a| a.starts_with(&prefix)).collect();
         let have: BTreeSet<&String> = granted.iter().filter(|a| a.starts_with(&prefix)).collect();
@@ -182,7 +216,7 @@ fn function_policy_grants_exactly_the_aws_calls_the_code_makes() {
     let others: Vec<&String> = granted
         .iter()
         .filter(|a| {
-            !["dynamodb:", "secretsmanager:", "logs:"]
+            !["dynamodb:", "secretsmanager:", "sqs:", "logs:"]
                 .iter()
                 .any(|p| a.starts_with(p))
         })
@@ -220,6 +254,83 @@ fn test_only_functions_are_not_called_by_deployed_code() {
              {callers:?} uses it: grant its actions and remove it from TEST_ONLY_FUNCTIONS"
         );
     }
+}
+
+/// Fan-out: the SQS actions are granted on the work queue only; the event source mapping
+/// reports batch item failures and caps its concurrency by a parameter; the queue's
+/// visibility timeout is at least six function timeouts (AWS's advice for event source
+/// mappings) for every timeout the template allows; poison messages go to a dead-letter
+/// queue that has an alarm.
+#[test]
+fn fan_out_is_scoped_to_the_work_queue_and_retries_into_a_dead_letter_queue() {
+    let text = template();
+    let lines = lines(&text);
+    let role = block_text(&lines, resource(&lines, "FunctionRole"));
+    let queue_policy = &role[role
+        .find("PolicyName: work-queue")
+        .expect("work-queue policy")..];
+    for sid in ["DispatchToWorkQueue", "WorkFromWorkQueue"] {
+        let statement = &queue_policy[queue_policy.find(sid).expect(sid)..];
+        let resource_line = statement
+            .lines()
+            .find(|l| l.trim_start().starts_with("Resource:"))
+            .expect("a Resource");
+        assert_eq!(
+            resource_line.trim(),
+            "Resource: !GetAtt WorkQueue.Arn",
+            "{sid} is scoped to the work queue"
+        );
+    }
+    let mapping = block_text(&lines, resource(&lines, "WorkEventSourceMapping"));
+    assert!(
+        mapping.contains("EventSourceArn: !GetAtt WorkQueue.Arn"),
+        "{mapping}"
+    );
+    assert!(
+        mapping.contains("FunctionResponseTypes: [ReportBatchItemFailures]"),
+        "{mapping}"
+    );
+    assert!(
+        mapping.contains("MaximumConcurrency: !Ref MaxConcurrentWorkers"),
+        "{mapping}"
+    );
+    let queue = block_text(&lines, resource(&lines, "WorkQueue"));
+    let key = |block: &str, key: &str| -> Option<String> {
+        block
+            .lines()
+            .find_map(|l| value_of(l, key).map(str::to_string))
+    };
+    let visibility: u64 = key(&queue, "VisibilityTimeout")
+        .expect("VisibilityTimeout")
+        .parse()
+        .unwrap();
+    let timeout = block_text(&lines, {
+        let params = lines
+            .iter()
+            .position(|l| l.text.trim_end() == "Parameters:" && l.indent == 0)
+            .expect("Parameters");
+        children(&lines, params)
+            .into_iter()
+            .find(|&i| lines[i].text.trim() == "Timeout:")
+            .expect("the Timeout parameter")
+    });
+    let max_timeout: u64 = key(&timeout, "MaxValue")
+        .expect("Timeout's MaxValue")
+        .parse()
+        .unwrap();
+    assert!(
+        visibility >= 6 * max_timeout,
+        "visibility {visibility} s < 6 x {max_timeout} s"
+    );
+    assert!(queue.contains("deadLetterTargetArn: !GetAtt WorkDeadLetterQueue.Arn"));
+    assert!(queue.contains("maxReceiveCount:"));
+    let alarm = block_text(&lines, resource(&lines, "WorkDeadLetterAlarm"));
+    assert!(
+        alarm.contains("!GetAtt WorkDeadLetterQueue.QueueName"),
+        "{alarm}"
+    );
+    let function = block_text(&lines, resource(&lines, "Function"));
+    assert!(function.contains("WORK_QUEUE_URL: !If [FanOut, !Ref WorkQueue, !Ref AWS::NoValue]"));
 }
 
 /// The template's text and its meaningful lines.
@@ -654,17 +765,25 @@ fn sdk_actions_in(root: &Path) -> BTreeSet<String> {
     for (path, code) in stripped_sources(root) {
         let uses_dynamodb = code.contains("aws_sdk_dynamodb");
         let uses_secrets = code.contains("aws_sdk_secretsmanager");
+        let uses_sqs = code.contains("aws_sdk_sqs");
         for (name, position) in empty_calls(&code) {
             let in_dynamodb = uses_dynamodb && DYNAMODB_OPERATIONS.contains(&name.as_str());
             let in_secrets = uses_secrets && SECRETSMANAGER_OPERATIONS.contains(&name.as_str());
+            let in_sqs = uses_sqs && SQS_OPERATIONS.contains(&name.as_str());
             let line = code[..position].matches('\n').count() + 1;
             assert!(
-                !(in_dynamodb && in_secrets),
+                [in_dynamodb, in_secrets, in_sqs]
+                    .iter()
+                    .filter(|b| **b)
+                    .count()
+                    <= 1,
                 "{}:{line}: .{name}() is an operation of both SDKs used in this file; \
                  split the file or teach this test which client it is",
                 path.display()
             );
-            if in_dynamodb {
+            if in_sqs {
+                actions.insert(sqs_action(&name));
+            } else if in_dynamodb {
                 actions.extend(dynamodb_actions(&name, &code, &path, line));
             } else if in_secrets {
                 actions.insert(format!("secretsmanager:{}", pascal_case(&name)));
