@@ -123,7 +123,7 @@ PY
 rewrite events/create.json "$work/create.json"
 rewrite events/update.json "$work/update.json"
 
-order=(create collect scheduled status health list update restart delete)
+order=(create collect scheduled sqs status health list update restart delete)
 for file in events/*.json; do
   name=$(basename "$file" .json)
   case " ${order[*]} " in
@@ -162,6 +162,11 @@ elif name == "collect":
     check(run.get("forwarded") == 150, "expected the simulator's 150 events forwarded")
 elif name == "scheduled":
     check(isinstance(out.get("runs"), list) and len(out["runs"]) == 1, "expected one run")
+elif name == "sqs":
+    # Two work messages: the source's run started (deleted), the unknown source's could
+    # not start (left for SQS to retry, then the dead-letter queue).
+    check(out == {"batchItemFailures": [{"itemIdentifier": "9d0a4ae6-0c1e-4a3c-9d64-5f1b2c3d4e02"}]},
+          "expected only the unknown source's record as a batch item failure")
 elif name in ("status", "list"):
     check(isinstance(out, list) and len(out) == 1 and out[0].get("id") == "knowbe4-prod", "expected the source")
 elif name == "health":

@@ -202,4 +202,18 @@ mod tests {
         assert!(parse_body(r#"{"sourceId":""}"#).is_err());
         assert!(parse_body(r#"{"dispatchedAt":"x"}"#).is_err());
     }
+
+    #[test]
+    fn the_sample_sqs_event_is_an_sqs_event_of_work_messages() {
+        let text = include_str!("../../events/sqs.json");
+        let payload: serde_json::Value = serde_json::from_str(text).unwrap();
+        assert!(super::super::is_sqs_event(&payload));
+        let event: SqsEvent = serde_json::from_value(payload).unwrap();
+        let ids: Vec<String> = event
+            .records
+            .iter()
+            .map(|r| parse_body(r.body.as_deref().unwrap()).unwrap().source_id)
+            .collect();
+        assert_eq!(ids, ["knowbe4-prod", "no-such-source"]);
+    }
 }
