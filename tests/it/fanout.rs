@@ -176,13 +176,18 @@ async fn create_sources(h: &Harness, sims: &[(Simulator, String)], per_account: 
     }
 }
 
-/// 300 sources over 30 accounts, one dispatch, 4 worker processes: every source is run
-/// exactly once, nothing is lost, and no account sees more than 4 requests in a second.
+/// 30 accounts with `FANOUT_TEST_SOURCES_PER_ACCOUNT` sources each (default 4: 120
+/// sources, about 50 s against moto; 10 gives the 300 sources, about 2 minutes),
+/// one dispatch, 4 worker processes of 4 runs each: every source is run exactly once,
+/// nothing is lost, and no account sees more than 4 requests in a second.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dispatch_and_four_workers_collect_every_source_once_within_each_accounts_rate() {
     const ACCOUNTS: usize = 30;
-    const PER_ACCOUNT: usize = 10;
     const EVENTS: usize = 3;
+    let per_account: usize = std::env::var("FANOUT_TEST_SOURCES_PER_ACCOUNT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4);
     let h = harness(SimConfig::default()).await;
     let mut sims = Vec::new();
     for a in 0..ACCOUNTS {
@@ -197,14 +202,14 @@ async fn dispatch_and_four_workers_collect_every_source_once_within_each_account
         .unwrap();
         sims.push((sim, key));
     }
-    create_sources(&h, &sims, PER_ACCOUNT).await;
+    create_sources(&h, &sims, per_account).await;
     let (queue, url, dlq) = queues(120, 3).await;
 
     let report = dispatch(&h.app, &queue).await.expect("dispatch");
-    assert_eq!(report.sources, ACCOUNTS * PER_ACCOUNT);
-    assert_eq!(report.queued, ACCOUNTS * PER_ACCOUNT, "{report:?}");
+    assert_eq!(report.sources, ACCOUNTS * per_account);
+    assert_eq!(report.queued, ACCOUNTS * per_account, "{report:?}");
     assert!(report.not_due.is_empty(), "{report:?}");
-    assert_eq!(report.send_calls, ACCOUNTS * PER_ACCOUNT / 10);
+    assert_eq!(report.send_calls, (ACCOUNTS * per_account).div_ceil(10));
 
     let children: Vec<_> = (0..4)
         .map(|_| worker(&h, &url, &[]).spawn().expect("worker started"))
@@ -218,7 +223,7 @@ async fn dispatch_and_four_workers_collect_every_source_once_within_each_account
         total.failed_to_start += r.failed_to_start;
         total.delete_failures += r.delete_failures;
     }
-    let sources = (ACCOUNTS * PER_ACCOUNT) as u64;
+    let sources = (ACCOUNTS * per_account) as u64;
     assert_eq!(total.received, sources, "{total:?}");
     assert_eq!(total.started, sources, "{total:?}");
     assert_eq!(
@@ -236,10 +241,10 @@ async fn dispatch_and_four_workers_collect_every_source_once_within_each_account
         // Exactly one run per source of the account: each run has its own id.
         let runs: HashSet<Option<String>> =
             sim.requests().iter().map(|r| r.run_id.clone()).collect();
-        assert_eq!(runs.len(), PER_ACCOUNT, "account {a}: {runs:?}");
+        assert_eq!(runs.len(), per_account, "account {a}: {runs:?}");
         assert!(runs.iter().all(Option::is_some));
         assert_rate_respected(sim);
-        for s in 0..PER_ACCOUNT {
+        for s in 0..per_account {
             let id = format!("a{a}-s{s}");
             let state = h.app.store.load_state(&id).await.unwrap().unwrap().value;
             assert_eq!(
@@ -250,7 +255,7 @@ async fn dispatch_and_four_workers_collect_every_source_once_within_each_account
     }
     // Nothing lost, nothing twice: every source's copy of its account's events arrived.
     let ids = h.sink.event_ids();
-    assert_eq!(ids.len(), ACCOUNTS * PER_ACCOUNT * EVENTS);
+    assert_eq!(ids.len(), ACCOUNTS * per_account * EVENTS);
     let distinct: HashSet<&String> = ids.iter().collect();
     assert_eq!(
         distinct.len(),
@@ -274,7 +279,7 @@ async fn dispatch_and_four_workers_collect_every_source_once_within_each_account
         Some(&1),
         "{again:?}"
     );
-    assert_eq!(again.queued, ACCOUNTS * PER_ACCOUNT - 1);
+    assert_eq!(again.queued, ACCOUNTS * per_account - 1);
     h.app.store.release_lease(&lease, now_ms()).await.unwrap();
 }
 
