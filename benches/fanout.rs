@@ -2,10 +2,11 @@
 //! simulators (one per KnowBe4 account, ten sources each, 300 ms per answer) and one
 //! recording destination. Every AWS call is counted by an SDK interceptor.
 //!
-//! Measures: dispatch time and its DynamoDB/SQS calls; collection wall time with 1, 4 and
-//! 16 workers (each worker one message at a time, like one Lambda invocation per message);
-//! store calls per steady-state run; run durations, and from them the Lambda cost per
-//! source and month at 128 MB.
+//! Measures: dispatch of every source, its time and its DynamoDB/SQS calls; collection
+//! of a sample of them (`FANOUT_BENCH_RUNS`, default 160) with 1, 4 and 16 workers (each
+//! worker one message at a time, like one Lambda invocation per message): wall time, runs
+//! per second, store calls per steady-state run, run durations, and from them the Lambda
+//! cost per source and month at 128 MB.
 //!
 //! - `scripts/with-moto.sh cargo bench --bench fanout` (1,000 sources; release build), or
 //!   `FANOUT_BENCH_SOURCES=1000 scripts/with-moto.sh cargo test --bench fanout` (the same in
@@ -146,21 +147,26 @@ fn sum(calls: &BTreeMap<String, u64>, service: &str) -> u64 {
         .sum()
 }
 
-/// Dispatches, then works the queue with `workers` workers; prints one table row.
+/// Queues one message for each of `ids`, then works the queue with `workers` workers
+/// (one message at a time each); prints one table row and returns (the runs' summed
+/// duration, state-store calls per run).
 async fn pass(
     label: &str,
     workers: usize,
     apps: &[App],
     queue: &WorkQueue,
     calls: &Calls,
-    sources: usize,
+    ids: &[String],
 ) -> (u64, f64) {
+    let bodies: Vec<(String, String)> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| (i.to_string(), format!(r#"{{"sourceId":"{id}"}}"#)))
+        .collect();
+    for chunk in bodies.chunks(10) {
+        assert!(queue.send_batch(chunk).await.unwrap().is_empty());
+    }
     calls.take();
-    let started = Instant::now();
-    let report = dispatch(&apps[0], queue).await.expect("dispatch");
-    let dispatch_s = started.elapsed().as_secs_f64();
-    let dispatch_calls = calls.take();
-    assert_eq!(report.queued, sources, "{report:?}");
     let started = Instant::now();
     let options = WorkerOptions {
         once: true,
@@ -179,19 +185,19 @@ async fn pass(
     let started_runs: u64 = reports.iter().map(|r| r.started).sum();
     let run_ms: u64 = reports.iter().map(|r| r.run_ms_total).sum();
     let run_max = reports.iter().map(|r| r.run_ms_max).max().unwrap_or(0);
-    assert_eq!(started_runs, sources as u64, "{reports:?}");
+    assert_eq!(started_runs, ids.len() as u64, "{reports:?}");
     let runs = started_runs as f64;
     let store_per_run =
         (sum(&work_calls, "DynamoDB") + sum(&work_calls, "Secrets Manager")) as f64 / runs;
     let mean_ms = run_ms as f64 / runs;
     println!(
-        "| {label} | {workers} | {dispatch_s:.2} s ({} DynamoDB, {} SQS calls) | {wall_s:.1} s | {mean_ms:.0} ms (max {run_max}) | {store_per_run:.2} | {:.2} |",
-        sum(&dispatch_calls, "DynamoDB"),
-        sum(&dispatch_calls, "SQS"),
+        "| {label} | {} | {workers} | {wall_s:.1} s ({:.1} runs/s) | {mean_ms:.0} ms (max {run_max}) | {store_per_run:.2} ({:.2} DynamoDB) | {:.2} |",
+        ids.len(),
+        runs / wall_s,
+        sum(&work_calls, "DynamoDB") as f64 / runs,
         sum(&work_calls, "SQS") as f64 / runs,
     );
-    eprintln!("  dispatch calls: {}", calls_line(&dispatch_calls));
-    eprintln!("  work calls ({sources} runs): {}", calls_line(&work_calls));
+    eprintln!("  {label}, {workers} workers: {}", calls_line(&work_calls));
     (run_ms, store_per_run)
 }
 
@@ -207,7 +213,13 @@ fn main() {
         );
         return;
     }
-    let worker_counts: Vec<usize> = if sources >= 100 {
+    // Sources collected in each pass (the first this many of them).
+    let collected: usize = std::env::var("FANOUT_BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(if full { 160 } else { 20 })
+        .min(sources);
+    let worker_counts: Vec<usize> = if full || collected >= 100 {
         vec![1, 4, 16]
     } else {
         vec![1, 4]
@@ -287,19 +299,47 @@ fn main() {
             "fanout bench: {sources} sources over {accounts} accounts created in {:.1} s",
             started.elapsed().as_secs_f64()
         );
-        println!("| pass | workers | dispatch | collection wall time | run duration (mean) | state-store calls per run | SQS calls per run |");
+        // Dispatch of every source (all due: none has run yet).
+        calls.take();
+        let started = Instant::now();
+        let report = dispatch(&apps[0], &queue).await.expect("dispatch");
+        let dispatch_s = started.elapsed().as_secs_f64();
+        let dispatch_calls = calls.take();
+        assert_eq!(report.queued, sources, "{report:?}");
+        println!(
+            "Dispatch of {sources} sources: {dispatch_s:.2} s; {}",
+            calls_line(&dispatch_calls)
+        );
+        // Collection: a sample of the sources (moto's transactions copy every table, so
+        // each call slows as the table grows; the sample's runs see the full table).
+        let sample: Vec<String> = (0..collected).map(|i| format!("s{i:04}")).collect();
+        let pass_queue = WorkQueue::new(
+            base.sqs.clone(),
+            base.sqs
+                .create_queue()
+                .queue_name(format!("fanout-bench-pass-{suffix}"))
+                .attributes(aws_sdk_sqs::types::QueueAttributeName::VisibilityTimeout, "600")
+                .send()
+                .await
+                .unwrap()
+                .queue_url()
+                .unwrap()
+                .to_string(),
+        );
+        println!();
+        println!("| pass | runs | workers | collection wall time | run duration (mean) | state-store calls per run | SQS calls per run |");
         println!("|---|---|---|---|---|---|---|");
         let first = *worker_counts.last().unwrap();
-        pass("first runs", first, &apps, &queue, &calls, sources).await;
+        pass("first runs", first, &apps, &pass_queue, &calls, &sample).await;
         let mut steady = Vec::new();
         for &workers in &worker_counts {
-            steady.push(pass("steady state", workers, &apps, &queue, &calls, sources).await);
+            steady.push(pass("steady state", workers, &apps, &pass_queue, &calls, &sample).await);
         }
         // Lambda cost of one source a month: a run every 5 minutes at 128 MB (x86 price,
         // us-east-1: $0.0000166667 per GB-s, $0.20 per million requests; one invocation per
         // run at batch size 1).
         let (run_ms, _) = steady[0];
-        let mean_s = run_ms as f64 / sources as f64 / 1000.0;
+        let mean_s = run_ms as f64 / collected as f64 / 1000.0;
         let runs_per_month = 12.0 * 24.0 * 30.0;
         let compute = mean_s * 0.125 * 0.0000166667 * runs_per_month;
         let requests = 0.20 / 1e6 * runs_per_month;

@@ -470,3 +470,41 @@ async fn the_sqs_event_reports_only_runs_that_could_not_start() {
     failed.sort();
     assert_eq!(failed, ["m1", "m2", "m3", "m4"]);
 }
+
+/// `events/sqs.json` (the Lambda smoke test's payload) in local mode: the known source's
+/// run starts, the unknown source's record is the one batch item failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sample_sqs_event_runs_its_source_and_reports_the_unknown_one() {
+    let key = canary("key");
+    let sim = Simulator::spawn(SimConfig {
+        api_key: key.clone(),
+        events: 7,
+        ..SimConfig::default()
+    })
+    .await
+    .unwrap();
+    let sink = knowbe4_source::recording_sink::RecordingSink::spawn()
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let app = local_app(dir.path(), &sink);
+    app.create_with(
+        source_json(&sim.base_url(), &key, serde_json::json!({})),
+        Some("knowbe4-prod".into()),
+        false,
+    )
+    .await
+    .unwrap();
+    let event: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/events/sqs.json")).unwrap(),
+    )
+    .unwrap();
+    let response = handle_sqs_payload(&app, event, deadline(60)).await.unwrap();
+    assert_eq!(
+        response,
+        serde_json::json!({"batchItemFailures": [
+            {"itemIdentifier": "9d0a4ae6-0c1e-4a3c-9d64-5f1b2c3d4e02"}
+        ]})
+    );
+    assert_eq!(sink.event_ids().len(), 7);
+}
