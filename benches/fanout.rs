@@ -11,7 +11,8 @@
 //! - `scripts/with-moto.sh cargo bench --bench fanout` (1,000 sources; release build), or
 //!   `FANOUT_BENCH_SOURCES=1000 scripts/with-moto.sh cargo test --bench fanout` (the same in
 //!   the test profile, no release build needed).
-//! - As a test (`cargo test --all-targets`) it runs 20 sources and 1 and 4 workers only.
+//! - As a test (`cargo test --all-targets`) it runs 10 sources and 1 and 4 workers only
+//!   (about 10 s).
 //!
 //! moto answers one request at a time (scripts/moto_serial.py), about 120 a second here:
 //! wall times with many workers measure moto's throughput, not DynamoDB's. moto also
@@ -210,7 +211,7 @@ fn main() {
     let sources: usize = std::env::var("FANOUT_BENCH_SOURCES")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(if full { 1000 } else { 20 });
+        .unwrap_or(if full { 1000 } else { 10 });
     if std::env::var_os("AWS_ENDPOINT_URL").is_none() {
         eprintln!(
             "fanout bench: AWS_ENDPOINT_URL is not set; run it under scripts/with-moto.sh. Skipped."
@@ -221,7 +222,7 @@ fn main() {
     let collected: usize = std::env::var("FANOUT_BENCH_RUNS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(if full { 160 } else { 20 })
+        .unwrap_or(if full { 160 } else { 10 })
         .min(sources);
     let worker_counts: Vec<usize> = if full || collected >= 100 {
         vec![1, 4, 16]

@@ -3,7 +3,9 @@
 moto 5 applies DynamoDB conditional writes without a lock, so two concurrent requests can
 both pass a condition that DynamoDB itself would serialise (two lease winners, a quota
 counter past its limit). Serving requests one by one gives the tests DynamoDB's per-item
-atomicity. Usage: python moto_serial.py HOST PORT
+atomicity. An SQS long poll (WaitTimeSeconds > 0) holds the server for its whole wait, so
+the fan-out tests and bench poll with WaitTimeSeconds 0 (`worker --wait-seconds 0`).
+Usage: python moto_serial.py HOST PORT
 """
 
 import sys
