@@ -36,7 +36,7 @@ pub async fn run(app: &App, command: &Command) -> Result<Option<i32>> {
         idle: Duration::from_millis(200),
         run_timeout: app.settings.cli_run_timeout,
     };
-    let report = worker::run(app, &queue, options).await?;
+    let report = worker::run_until(app, &queue, options, stop_signal()).await?;
     println!("{}", serde_json::to_string(&report).unwrap_or_default());
     Ok(Some(0))
 }
@@ -48,4 +48,21 @@ async fn queue() -> Result<WorkQueue> {
             "is not set: dispatch and worker need the work queue's URL (the stack's WorkQueueUrl output)",
         )
     })
+}
+
+/// Completes at the first SIGINT (Ctrl-C) or SIGTERM.
+async fn stop_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    let terminated = async {
+        match term.as_mut() {
+            Some(term) => {
+                term.recv().await;
+            }
+            None => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = terminated => {}
+    }
 }

@@ -54,17 +54,33 @@ pub struct WorkerReport {
     pub run_ms_max: u64,
 }
 
-/// Polls `queue` until stopped (or, with `once`, until it is empty). Receives and runs
-/// progress together: a run is never left waiting while the worker polls the queue.
+/// Polls `queue` until stopped (or, with `once`, until it is empty); see [`run_until`].
 pub async fn run(app: &App, queue: &WorkQueue, options: WorkerOptions) -> Result<WorkerReport> {
+    run_until(app, queue, options, std::future::pending()).await
+}
+
+/// Polls `queue` until `shutdown` completes (then receives no more and returns once the
+/// runs in progress ended) or, with `once`, until the queue is empty. Receives and runs
+/// progress together: a run is never left waiting while the worker polls the queue.
+pub async fn run_until(
+    app: &App,
+    queue: &WorkQueue,
+    options: WorkerOptions,
+    shutdown: impl Future<Output = ()>,
+) -> Result<WorkerReport> {
     type Receiving<'q> = Pin<Box<dyn Future<Output = Result<Vec<Received>>> + Send + 'q>>;
+    tokio::pin!(shutdown);
+    let mut stopping = false;
     let mut report = WorkerReport::default();
     let mut running = FuturesUnordered::new();
     let mut receiving: Option<(Receiving<'_>, i32)> = None;
     let mut receive_failures = 0;
     let concurrency = options.concurrency.max(1);
     loop {
-        if receiving.is_none() && running.len() < concurrency {
+        if stopping && running.is_empty() {
+            break;
+        }
+        if !stopping && receiving.is_none() && running.len() < concurrency {
             let want = ((concurrency - running.len()) as i32).min(RECEIVE_BATCH);
             // Long-poll only when idle; with work running, a quick look.
             let wait = if running.is_empty() {
@@ -75,6 +91,13 @@ pub async fn run(app: &App, queue: &WorkQueue, options: WorkerOptions) -> Result
             receiving = Some((Box::pin(queue.receive(want, wait)), wait));
         }
         tokio::select! {
+            () = &mut shutdown, if !stopping => {
+                // A receive in flight is dropped: what it may have taken comes back after
+                // the visibility timeout.
+                stopping = true;
+                receiving = None;
+                tracing::info!(running = running.len(), "Stopping: the runs in progress finish, no more messages are received.");
+            }
             Some((d, deleted)) = running.next(), if !running.is_empty() => {
                 tally(&mut report, &d, deleted);
             }

@@ -87,16 +87,20 @@ async fn bodies(url: &str) -> Vec<String> {
 /// The real binary as a worker on `queue_url`, sharing the harness's table and secrets,
 /// forwarding to the harness's sink by default.
 fn worker(h: &Harness, queue_url: &str, extra_env: &[(&str, &str)]) -> tokio::process::Command {
+    worker_with(h, queue_url, extra_env, true)
+}
+
+/// [`worker`], with or without `--once`.
+fn worker_with(
+    h: &Harness,
+    queue_url: &str,
+    extra_env: &[(&str, &str)],
+    once: bool,
+) -> tokio::process::Command {
     let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_knowbe4-source"));
     command
-        .args([
-            "worker",
-            "--once",
-            "--concurrency",
-            "4",
-            "--wait-seconds",
-            "0",
-        ])
+        .args(["worker", "--concurrency", "4", "--wait-seconds", "0"])
+        .args(once.then_some("--once"))
         .env_remove("AWS_LAMBDA_RUNTIME_API")
         .env_remove("STATE_FILE")
         .env("STATE_TABLE", &h.table)
@@ -507,4 +511,19 @@ async fn the_sample_sqs_event_runs_its_source_and_reports_the_unknown_one() {
         ]})
     );
     assert_eq!(sink.event_ids().len(), 7);
+}
+
+/// A worker without `--once` runs until SIGTERM (or Ctrl-C), then finishes its runs in
+/// progress and exits 0 with its report.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_stops_cleanly_on_sigterm() {
+    let h = harness(SimConfig::default()).await;
+    let (_queue, url, _dlq) = queues(30, 3).await;
+    let child = worker_with(&h, &url, &[], false).spawn().unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let pid = child.id().expect("running") as libc::pid_t;
+    // SAFETY: signals the worker this test started, by its id.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let report = finished(child).await;
+    assert_eq!(report.received, 0, "{report:?}");
 }
