@@ -12,16 +12,16 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use tokio::time::Instant;
 
-use crate::account::account_id;
-use crate::collector::{RunReport, Trigger, collect_source_with};
 use crate::config::{ValidationOptions, parse_source_value};
+use crate::domain::account::account_id;
+use crate::domain::event::EventTime;
+use crate::domain::quota::utc_day;
+use crate::domain::secrets::SourceSecrets;
+use crate::domain::state::{HealthEvent, Lifecycle, SecretRef, SourceRecord, SourceState};
+use crate::domain::status::{HealthView, TransitionView, rfc3339_ms};
 use crate::error::{Error, Result};
-use crate::event::EventTime;
-use crate::quota::utc_day;
-use crate::secrets::SourceSecrets;
+use crate::run::{RunReport, Trigger, collect_source_with};
 use crate::sink::{Destination, DestinationConfig, Format};
-use crate::state::{HealthEvent, Lifecycle, SecretRef, SourceRecord, SourceState};
-use crate::status::{HealthView, TransitionView, rfc3339_ms};
 use crate::store::StateStore;
 use crate::store::file::{DEFAULT_STATE_FILE, FileStore};
 use crate::store::secrets_manager::SecretsManagerVault;
@@ -296,7 +296,7 @@ pub struct SourceStatus {
     /// Unfinished ranges still to collect (a backlog).
     pub backlog_ranges: usize,
     /// The backlog as time and events still to collect, and when it should be caught up.
-    pub backlog: Option<crate::status::Backlog>,
+    pub backlog: Option<crate::domain::status::Backlog>,
     /// Whether the dedupe window overflowed and narrowed (see the checkpoint docs).
     pub lateness_window_narrowed: bool,
     /// Requests used today (UTC) by every source of the KnowBe4 account.
@@ -316,7 +316,7 @@ pub struct SourceStatus {
     /// What the account's quota buys at this schedule: expected lag for new and for
     /// backdated events, how often the lateness window is re-read, and a warning when
     /// the schedule asks for more than the quota pays.
-    pub freshness: crate::planner::Freshness,
+    pub freshness: crate::domain::planner::Freshness,
     /// Whether the daily quota is used up (not an error).
     pub quota_reached: bool,
     /// Events forwarded by the last run.
@@ -357,7 +357,7 @@ impl App {
         let http = knowbe4_http_client()?;
         let (store, vault): (Arc<dyn StateStore>, Vault) = match std::env::var("STATE_TABLE") {
             Ok(table) if !table.is_empty() => {
-                let aws = crate::aws_env::load_checked().await?;
+                let aws = crate::store::aws_env::load_checked().await?;
                 let dynamo = aws_sdk_dynamodb::Client::new(&aws);
                 let secrets = aws_sdk_secretsmanager::Client::new(&aws);
                 (
@@ -440,11 +440,11 @@ impl App {
     /// The id of the destination a source with `spec` and `secrets` forwards to.
     fn destination_id(&self, spec: &crate::config::SourceSpec, secrets: &SourceSecrets) -> String {
         match &spec.destination {
-            Some(own) => crate::account::destination_id(
+            Some(own) => crate::domain::account::destination_id(
                 own.format.as_str(),
                 secrets.destination_url.as_ref(),
             ),
-            None => crate::account::destination_id(
+            None => crate::domain::account::destination_id(
                 self.default_destination.format.as_str(),
                 self.default_destination.url.as_ref(),
             ),
@@ -856,7 +856,7 @@ impl App {
                 last_success: state.last_success.map(rfc3339_ms),
                 checkpoint: state.checkpoint.high.map(EventTime::to_rfc3339),
                 backlog_ranges: state.checkpoint.gaps.len(),
-                backlog: crate::status::backlog(
+                backlog: crate::domain::status::backlog(
                     &state.checkpoint,
                     state.counters.forwarded_total,
                     limit.saturating_sub(used),
@@ -870,7 +870,7 @@ impl App {
                 account: state.account.clone(),
                 account_sources: members.members.iter().map(|(id, _)| id.clone()).collect(),
                 account_note,
-                freshness: crate::planner::freshness(&crate::planner::PlanInput {
+                freshness: crate::domain::planner::freshness(&crate::domain::planner::PlanInput {
                     daily_limit: limit,
                     used_today: used,
                     now,
@@ -879,7 +879,7 @@ impl App {
                     page_size: state
                         .counters
                         .page_size
-                        .unwrap_or(crate::checkpoint::DEFAULT_PAGE_SIZE),
+                        .unwrap_or(crate::domain::checkpoint::DEFAULT_PAGE_SIZE),
                     window_events: state.checkpoint.recent.len() as u64,
                     reread_at: state.checkpoint.reread_at,
                     head_at: state.checkpoint.head_at,

@@ -11,8 +11,8 @@ use reqwest::Url;
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
+use crate::domain::secrets::SourceSecrets;
 use crate::error::{Error, Result};
-use crate::secrets::SourceSecrets;
 use crate::sink::Format;
 
 /// Environment switch that allows a `baseURL` outside KnowBe4 (the simulator, tests).

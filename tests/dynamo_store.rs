@@ -10,9 +10,9 @@ use std::sync::Arc;
 
 use aws_sdk_dynamodb::types::AttributeValue;
 use knowbe4_source::config::SourceSpec;
+use knowbe4_source::domain::secrets::SourceSecrets;
+use knowbe4_source::domain::state::{HealthEvent, Lifecycle, SecretRef, SourceRecord, SourceState};
 use knowbe4_source::error::{Error, HealthKind};
-use knowbe4_source::secrets::SourceSecrets;
-use knowbe4_source::state::{HealthEvent, Lifecycle, SecretRef, SourceRecord, SourceState};
 use knowbe4_source::store::dynamo::DynamoStore;
 use knowbe4_source::store::secrets_manager::SecretsManagerVault;
 use knowbe4_source::store::{Reservation, StateStore};

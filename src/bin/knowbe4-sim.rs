@@ -2,13 +2,13 @@
 //! or SIGTERM, optionally adding and deleting events as it runs.
 //!
 //! Prints `knowbe4-sim listening on http://127.0.0.1:PORT` on start; the control API
-//! is described in the `knowbe4_source::sim` module docs.
+//! is described in the `knowbe4_source::testkit::sim` module docs.
 
 use std::io::Write;
 use std::time::Duration;
 
 use clap::Parser;
-use knowbe4_source::sim::{CountMode, Reading, SimConfig, Simulator};
+use knowbe4_source::testkit::sim::{CountMode, Reading, SimConfig, Simulator};
 
 /// Command-line options.
 #[derive(Debug, Parser)]

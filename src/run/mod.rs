@@ -9,6 +9,8 @@
 //!
 //! A kill between 2 and 3 repeats the unsaved batch on the next run; nothing is lost.
 
+pub mod progress;
+
 use std::collections::VecDeque;
 use std::time::Duration;
 
@@ -17,16 +19,16 @@ use time::OffsetDateTime;
 use tokio::time::Instant;
 
 use crate::app::App;
-use crate::checkpoint::{DEFAULT_PAGE_SIZE, HeadWalk};
-use crate::checkpoint::{Step, Walker};
-use crate::error::{Error, HealthKind, Result};
-use crate::event::{EventTime, RawEvent};
-use crate::knowbe4::{ApiError, KnowBe4Client};
-use crate::planner::{self, PlanInput};
-use crate::quota::utc_day;
-use crate::state::{
+use crate::domain::checkpoint::{DEFAULT_PAGE_SIZE, HeadWalk};
+use crate::domain::checkpoint::{Step, Walker};
+use crate::domain::event::{EventTime, RawEvent};
+use crate::domain::planner::{self, PlanInput};
+use crate::domain::quota::utc_day;
+use crate::domain::state::{
     HealthEvent, Lease, Lifecycle, RetryStreak, SourceRecord, SourceState, Versioned,
 };
+use crate::error::{Error, HealthKind, Result};
+use crate::knowbe4::{ApiError, KnowBe4Client};
 use crate::store::{Reservation, SendSlot};
 
 /// Events buffered before they are forwarded and checkpointed together.
@@ -471,7 +473,7 @@ impl Run<'_> {
         let mut ahead: VecDeque<InFlight> = VecDeque::new();
         let mut shape: Option<PageShape> = None;
         let mut progress =
-            crate::progress::Progress::new(&self.record.id, limit.saturating_sub(used));
+            crate::run::progress::Progress::new(&self.record.id, limit.saturating_sub(used));
         let stop = loop {
             let Step::Fetch(page_no) = walker.next_step() else {
                 break Stop::Finished;
@@ -551,7 +553,7 @@ impl Run<'_> {
                     .await?;
             }
             self.report.pages += 1;
-            progress.page(crate::progress::Counts {
+            progress.page(crate::run::progress::Counts {
                 pages: self.report.pages,
                 fetched: fetched_total,
                 forwarded: self.report.forwarded,
@@ -720,7 +722,7 @@ impl Run<'_> {
         ahead: &mut VecDeque<InFlight>,
         (day, limit, budget): (&str, u32, u32),
         deadline: Instant,
-    ) -> std::result::Result<crate::checkpoint::Page, FetchFailure> {
+    ) -> std::result::Result<crate::domain::checkpoint::Page, FetchFailure> {
         if ahead.front().map(|r| r.page) != Some(page) {
             // The walk went elsewhere (a step back, a gap probe): those answers are moot.
             self.discard(ahead, day).await;
@@ -768,7 +770,7 @@ impl Run<'_> {
         (day, limit, budget): (&str, u32, u32),
         deadline: Instant,
         failed: ApiError,
-    ) -> std::result::Result<crate::checkpoint::Page, FetchFailure> {
+    ) -> std::result::Result<crate::domain::checkpoint::Page, FetchFailure> {
         let mut failed = failed;
         let mut attempt = 1;
         let mut malformed = 0;
@@ -1045,7 +1047,7 @@ struct InFlight {
     /// Set once the task passed the rate limiter and began sending: until then the
     /// request provably never reached KnowBe4.
     started: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    handle: tokio::task::JoinHandle<std::result::Result<crate::checkpoint::Page, ApiError>>,
+    handle: tokio::task::JoinHandle<std::result::Result<crate::domain::checkpoint::Page, ApiError>>,
 }
 
 impl Drop for InFlight {
@@ -1081,7 +1083,7 @@ struct PageSummary {
 }
 
 impl PageSummary {
-    fn of(page: &crate::checkpoint::Page) -> PageSummary {
+    fn of(page: &crate::domain::checkpoint::Page) -> PageSummary {
         PageSummary {
             newest: page.events.first().map(|e| e.occurred),
             oldest: page.events.last().map(|e| e.occurred),
@@ -1096,7 +1098,7 @@ impl PageSummary {
     /// list.
     fn shape(self, page_no: u32, walker: &Walker) -> Option<PageShape> {
         let page_size = walker.page_size();
-        if crate::checkpoint::Page::ends_list(self.more, self.events, page_size) {
+        if crate::domain::checkpoint::Page::ends_list(self.more, self.events, page_size) {
             return None;
         }
         let from_count = match (walker.count_is_total(), self.count) {

@@ -35,8 +35,8 @@ pub use splunk::{
 pub use sumo::SIEM_PARSER;
 pub(crate) use sumo::fields_header;
 
+use crate::domain::event::RawEvent;
 use crate::error::Error;
-use crate::event::RawEvent;
 use http::HttpDestination;
 
 /// Largest request body before compression. Sumo Logic recommends 100 KB to 1 MB per
@@ -381,7 +381,7 @@ pub(crate) mod tests {
     use serde_json::value::RawValue;
 
     use super::*;
-    use crate::recording_sink::RecordingSink;
+    use crate::testkit::recording_sink::RecordingSink;
 
     /// One event from its JSON text.
     pub(crate) fn event(text: &str) -> RawEvent {

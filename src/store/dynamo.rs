@@ -13,7 +13,7 @@
 //! | `LEASE`               | `owner`, `fence`, `expires_at_ms`, `quiet_until`               | `acquire_lease`, `renew_lease`, `release_lease` |
 //! | `HEALTH#<streak_key>` | `doc` (JSON of `HealthEvent`), `last_seen`, `expires_at` (TTL) | `put_health`                                    |
 //!
-//! The limits belong to the KnowBe4 account (API host + key, see [`crate::account`]), so
+//! The limits belong to the KnowBe4 account (API host + key, see [`crate::domain::account`]), so
 //! its items live in the partition `pk = "ACCOUNT#<account id>"`:
 //!
 //! | `sk`                  | Attributes                                                     | Written by                                      |
@@ -65,8 +65,8 @@ use aws_sdk_dynamodb::types::{
 };
 
 use super::{AccountMembers, MEMBER_TTL_MS, Reservation, SendSlot, StateStore};
+use crate::domain::state::{HealthEvent, Lease, Millis, SourceRecord, SourceState, Versioned};
 use crate::error::{Error, Result};
-use crate::state::{HealthEvent, Lease, Millis, SourceRecord, SourceState, Versioned};
 
 /// A DynamoDB item: attribute name to value.
 type Item = HashMap<String, AttributeValue>;

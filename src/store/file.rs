@@ -21,9 +21,9 @@ use std::path::{Path, PathBuf};
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
+use crate::domain::secrets::{SecretDocument, SourceSecrets};
+use crate::domain::state::{HealthEvent, Lease, Millis, SourceRecord, SourceState, Versioned};
 use crate::error::{Error, Result};
-use crate::secrets::{SecretDocument, SourceSecrets};
-use crate::state::{HealthEvent, Lease, Millis, SourceRecord, SourceState, Versioned};
 use crate::store::{AccountMembers, MEMBER_TTL_MS, Reservation, SendSlot, StateStore};
 
 /// Default location of the state file, relative to the working directory.
@@ -564,7 +564,7 @@ impl StateStore for FileStore {
 mod tests {
     use super::*;
     use crate::config::{ValidationOptions, parse_source_value};
-    use crate::state::SecretRef;
+    use crate::domain::state::SecretRef;
 
     fn record(id: &str) -> SourceRecord {
         let parsed = parse_source_value(

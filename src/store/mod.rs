@@ -9,14 +9,15 @@
 //! source's lease (its fencing token) and on the state version it read. A late or
 //! duplicate run therefore cannot overwrite newer progress.
 
+pub mod aws_env;
 pub mod dynamo;
 pub mod file;
 pub mod secrets_manager;
 
 use async_trait::async_trait;
 
+use crate::domain::state::{HealthEvent, Lease, Millis, SourceRecord, SourceState, Versioned};
 use crate::error::Result;
-use crate::state::{HealthEvent, Lease, Millis, SourceRecord, SourceState, Versioned};
 
 /// When the new holder of a lease may first call KnowBe4. A released lease (expiry 0)
 /// carries the releasing run's `quiet_until`; a lease taken over from a run that crashed
@@ -133,7 +134,7 @@ pub trait StateStore: Send + Sync {
     async fn release_lease(&self, lease: &Lease, quiet_until: Millis) -> Result<()>;
 
     /// Reserves one request in the ledger of KnowBe4 account `account` (an
-    /// [`account_id`](crate::account::account_id), shared by every source using the same
+    /// [`account_id`](crate::domain::account::account_id), shared by every source using the same
     /// key) for `day` (`YYYY-MM-DD`, UTC) if fewer than `limit` are reserved: an atomic
     /// conditional increment.
     async fn reserve_request(&self, account: &str, day: &str, limit: u32) -> Result<Reservation>;

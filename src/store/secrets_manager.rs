@@ -20,8 +20,8 @@ use aws_sdk_secretsmanager::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_secretsmanager::types::Tag;
 use secrecy::{ExposeSecret, SecretString};
 
+use crate::domain::secrets::{SecretDocument, SourceSecrets};
 use crate::error::{Error, Result};
-use crate::secrets::{SecretDocument, SourceSecrets};
 
 /// Error codes that mean the secret cannot be used as configured (as opposed to a
 /// transient failure): missing, scheduled for deletion, or not readable by this role.

@@ -3,8 +3,10 @@
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
+use knowbe4_source::domain::state::{
+    HealthEvent, Lease, Millis, SourceRecord, SourceState, Versioned,
+};
 use knowbe4_source::error::{Error, Result};
-use knowbe4_source::state::{HealthEvent, Lease, Millis, SourceRecord, SourceState, Versioned};
 use knowbe4_source::store::{AccountMembers, Reservation, SendSlot, StateStore};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};

@@ -5,14 +5,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use knowbe4_source::app::{App, Vault};
-use knowbe4_source::collector::{FLUSH_EVENTS, Outcome, collect_source};
 use knowbe4_source::failpoint::POINTS;
-use knowbe4_source::recording_sink::RecordingSink;
-use knowbe4_source::sim::{Fault, Reading, SimConfig, Simulator};
+use knowbe4_source::run::{FLUSH_EVENTS, Outcome, collect_source};
 use knowbe4_source::sink::{DestinationConfig, Format};
 use knowbe4_source::store::StateStore;
 use knowbe4_source::store::file::FileStore;
 use knowbe4_source::store::secrets_manager::SecretsManagerVault;
+use knowbe4_source::testkit::recording_sink::RecordingSink;
+use knowbe4_source::testkit::sim::{Fault, Reading, SimConfig, Simulator};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use secrecy::SecretString;

@@ -3,9 +3,9 @@
 use std::collections::HashSet;
 
 use knowbe4_source::HealthKind;
-use knowbe4_source::collector::{Outcome, collect_source};
-use knowbe4_source::sim::{Fault, SimConfig};
-use knowbe4_source::state::Lifecycle;
+use knowbe4_source::domain::state::Lifecycle;
+use knowbe4_source::run::{Outcome, collect_source};
+use knowbe4_source::testkit::sim::{Fault, SimConfig};
 
 use crate::helpers::*;
 
@@ -236,7 +236,7 @@ async fn the_daily_quota_is_a_hard_limit_and_not_a_failure() {
         .account
         .clone()
         .expect("the run recorded its account");
-    let day = knowbe4_source::quota::utc_day(time::OffsetDateTime::now_utc());
+    let day = knowbe4_source::domain::quota::utc_day(time::OffsetDateTime::now_utc());
     while let knowbe4_source::store::Reservation::Granted(_) = h
         .app
         .store

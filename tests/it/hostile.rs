@@ -16,8 +16,8 @@ use std::time::Duration;
 
 use knowbe4_source::HealthKind;
 use knowbe4_source::app::App;
-use knowbe4_source::collector::{Outcome, RunReport, collect_source};
-use knowbe4_source::sim::{Fault, SimConfig};
+use knowbe4_source::run::{Outcome, RunReport, collect_source};
+use knowbe4_source::testkit::sim::{Fault, SimConfig};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use tokio::time::Instant;

@@ -3,10 +3,10 @@
 use std::collections::HashSet;
 
 use knowbe4_source::HealthKind;
-use knowbe4_source::collector::{Outcome, collect_source};
-use knowbe4_source::recording_sink::RecordingSink;
-use knowbe4_source::sim::{Fault, SimConfig, Simulator};
-use knowbe4_source::state::Lifecycle;
+use knowbe4_source::domain::state::Lifecycle;
+use knowbe4_source::run::{Outcome, collect_source};
+use knowbe4_source::testkit::recording_sink::RecordingSink;
+use knowbe4_source::testkit::sim::{Fault, SimConfig, Simulator};
 
 use crate::helpers::*;
 

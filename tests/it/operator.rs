@@ -5,9 +5,9 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
-use knowbe4_source::collector::{Outcome, collect_source};
-use knowbe4_source::recording_sink::RecordingSink;
-use knowbe4_source::sim::{SimConfig, Simulator};
+use knowbe4_source::run::{Outcome, collect_source};
+use knowbe4_source::testkit::recording_sink::RecordingSink;
+use knowbe4_source::testkit::sim::{SimConfig, Simulator};
 
 use crate::helpers::{deadline, local_app, source_json};
 

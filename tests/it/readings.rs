@@ -7,8 +7,8 @@
 
 use std::collections::HashSet;
 
-use knowbe4_source::collector::{Outcome, RunReport, collect_source};
-use knowbe4_source::sim::{Fault, Reading, SimConfig};
+use knowbe4_source::run::{Outcome, RunReport, collect_source};
+use knowbe4_source::testkit::sim::{Fault, Reading, SimConfig};
 
 use crate::helpers::*;
 

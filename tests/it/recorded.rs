@@ -3,11 +3,11 @@
 
 use std::time::Duration;
 
-use knowbe4_source::checkpoint::{Checkpoint, Step, Walker};
-use knowbe4_source::event::EventTime;
+use knowbe4_source::domain::checkpoint::{Checkpoint, Step, Walker};
+use knowbe4_source::domain::event::EventTime;
 use knowbe4_source::knowbe4::KnowBe4Client;
-use knowbe4_source::recording_sink::RecordingSink;
 use knowbe4_source::sink::{Destination, DestinationConfig, Format, SourceMeta};
+use knowbe4_source::testkit::recording_sink::RecordingSink;
 use secrecy::SecretString;
 use serde_json::value::RawValue;
 

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use knowbe4_source::HealthKind;
 use knowbe4_source::app::App;
-use knowbe4_source::collector::{Outcome, collect_source};
+use knowbe4_source::run::{Outcome, collect_source};
 use knowbe4_source::store::secrets_manager::SecretsManagerVault;
 
 use crate::helpers::*;

@@ -1,8 +1,8 @@
 //! Issue 10, finding 4: on `update`, a stored secret is kept only while the endpoint it
 //! authenticates to is unchanged.
 
-use knowbe4_source::collector::{Outcome, collect_source};
 use knowbe4_source::error::Error;
+use knowbe4_source::run::{Outcome, collect_source};
 
 use crate::helpers::*;
 use crate::loopback::*;
