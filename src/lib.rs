@@ -2,7 +2,7 @@
 //!
 //! Layout, from the outside in:
 //! - Entry points: [`lambda`], [`cli`], [`demo`] (with the `testkit` feature), [`logging`];
-//!   [`app`] builds the clients once and runs every action.
+//!   [`app`] builds the clients once and runs every action; [`settings`] are its tunables.
 //! - Orchestration: [`run`], one collection run for one source, in a crash-safe order
 //!   (lease → budget → walk → forward → checkpoint → lifecycle and health).
 //! - Pure logic: [`domain`] (checkpoint walk, quota planning, lifecycle records, status
@@ -30,6 +30,7 @@ pub mod lambda;
 pub mod logging;
 pub mod metrics;
 pub mod run;
+pub mod settings;
 pub mod sink;
 pub mod store;
 #[cfg(feature = "testkit")]

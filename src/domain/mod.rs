@@ -8,6 +8,7 @@
 //! - [`status`]: what `status` and `health` show: RFC 3339 times, resolved events, backlog.
 //! - [`event`]: one KnowBe4 event, parsed just enough to order and dedupe it.
 //! - [`account`]: the account id (API host + key) that the quota, pacing and sharing key on.
+//! - [`report`]: what one run did (logged, returned, turned into metrics).
 //! - [`secrets`]: a source's secrets and their stored form.
 
 pub mod account;
@@ -15,6 +16,7 @@ pub mod checkpoint;
 pub mod event;
 pub mod planner;
 pub mod quota;
+pub mod report;
 pub mod secrets;
 pub mod state;
 pub mod status;

@@ -374,6 +374,55 @@ impl Destination {
     }
 }
 
+/// The destination for a source: its own (in format `own`, with its URL and token from
+/// `secrets`), or the deployment's `default`. Its URL is checked again (https, or http to loopback
+/// behind the switch) every time, because the stored one may predate the rule or have
+/// been edited.
+pub fn resolve(
+    own: Option<Format>,
+    secrets: &crate::domain::secrets::SourceSecrets,
+    default: &DestinationConfig,
+    http: &reqwest::Client,
+    allow_custom_base_url: bool,
+) -> Result<Destination, Error> {
+    let (config, prefix) = match own {
+        Some(format) => (
+            DestinationConfig {
+                format,
+                url: secrets.destination_url.clone(),
+                token: secrets.destination_token.clone(),
+            },
+            "source.config.",
+        ),
+        None => (default.clone(), "FORWARD_"),
+    };
+    config
+        .check_transport(allow_custom_base_url)
+        .map_err(|e| rename_destination_field(e, prefix))?;
+    Destination::new(config, http.clone())
+}
+
+/// Names a destination error's field as the user wrote it: `source.config.destination.url`
+/// for a source's own destination, `FORWARD_URL` for the deployment's.
+pub fn rename_destination_field(err: Error, prefix: &str) -> Error {
+    match err {
+        Error::InvalidConfig { field, message } if prefix == "FORWARD_" => Error::InvalidConfig {
+            field: format!(
+                "FORWARD_{}",
+                field
+                    .trim_start_matches("destination.")
+                    .to_ascii_uppercase()
+            ),
+            message,
+        },
+        Error::InvalidConfig { field, message } => Error::InvalidConfig {
+            field: format!("{prefix}{field}"),
+            message,
+        },
+        other => other,
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use std::time::Duration;

@@ -13,6 +13,7 @@ pub mod aws_env;
 pub mod dynamo;
 pub mod file;
 pub mod secrets_manager;
+pub mod vault;
 
 use async_trait::async_trait;
 

@@ -89,7 +89,7 @@ impl CheckpointWatch {
 /// checkpoint did not go backwards.
 async fn run(h: &Harness, watch: &mut CheckpointWatch, secs: u64, context: &str) -> RunReport {
     let started = Instant::now();
-    let report = collect_source(&h.app, &watch.id, deadline(secs)).await;
+    let report = collect_source(h.app.run_context(), &watch.id, deadline(secs)).await;
     let took = started.elapsed();
     assert!(
         took <= Duration::from_secs(secs) + SLACK,
