@@ -64,6 +64,9 @@ fn record(id: &str) -> SourceRecord {
             retry_window_secs: 5_400,
             lateness_window_secs: 3_600,
             destination: None,
+            generation: Default::default(),
+            collect_events: true,
+            phishing: None,
         },
         secret_ref: SecretRef::SecretsManager {
             secret_id: format!("knowbe4-source/{id}"),
@@ -500,7 +503,8 @@ async fn secrets_roundtrip_through_secrets_manager() {
     let prefix = format!("knowbe4-source-test-{}/", uuid::Uuid::new_v4());
     let vault = SecretsManagerVault::new(client.clone(), &prefix);
     let secrets = SourceSecrets {
-        api_key: SecretString::from("canary-api-key-1"),
+        api_key: Some(SecretString::from("canary-api-key-1")),
+        api_key_phishing: None,
         destination_url: Some(SecretString::from("https://sumo/receiver/canary-url")),
         destination_token: None,
     };
@@ -508,7 +512,11 @@ async fn secrets_roundtrip_through_secrets_manager() {
     let arn = vault.put("s1", &secrets).await.unwrap();
     assert!(arn.starts_with("arn:"), "{arn}");
     let got = vault.get(&arn).await.unwrap();
-    assert_eq!(got.api_key.expose_secret(), "canary-api-key-1");
+    assert_eq!(
+        got.api_key.as_ref().unwrap().expose_secret(),
+        "canary-api-key-1"
+    );
+    assert!(got.api_key_phishing.is_none());
     assert_eq!(
         got.destination_url.unwrap().expose_secret(),
         "https://sumo/receiver/canary-url"
@@ -517,14 +525,22 @@ async fn secrets_roundtrip_through_secrets_manager() {
 
     // Putting again replaces the value of the same secret.
     let rotated = SourceSecrets {
-        api_key: SecretString::from("canary-api-key-2"),
+        api_key: Some(SecretString::from("canary-api-key-2")),
+        api_key_phishing: Some(SecretString::from("canary-reporting-token")),
         destination_url: None,
         destination_token: Some(SecretString::from("canary-token")),
     };
     let arn2 = vault.put("s1", &rotated).await.unwrap();
     assert_eq!(arn2, arn);
     let got = vault.get(&format!("{prefix}s1")).await.unwrap();
-    assert_eq!(got.api_key.expose_secret(), "canary-api-key-2");
+    assert_eq!(
+        got.api_key.as_ref().unwrap().expose_secret(),
+        "canary-api-key-2"
+    );
+    assert_eq!(
+        got.api_key_phishing.as_ref().unwrap().expose_secret(),
+        "canary-reporting-token"
+    );
     assert_eq!(
         got.destination_token.unwrap().expose_secret(),
         "canary-token"

@@ -1,6 +1,6 @@
 //! The source-management actions: create, update, restart, delete.
 
-use crate::config::{ValidationOptions, parse_source_value};
+use crate::config::{Generation, SourceSpec, ValidationOptions, parse_source_value};
 use crate::domain::account::account_id;
 use crate::domain::secrets::SourceSecrets;
 use crate::domain::state::{Lifecycle, SourceRecord, SourceState};
@@ -14,6 +14,38 @@ fn valid_id(id: &str) -> bool {
         && id
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+/// The KnowBe4 account a source collects, for spotting a twin source: the User Event API
+/// account when it collects user events, else the Reporting API one.
+fn source_account(spec: &SourceSpec, secrets: &SourceSecrets) -> String {
+    match (&secrets.api_key, &spec.phishing, &secrets.api_key_phishing) {
+        (Some(key), _, _) => account_id(&spec.api_base, key),
+        (None, Some(phishing), Some(token)) => account_id(&phishing.reporting_base, token),
+        // Validation gives every source the key of a data type it collects.
+        _ => account_id(&spec.api_base, &secrecy::SecretString::from("")),
+    }
+}
+
+/// Refuses a configuration that asks for phishing security tests: this build does not
+/// collect them yet, and a source that silently collects nothing is worse than a clear no.
+fn refuse_phishing(spec: &SourceSpec) -> Result<()> {
+    if spec.phishing.is_none() {
+        return Ok(());
+    }
+    Err(match spec.generation {
+        Generation::Newest => Error::config(
+            "source.config.collectPhishingTests",
+            "is true (its default), but this build does not collect phishing security tests \
+             yet; set it to false, with collectExternalEvents true and apiKeyEvent, to collect \
+             user events",
+        ),
+        _ => Error::config(
+            "source.config.dataTypes",
+            "asks for phishing security tests (the middle generation's only data type), which \
+             this build does not collect yet",
+        ),
+    })
 }
 
 impl App {
@@ -50,6 +82,7 @@ impl App {
         allow_duplicate: bool,
     ) -> Result<String> {
         let parsed = parse_source_value(source, self.settings.validation)?;
+        refuse_phishing(&parsed.spec)?;
         let secrets = parsed.secrets(None)?;
         let id = match id {
             Some(id) if valid_id(&id) => id,
@@ -86,7 +119,7 @@ impl App {
             }
         };
         // Every input is valid: only now read the store.
-        let account = account_id(&parsed.spec.api_base, &secrets.api_key);
+        let account = source_account(&parsed.spec, &secrets);
         let destination = self.destination_id(&parsed.spec, &secrets);
         if !allow_duplicate
             && let Some(twin) = self.store.list_sources().await?.into_iter().find(|r| {
@@ -139,13 +172,14 @@ impl App {
             ..self.settings.validation
         };
         let parsed = parse_source_value(source, options)?;
+        refuse_phishing(&parsed.spec)?;
         // Only what the new configuration says changes: a kept secret is read and written
         // back with the new ones, as long as its endpoint is unchanged.
         let previous = self.source_secrets(&record, true).await.ok();
         let secrets = parsed.secrets(previous.as_ref().map(|p| (&record.spec, p)))?;
         record.secret_ref = self.secrets.put(id, &secrets).await?;
         self.secrets.forget(id);
-        record.account = Some(account_id(&parsed.spec.api_base, &secrets.api_key));
+        record.account = Some(source_account(&parsed.spec, &secrets));
         record.destination = Some(self.destination_id(&parsed.spec, &secrets));
         record.spec = parsed.spec;
         record.config_version += 1;

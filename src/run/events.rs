@@ -15,10 +15,24 @@ use crate::domain::event::{EventTime, RawEvent};
 use crate::domain::planner::{self, PlanInput};
 use crate::domain::quota::utc_day;
 use crate::domain::secrets::SourceSecrets;
-use crate::domain::state::Lifecycle;
+use crate::domain::state::{Lifecycle, SourceRecord};
 use crate::error::{Error, Result};
 use crate::knowbe4::{ApiError, KnowBe4Client};
 use crate::sink::Destination;
+use secrecy::SecretString;
+
+/// The source's User Event API key: a secret without one (edited, or written for another
+/// data type) is a configuration error naming the field the source's generation uses.
+fn events_key(record: &SourceRecord, secrets: &SourceSecrets) -> Result<SecretString> {
+    secrets.api_key.clone().ok_or_else(|| Error::Secret {
+        name: record.id.clone(),
+        message: format!(
+            "the source's secret holds no User Event API key ({}); update the source with it",
+            record.spec.generation.events_key_field()
+        ),
+        config: true,
+    })
+}
 
 impl Run<'_> {
     /// Collects user events: joins the account (its limits are shared), plans the run's
@@ -34,7 +48,7 @@ impl Run<'_> {
         let mut client = KnowBe4Client::new(
             self.ctx.knowbe4_http.clone(),
             &self.record.spec.api_base,
-            secrets.api_key.clone(),
+            events_key(&self.record, secrets)?,
             &self.run_id,
             self.ctx.settings.request_timeout,
         );
@@ -150,7 +164,7 @@ impl Run<'_> {
                     reauthenticated = true;
                     tracing::info!(source_id = %self.record.id, status, "KnowBe4 refused the key; re-reading the secret once.");
                     let fresh = self.ctx.source_secrets(&self.record, true).await?;
-                    client.set_key(fresh.api_key.clone());
+                    client.set_key(events_key(&self.record, &fresh)?);
                     continue;
                 }
                 Err(FetchFailure::Api(err)) => {

@@ -337,6 +337,9 @@ impl Run<'_> {
 
     fn skip_reason(&self) -> Option<String> {
         let state = &self.state.as_ref()?.value;
+        if !self.record.spec.collect_events {
+            return Some("the source collects no data type this version runs".into());
+        }
         let today = utc_day(OffsetDateTime::now_utc());
         match state.lifecycle {
             Lifecycle::Error => return Some("source is in Error; restart or update it".into()),
@@ -377,7 +380,12 @@ impl Run<'_> {
 
     async fn collect(&mut self, deadline: Instant) -> Result<Stop> {
         // Before the key goes anywhere: the stored URL may predate the rules or be edited.
-        crate::config::check_stored_base(&self.record.spec.api_base, self.ctx.settings.validation)?;
+        if self.record.spec.collect_events {
+            crate::config::check_stored_base(
+                &self.record.spec.api_base,
+                self.ctx.settings.validation,
+            )?;
+        }
         if self.state.as_ref().expect("loaded").value.lifecycle == Lifecycle::Pending {
             self.transition(Lifecycle::Started, "A scheduled run picked the source up.")
                 .await?;

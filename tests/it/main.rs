@@ -6,6 +6,7 @@ mod cli;
 mod collect;
 mod fields;
 mod fuzz;
+mod generations;
 mod helpers;
 mod hostile;
 mod lambda_logs;
