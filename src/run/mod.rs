@@ -22,6 +22,7 @@ mod forward;
 pub mod progress;
 
 pub use crate::domain::report::{Outcome, RunReport};
+pub use budget::{Admission, admit_reporting_request};
 
 use std::sync::Arc;
 

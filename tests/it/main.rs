@@ -19,6 +19,7 @@ mod readings;
 mod recorded;
 mod redirects;
 mod replies;
+mod reporting;
 mod secret_names;
 mod secrets;
 mod state_file;
