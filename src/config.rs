@@ -19,8 +19,9 @@ pub mod generations;
 
 pub use generations::Generation;
 
-/// Environment switch that allows a `baseURL` outside KnowBe4 (the simulator, tests).
-pub const ALLOW_CUSTOM_BASE_URL_ENV: &str = "KNOWBE4_ALLOW_CUSTOM_BASE_URL";
+/// Environment switch that allows a `baseURL` outside KnowBe4 (the simulator, tests);
+/// defined beside the destinations' transport rule, which it also relaxes.
+pub use crate::sink::ALLOW_CUSTOM_BASE_URL_ENV;
 
 /// Daily request quota assumed when neither `licensedUsers` nor `dailyRequestLimit` is
 /// given: the quota of a 10-seat account. Conservative on purpose: exceeding the real

@@ -51,7 +51,7 @@ const MALFORMED_RETRIES: u32 = 1;
 const HEALTH_TTL_SECS: i64 = 30 * 86_400;
 
 /// What a run needs from the process: clients, stores and tunables built once by the
-/// composition root ([`crate::app`]) and lent to each run. The run never reaches back
+/// composition root (`app`) and lent to each run. The run never reaches back
 /// into the app.
 #[derive(Clone, Copy)]
 pub struct RunContext<'a> {

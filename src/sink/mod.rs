@@ -208,7 +208,7 @@ impl DestinationConfig {
                 "destination.url",
                 format!(
                     "must use https (plain http to a loopback address needs {}=1)",
-                    crate::config::ALLOW_CUSTOM_BASE_URL_ENV
+                    ALLOW_CUSTOM_BASE_URL_ENV
                 ),
             )),
         }
@@ -373,6 +373,11 @@ impl Destination {
         }
     }
 }
+
+/// Environment switch that allows plain-http destinations on loopback and, for the
+/// KnowBe4 APIs, base URLs outside KnowBe4 (the simulator, tests); never set in a
+/// deployment.
+pub const ALLOW_CUSTOM_BASE_URL_ENV: &str = "KNOWBE4_ALLOW_CUSTOM_BASE_URL";
 
 /// The destination for a source: its own (in format `own`, with its URL and token from
 /// `secrets`), or the deployment's `default`. Its URL is checked again (https, or http to loopback

@@ -18,7 +18,6 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use super::RequestRecord;
-use super::state::Reply;
 
 /// Requests the Reporting API allows in any second.
 pub const BURST_PER_SECOND: usize = 4;
@@ -123,6 +122,20 @@ fn now_rfc3339() -> String {
         .replace_nanosecond(now.millisecond() as u32 * 1_000_000)
         .unwrap_or(now);
     now.format(&Rfc3339).unwrap_or_default()
+}
+
+/// A decided answer: status and JSON body.
+pub(crate) struct Answer {
+    /// HTTP status code.
+    pub status: u16,
+    /// The JSON body.
+    pub body: String,
+}
+
+impl Answer {
+    fn json(status: u16, body: String) -> Self {
+        Answer { status, body }
+    }
 }
 
 impl Reporting {
@@ -281,7 +294,7 @@ impl Reporting {
         query: &str,
         authorization: Option<&str>,
         run_id: Option<String>,
-    ) -> Reply {
+    ) -> Answer {
         while let Some(first) = self.minute.front() {
             if arrived.saturating_duration_since(*first) >= Duration::from_secs(60) {
                 self.minute.pop_front();
@@ -315,16 +328,16 @@ impl Reporting {
             })
             .unwrap_or(false);
         let reply = if (over_second || over_minute) && self.config.enforce_limits {
-            Reply::json(429, RATE_BODY.to_string())
+            Answer::json(429, RATE_BODY.to_string())
         } else if self
             .config
             .daily_quota
             .is_some_and(|quota| used_before >= u64::from(quota))
         {
-            Reply::json(429, QUOTA_BODY.to_string())
+            Answer::json(429, QUOTA_BODY.to_string())
         } else if !authorized {
             // What KnowBe4 has been seen to answer: a 200 that is not a list.
-            Reply::json(200, INVALID_TOKEN_BODY.to_string())
+            Answer::json(200, INVALID_TOKEN_BODY.to_string())
         } else {
             self.route(method, path, query)
         };
@@ -343,7 +356,7 @@ impl Reporting {
         reply
     }
 
-    fn route(&self, method: &str, path: &str, query: &str) -> Reply {
+    fn route(&self, method: &str, path: &str, query: &str) -> Answer {
         let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
         let (page, per_page) = paging(query);
         let items: Vec<Value> = match (method, segments.as_slice()) {
@@ -355,17 +368,17 @@ impl Reporting {
                     .filter(|id| self.tests.contains_key(id))
                 {
                     Some(id) => self.recipients_json(id),
-                    None => return Reply::json(404, r#"{"message":"Not Found"}"#.into()),
+                    None => return Answer::json(404, r#"{"message":"Not Found"}"#.into()),
                 }
             }
-            _ => return Reply::json(404, r#"{"message":"Not Found"}"#.into()),
+            _ => return Answer::json(404, r#"{"message":"Not Found"}"#.into()),
         };
         let start = (page - 1).saturating_mul(per_page);
         let on_page: Vec<&Value> = items.iter().skip(start).take(per_page).collect();
         let body = serde_json::to_string(&on_page).unwrap_or_else(|_| "[]".into());
         // Rails escapes `&` in JSON; outside strings JSON has no `&`, so this only
         // touches string contents.
-        Reply::json(200, body.replace('&', "\\u0026"))
+        Answer::json(200, body.replace('&', "\\u0026"))
     }
 }
 
@@ -461,7 +474,7 @@ fn recipient_json(test: &Test, r: &Recipient) -> Value {
 mod tests {
     use super::*;
 
-    fn get(r: &mut Reporting, path: &str, query: &str, token: &str) -> Reply {
+    fn get(r: &mut Reporting, path: &str, query: &str, token: &str) -> Answer {
         r.handle(
             Instant::now(),
             0,

@@ -414,15 +414,10 @@ impl State {
     ) -> Reply {
         if path.starts_with("/v1/") {
             // The Reporting API: another API, with its own token and limits.
-            return self.reporting.handle(
-                arrived,
-                at_ms,
-                method,
-                path,
-                query,
-                authorization,
-                run_id,
-            );
+            let answer =
+                self.reporting
+                    .handle(arrived, at_ms, method, path, query, authorization, run_id);
+            return Reply::json(answer.status, answer.body);
         }
         while let Some(first) = self.window.front() {
             if arrived.saturating_duration_since(*first) >= RATE_WINDOW {
