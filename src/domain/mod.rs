@@ -7,13 +7,17 @@
 //! - [`state`]: per-source records: lifecycle, retry streak, counters, lease, health.
 //! - [`status`]: what `status` and `health` show: RFC 3339 times, resolved events, backlog.
 //! - [`event`]: one KnowBe4 event, parsed just enough to order and dedupe it.
+//! - [`changes`]: change detection for Reporting API records (digests sharded per page).
+//! - [`phishing_poll`]: which security tests a poll reads, and when a test settles.
 //! - [`account`]: the account id (API host + key) that the quota, pacing and sharing key on.
 //! - [`report`]: what one run did (logged, returned, turned into metrics).
 //! - [`secrets`]: a source's secrets and their stored form.
 
 pub mod account;
+pub mod changes;
 pub mod checkpoint;
 pub mod event;
+pub mod phishing_poll;
 pub mod planner;
 pub mod quota;
 pub mod report;
