@@ -635,3 +635,92 @@ async fn an_unreachable_secrets_manager_is_a_transient_error() {
     );
     assert_eq!(err.health_kind(), HealthKind::FirstPartyGenericError);
 }
+
+/// Issue 12: the change-detection digests of a 50,000-recipient test are 100 items of at
+/// most 10,668 bytes of digests each (within DynamoDB's 400 KB), read back in page
+/// order; writes are fenced by the lease and the source like `save_state`; deleting the
+/// source removes them.
+#[tokio::test]
+async fn digest_shards_of_fifty_thousand_recipients_round_trip_fenced() {
+    use knowbe4_source::domain::changes::{DigestShard, KnownDigests, page_changes};
+    let (store, client, table) = store().await;
+    create(&store, "p").await;
+    let lease = store
+        .acquire_lease("p", "run-1", 1_000, 600_000)
+        .await
+        .unwrap()
+        .unwrap();
+    let known = KnownDigests::default();
+    let mut saved = Vec::new();
+    for page in 1..=100u32 {
+        let texts: Vec<String> = (0..500u64)
+            .map(|i| {
+                let id = u64::from(page) * 1_000 + i;
+                format!(r#"{{"recipient_id":{id},"pst_id":509579,"opened_at":null}}"#)
+            })
+            .collect();
+        let changes = page_changes(
+            &known,
+            texts
+                .iter()
+                .enumerate()
+                .map(|(i, t)| (u64::from(page) * 1_000 + i as u64, t.as_str())),
+        );
+        let encoded = changes.shard.encode();
+        assert!(encoded.len() <= 10_668);
+        store
+            .save_digest_shard("p", "509579", page, &encoded, &lease)
+            .await
+            .unwrap();
+        saved.push((page, encoded));
+    }
+    let loaded = store.load_digest_shards("p", "509579").await.unwrap();
+    assert_eq!(loaded, saved, "every shard back, in page order");
+    let shards: Vec<DigestShard> = loaded
+        .iter()
+        .map(|(_, s)| DigestShard::decode(s).unwrap())
+        .collect();
+    assert_eq!(KnownDigests::from_shards(&shards).len(), 50_000);
+    // Another list of the same source is separate (the tests list, another test).
+    assert!(
+        store
+            .load_digest_shards("p", "tests")
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        store
+            .load_digest_shards("p", "50957")
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    // A run that lost its lease cannot write digests.
+    let stale = lease.clone();
+    store.release_lease(&lease, 0).await.unwrap();
+    let _newer = store
+        .acquire_lease("p", "run-2", 2_000, 600_000)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_conflict(
+        store
+            .save_digest_shard("p", "509579", 1, &saved[0].1, &stale)
+            .await,
+        "lease",
+    );
+
+    store.delete_source("p").await.unwrap();
+    let left = client
+        .query()
+        .table_name(&table)
+        .consistent_read(true)
+        .key_condition_expression("pk = :pk")
+        .expression_attribute_values(":pk", AttributeValue::S("SOURCE#p".into()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(left.count(), 0, "digest items left over");
+}

@@ -152,8 +152,9 @@ pub enum Admission {
 /// requests are: reserved in the state store's daily ledger for `day` (within `limit`,
 /// under the Reporting account's own id, so the two APIs never share a ledger), paced in
 /// this process, then sent only in the account's send slot, which the store spaces by
-/// [`ReportingClient::spacing`] across every process (1.25 s: within 4 a second and 50 a
-/// minute). A slot that cannot be claimed gives the reservation back.
+/// [`ReportingClient::spacing`](crate::knowbe4::reporting::ReportingClient::spacing)
+/// across every process (1.25 s: within 4 a second and 50 a minute). A slot that cannot
+/// be claimed gives the reservation back.
 pub async fn admit_reporting_request(
     store: &std::sync::Arc<dyn crate::store::StateStore>,
     client: &crate::knowbe4::reporting::ReportingClient,

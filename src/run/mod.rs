@@ -285,10 +285,10 @@ struct Run<'a> {
 /// The data types a source collects, each a stream that the run loop drives: the loop
 /// owns the lease, the lifecycle, the secrets, the destination, the outcome and the
 /// health events; a stream walks its API within the account's budget and forwards and
-/// checkpoints through the run ([`forward`]).
+/// checkpoints through the run (`forward`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DataType {
-    /// User events (`GET /events`, [`events`]).
+    /// User events (`GET /events`, the `events` stream).
     Events,
 }
 

@@ -177,4 +177,32 @@ pub trait StateStore: Send + Sync {
 
     /// The source's health events, newest first, at most `limit`.
     async fn list_health(&self, id: &str, limit: usize) -> Result<Vec<HealthEvent>>;
+
+    /// Saves one shard of change-detection digests of source `id`
+    /// ([`crate::domain::changes::DigestShard::encode`]): `list` names the listing (`tests`,
+    /// or a test's `pst_id`), `page` the page it covers. Fenced like `save_state`: refused
+    /// with `Conflict` once `lease` was lost or the source deleted. One shard is one item,
+    /// at most 10,668 bytes of digests (500 records).
+    async fn save_digest_shard(
+        &self,
+        id: &str,
+        list: &str,
+        page: u32,
+        shard: &str,
+        lease: &Lease,
+    ) -> Result<()>;
+
+    /// Every digest shard of `list` of source `id`, as `(page, encoded shard)`, in page
+    /// order.
+    async fn load_digest_shards(&self, id: &str, list: &str) -> Result<Vec<(u32, String)>>;
+}
+
+/// The key of one digest shard under its source: `DIGEST#<list>#<page, 5 digits>`.
+pub fn digest_shard_key(list: &str, page: u32) -> String {
+    format!("{}{page:05}", digest_list_prefix(list))
+}
+
+/// The common start of every digest shard key of `list`.
+pub fn digest_list_prefix(list: &str) -> String {
+    format!("DIGEST#{list}#")
 }
