@@ -162,16 +162,17 @@ secs() { py "print(f'{$1/1000:.1f}')"; }
 
 LOAD_BEFORE="$(cut -d' ' -f1-3 /proc/loadavg)"
 SCRIPT_START="$(now_ms)"
-log "cargo build --release --bins"
+log "cargo build --release --bins, and knowbe4-sim with the testkit feature"
 cargo build --release --bins >&2
-SPACING_MS="$(sed -n 's/.*REQUEST_SPACING: Duration = Duration::from_millis(\([0-9]*\)).*/\1/p' src/knowbe4.rs)"
+cargo build --release --features testkit --bin knowbe4-sim >&2
+SPACING_MS="$(sed -n 's/.*REQUEST_SPACING: Duration = Duration::from_millis(\([0-9]*\)).*/\1/p' src/knowbe4/events.rs)"
 SPACING_MS="${SPACING_MS:-260}"
 
 # --- 1. rate-bound draining ----------------------------------------------------------
 
 P=200
 LATENCY=800
-# Every reading of the API's unconfirmed paging details (see src/sim/mod.rs `Reading`):
+# Every reading of the API's unconfirmed paging details (see src/testkit/sim/mod.rs `Reading`):
 # the drain must hold its target under each. P pages of whatever size the reading serves.
 READINGS=(
     "count=page cap=50|--count-mode page --max-per-page 50"
@@ -382,5 +383,5 @@ else
     echo "Day simulation: $(grep '^Simulated' "$WORK/day.out" || true)"
     echo "Hot path inputs: ${HOT_NOTE:-}"
 fi
-echo "Script wall time: $((($(now_ms) - SCRIPT_START) / 1000)) s, build step included. Request spacing in src/knowbe4.rs: ${SPACING_MS} ms."
+echo "Script wall time: $((($(now_ms) - SCRIPT_START) / 1000)) s, build step included. Request spacing in src/knowbe4/events.rs: ${SPACING_MS} ms."
 echo "Machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(rustc --version); load average before the run: $LOAD_BEFORE."

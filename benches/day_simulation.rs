@@ -21,10 +21,12 @@ use std::cmp::Reverse;
 use std::collections::{BTreeSet, HashMap};
 use std::time::Instant;
 
-use knowbe4_source::checkpoint::{Checkpoint, DEFAULT_PAGE_SIZE, HeadWalk, Page, Step, Walker};
+use knowbe4_source::domain::checkpoint::{
+    Checkpoint, DEFAULT_PAGE_SIZE, HeadWalk, Page, Step, Walker,
+};
+use knowbe4_source::domain::planner::{self, PlanInput};
+use knowbe4_source::domain::quota::run_budget;
 use knowbe4_source::knowbe4::REQUEST_SPACING;
-use knowbe4_source::planner::{self, PlanInput};
-use knowbe4_source::quota::run_budget;
 use knowbe4_source::{EventTime, RawEvent};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
@@ -360,7 +362,7 @@ fn simulate(s: &Scenario) -> Report {
         }
         world.advance(start);
         let now = utc(start);
-        let day = knowbe4_source::quota::utc_day(now);
+        let day = knowbe4_source::domain::quota::utc_day(now);
         let used = used_by_day.entry(day).or_default();
         let (budget, head) = plan_run(s, quota, *used, now, &checkpoint);
         if budget == 0 {
@@ -439,7 +441,7 @@ fn simulate(s: &Scenario) -> Report {
     {
         let now = utc(start);
         let used = used_by_day
-            .entry(knowbe4_source::quota::utc_day(now))
+            .entry(knowbe4_source::domain::quota::utc_day(now))
             .or_default();
         let (budget, head) = plan_run(s, quota, *used, now, &checkpoint);
         if budget > 0 {

@@ -35,11 +35,11 @@ use knowbe4_source::app::{App, Settings, Vault};
 use knowbe4_source::fanout::WorkQueue;
 use knowbe4_source::fanout::dispatch::dispatch;
 use knowbe4_source::fanout::worker::{self, WorkerOptions, WorkerReport};
-use knowbe4_source::recording_sink::RecordingSink;
-use knowbe4_source::sim::{SimConfig, Simulator};
 use knowbe4_source::sink::{DestinationConfig, Format};
 use knowbe4_source::store::dynamo::DynamoStore;
 use knowbe4_source::store::secrets_manager::SecretsManagerVault;
+use knowbe4_source::testkit::recording_sink::RecordingSink;
+use knowbe4_source::testkit::sim::{SimConfig, Simulator};
 use secrecy::SecretString;
 
 /// Sources per simulated account.

@@ -21,10 +21,10 @@ use std::time::Duration;
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use flate2::Compression;
 use flate2::write::GzEncoder;
-use knowbe4_source::checkpoint::{Checkpoint, Page, Step, Walker};
+use knowbe4_source::domain::checkpoint::{Checkpoint, Page, Step, Walker};
 use knowbe4_source::knowbe4::parse_page;
-use knowbe4_source::sim::{SimConfig, Simulator};
 use knowbe4_source::sink::{Destination, DestinationConfig, Format, SourceMeta};
+use knowbe4_source::testkit::sim::{SimConfig, Simulator};
 use knowbe4_source::{EventTime, RawEvent};
 use secrecy::SecretString;
 use time::OffsetDateTime;
@@ -48,7 +48,7 @@ fn page_bodies(rt: &tokio::runtime::Runtime, pages: u32) -> Vec<Vec<u8>> {
             events: pages as usize * 100,
             span_hours: SPAN_HOURS,
             enforce_rate_limit: false,
-            reading: knowbe4_source::sim::Reading {
+            reading: knowbe4_source::testkit::sim::Reading {
                 max_per_page: 100,
                 ..Default::default()
             },

@@ -2,7 +2,7 @@
 # Runs the chaos suite with more seeds and writes docs/reliability.md from its results.
 # Usage: scripts/chaos.sh [seeds per class, default 8]
 #        REPORT_ONLY=1 scripts/chaos.sh N   # only write the doc from target/chaos/*.json
-# Seed n plays the API reading Reading::core()[n % 4] (src/sim/mod.rs), so a multiple of
+# Seed n plays the API reading Reading::core()[n % 4] (src/testkit/sim/mod.rs), so a multiple of
 # four seeds covers {count per page, per list} x {cap 50, cap 100} evenly.
 set -euo pipefail
 cd "$(dirname "$0")/.."

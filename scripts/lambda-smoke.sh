@@ -67,10 +67,14 @@ start_group() {
 # Build first: `cargo lambda watch` then starts the function at once, and a cold build
 # cannot hit the invoke timeout.
 log "Building the function and the simulator (debug)."
+# The function as `cargo lambda watch` builds it (no features); the simulator needs the
+# testkit feature.
 timeout 1800 cargo build --bins --quiet || fail "cargo build --bins"
+timeout 1800 cargo build --bin knowbe4-sim --features testkit --quiet ||
+  fail "cargo build --bin knowbe4-sim --features testkit"
 
 sim_port=$(free_port)
-start_group "$work/sim.log" cargo run --quiet --bin knowbe4-sim -- \
+start_group "$work/sim.log" cargo run --quiet --features testkit --bin knowbe4-sim -- \
   --port "$sim_port" --api-key sim-key --events 150
 sim_pid=$last_pid
 base_url=""

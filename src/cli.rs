@@ -5,9 +5,9 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 use crate::app::{Action, SourceStatus};
-use crate::collector::{Outcome, RunReport};
+use crate::domain::status::{HealthView, duration_words};
 use crate::error::{Error, Result};
-use crate::status::{HealthView, duration_words};
+use crate::run::{Outcome, RunReport};
 
 /// knowbe4-source: collect KnowBe4 user events into a SIEM.
 #[derive(Debug, Parser)]
@@ -504,8 +504,8 @@ pub async fn run_command(app: &crate::app::App, command: &Command) -> Result<i32
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::Lifecycle;
-    use crate::status::{Backlog, TransitionView};
+    use crate::domain::state::Lifecycle;
+    use crate::domain::status::{Backlog, TransitionView};
 
     fn status() -> SourceStatus {
         serde_json::from_value(serde_json::json!({
@@ -540,7 +540,7 @@ mod tests {
             at: "2026-01-01T00:00:00.000Z".into(),
             reason: "Collecting events.".into(),
         });
-        s.health.push(crate::status::HealthView {
+        s.health.push(crate::domain::status::HealthView {
             source_id: "acme".into(),
             kind: crate::HealthKind::ThirdPartyGenericError,
             message: "KnowBe4 request failed: 503".into(),

@@ -11,12 +11,17 @@ use reqwest::Url;
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
+use crate::domain::secrets::SourceSecrets;
 use crate::error::{Error, Result};
-use crate::secrets::SourceSecrets;
 use crate::sink::Format;
 
-/// Environment switch that allows a `baseURL` outside KnowBe4 (the simulator, tests).
-pub const ALLOW_CUSTOM_BASE_URL_ENV: &str = "KNOWBE4_ALLOW_CUSTOM_BASE_URL";
+pub mod generations;
+
+pub use generations::Generation;
+
+/// Environment switch that allows a `baseURL` outside KnowBe4 (the simulator, tests);
+/// defined beside the destinations' transport rule, which it also relaxes.
+pub use crate::sink::ALLOW_CUSTOM_BASE_URL_ENV;
 
 /// Daily request quota assumed when neither `licensedUsers` nor `dailyRequestLimit` is
 /// given: the quota of a 10-seat account. Conservative on purpose: exceeding the real
@@ -28,6 +33,10 @@ pub const REQUESTS_PER_SEAT: u32 = 10;
 pub const DEFAULT_LOOKBACK_HOURS: f64 = 24.0;
 /// Default `retryWindowMinutes`, the hosted source's 90 minutes.
 pub const DEFAULT_RETRY_WINDOW_MINUTES: f64 = 90.0;
+/// Reporting API requests per day before the seats are added: KnowBe4 documents 1,000
+/// plus the number of seats (another of its docs says 2,000 plus seats; the smaller is
+/// assumed).
+pub const REPORTING_BASE_DAILY_REQUESTS: u32 = 1000;
 /// Default `latenessWindowMinutes`: how late (backdated) an event may arrive and still be
 /// collected. Every run re-reads this window, which costs one request per 100 events in it.
 pub const DEFAULT_LATENESS_MINUTES: f64 = 60.0;
@@ -82,6 +91,17 @@ impl Region {
             Region::CA => "api-ca.events.knowbe4.com",
             Region::UK => "api-uk.events.knowbe4.com",
             Region::DE => "api-de.events.knowbe4.com",
+        }
+    }
+
+    /// The Reporting API host.
+    pub fn reporting_host(self) -> &'static str {
+        match self {
+            Region::US => "us.api.knowbe4.com",
+            Region::EU => "eu.api.knowbe4.com",
+            Region::CA => "ca.api.knowbe4.com",
+            Region::UK => "uk.api.knowbe4.com",
+            Region::DE => "de.api.knowbe4.com",
         }
     }
 
@@ -145,6 +165,18 @@ struct HostedConfig {
     retry_window_minutes: Option<f64>,
     lateness_window_minutes: Option<f64>,
     destination: Option<HostedDestination>,
+    // The middle generation.
+    data_types: Option<Vec<String>>,
+    phishing_poll_interval: Option<f64>,
+    // The newest generation.
+    collect_phishing_tests: Option<bool>,
+    api_key_phishing: Option<String>,
+    collect_external_events: Option<bool>,
+    api_key_event: Option<String>,
+    // Our extensions for phishing security tests.
+    #[serde(rename = "reportingBaseURL")]
+    reporting_base_url: Option<String>,
+    reporting_daily_request_limit: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -164,6 +196,23 @@ pub struct DestinationSpec {
     pub format: Format,
 }
 
+/// What a source collects of phishing security tests (the Reporting API).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PhishingSpec {
+    /// The Reporting API base URL the Reporting token is sent to.
+    pub reporting_base: String,
+    /// Hours between polls (`phishingPollInterval`, 1 to 24).
+    pub poll_interval_hours: u32,
+    /// Reporting API requests this source may make per UTC day (quota × share, at least 1).
+    pub daily_request_limit: u32,
+    /// The whole account's Reporting API quota, before `quotaShare`, for `status`.
+    pub account_daily_quota: u32,
+}
+
+fn yes() -> bool {
+    true
+}
+
 /// A validated source configuration, without secrets: what the state store keeps.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SourceSpec {
@@ -179,8 +228,20 @@ pub struct SourceSpec {
     pub siem_forward: bool,
     /// The region, when known (from `region` or a KnowBe4 host).
     pub region: Option<Region>,
-    /// The User Event API base URL the key is sent to.
+    /// The User Event API base URL the key is sent to (resolved from the region when the
+    /// source collects no user events).
     pub api_base: String,
+    /// The generation of the hosted source's JSON the source was written in: it decides
+    /// how fields are named in messages (`apiKey` or `apiKeyEvent`, ...).
+    #[serde(default)]
+    pub generation: Generation,
+    /// Whether user events are collected (sources stored before the newer generations
+    /// collect them).
+    #[serde(default = "yes")]
+    pub collect_events: bool,
+    /// Phishing security tests and their recipients, when collected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phishing: Option<PhishingSpec>,
     /// Requests this source may make per UTC day (quota × share, at least 1).
     pub daily_request_limit: u32,
     /// The whole account's quota, before `quotaShare`, for `status`.
@@ -199,30 +260,68 @@ impl ParsedSource {
     /// The secrets to store. `previous` is what is stored for the source being updated
     /// (its configuration and secrets); it fills what this configuration left out, but a
     /// stored secret is only kept while the endpoint it authenticates to is unchanged:
-    /// the API key while the API base URL is the same, the destination token while the
+    /// the User Event API key while the API base URL is the same, the Reporting API token
+    /// while the Reporting base URL is the same, the destination token while the
     /// destination's format and URL are the same. Otherwise the secret must be given
-    /// again, and the error names its field.
+    /// again, and the error names its field as this configuration's generation spells it.
+    /// A key for a data type the source no longer collects is not kept.
     pub fn secrets(
         &self,
         previous: Option<(&SourceSpec, &SourceSecrets)>,
     ) -> Result<SourceSecrets> {
-        let api_key = match (&self.api_key, previous) {
-            (Some(key), _) => key.clone(),
-            (None, Some((spec, stored))) if spec.api_base == self.spec.api_base => {
-                stored.api_key.clone()
+        let generation = self.spec.generation;
+        let api_key = if self.spec.collect_events {
+            let name = generation.events_key_field();
+            match (&self.api_key, previous) {
+                (Some(key), _) => Some(key.clone()),
+                (None, Some((spec, stored)))
+                    if spec.collect_events
+                        && spec.api_base == self.spec.api_base
+                        && stored.api_key.is_some() =>
+                {
+                    stored.api_key.clone()
+                }
+                (None, Some((spec, _))) if spec.collect_events => {
+                    return Err(Error::config(
+                        field(name),
+                        "is required because baseURL (or region) changed: the stored key is only \
+                         sent to the host it was given for",
+                    ));
+                }
+                (None, _) => return Err(Error::config(field(name), "is required")),
             }
-            (None, Some(_)) => {
-                return Err(Error::config(
-                    field("apiKey"),
-                    "is required because baseURL (or region) changed: the stored key is only \
-                     sent to the host it was given for",
-                ));
+        } else {
+            None
+        };
+        let api_key_phishing = match &self.spec.phishing {
+            None => None,
+            Some(phishing) => {
+                let name = generation.phishing_key_field();
+                let stored_base =
+                    previous.and_then(|(spec, stored)| Some((spec.phishing.as_ref()?, stored)));
+                match (&self.api_key_phishing, stored_base) {
+                    (Some(key), _) => Some(key.clone()),
+                    (None, Some((old, stored)))
+                        if old.reporting_base == phishing.reporting_base
+                            && stored.api_key_phishing.is_some() =>
+                    {
+                        stored.api_key_phishing.clone()
+                    }
+                    (None, Some(_)) => {
+                        return Err(Error::config(
+                            field(name),
+                            "is required because reportingBaseURL (or region) changed: the \
+                             stored token is only sent to the host it was given for",
+                        ));
+                    }
+                    (None, None) => return Err(Error::config(field(name), "is required")),
+                }
             }
-            (None, None) => return Err(Error::config(field("apiKey"), "is required")),
         };
         let Some(destination) = &self.spec.destination else {
             return Ok(SourceSecrets {
                 api_key,
+                api_key_phishing,
                 destination_url: None,
                 destination_token: None,
             });
@@ -258,6 +357,7 @@ impl ParsedSource {
         };
         Ok(SourceSecrets {
             api_key,
+            api_key_phishing,
             destination_url,
             destination_token,
         })
@@ -280,8 +380,12 @@ impl SourceSpec {
 pub struct ParsedSource {
     /// Validated configuration.
     pub spec: SourceSpec,
-    /// The API key; `None` for an update that keeps the stored one.
+    /// The User Event API key; `None` when user events are not collected, or for an
+    /// update that keeps the stored one.
     pub api_key: Option<SecretString>,
+    /// The Reporting API token; `None` when phishing tests are not collected, or for an
+    /// update that keeps the stored one.
+    pub api_key_phishing: Option<SecretString>,
     /// A per-source destination URL (a secret: Sumo URLs carry their token).
     pub destination_url: Option<SecretString>,
     /// A per-source destination token.
@@ -379,11 +483,12 @@ pub fn parse_source_value(
         return Err(Error::config("api.version", "must be \"v1\""));
     }
     if let Some(schema) = &doc.source.schema_ref
-        && schema.kind != "KnowBe4"
+        && schema.kind != generations::SCHEMA_OLDEST
+        && schema.kind != generations::SCHEMA_KMSAT
     {
         return Err(Error::config(
             "source.schemaRef.type",
-            "must be \"KnowBe4\"",
+            "must be \"KnowBe4\" (the oldest generation) or \"KnowBe4 KMSAT\" (the middle and newest)",
         ));
     }
     if let Some(kind) = &doc.source.source_type
@@ -391,7 +496,8 @@ pub fn parse_source_value(
     {
         return Err(Error::config("source.sourceType", "must be \"Universal\""));
     }
-    validate_config(doc.source.config, options)
+    let schema = doc.source.schema_ref.as_ref().map(|s| s.kind.as_str());
+    validate_config(doc.source.config, schema, options)
 }
 
 /// Refuses, in the user's terms, documents that are not the hosted source's JSON object:
@@ -474,15 +580,20 @@ fn number_in(name: &str, value: Option<f64>, default: f64, lo: f64, hi: f64) -> 
     Ok(v)
 }
 
-fn validate_config(config: HostedConfig, options: ValidationOptions) -> Result<ParsedSource> {
-    let name = non_empty("name", config.name, 128)?
+fn validate_config(
+    mut config: HostedConfig,
+    schema: Option<&str>,
+    options: ValidationOptions,
+) -> Result<ParsedSource> {
+    let generation = generations::detect(&config, schema)?;
+    let name = non_empty("name", config.name.take(), 128)?
         .ok_or_else(|| Error::config(field("name"), "is required"))?;
-    let description = non_empty("description", config.description, 1024)?;
-    let category = non_empty("category", config.category, 1024)?;
+    let description = non_empty("description", config.description.take(), 1024)?;
+    let category = non_empty("category", config.category.take(), 1024)?;
 
     let mut fields = BTreeMap::new();
     let mut siem_forward = false;
-    let given = config.fields.unwrap_or_default();
+    let given = config.fields.take().unwrap_or_default();
     if given.len() > MAX_FIELDS {
         return Err(Error::config(
             field("fields"),
@@ -549,21 +660,7 @@ fn validate_config(config: HostedConfig, options: ValidationOptions) -> Result<P
         ));
     }
 
-    let (region, api_base) = resolve_base(config.base_url, config.region, options)?;
-
-    let api_key = match config.api_key.map(|k| k.trim().to_string()) {
-        Some(k) if !k.is_empty() && !k.chars().all(|c| c == '*') => {
-            if k.len() > 4096 || k.chars().any(|c| c.is_whitespace() || c.is_control()) {
-                return Err(Error::config(
-                    field("apiKey"),
-                    "must be a single token without spaces or control characters",
-                ));
-            }
-            Some(SecretString::from(k))
-        }
-        _ if options.key_optional => None,
-        _ => return Err(Error::config(field("apiKey"), "is required")),
-    };
+    let collection = generations::collection(&mut config, generation, options)?;
 
     let account_daily_quota = match (config.licensed_users, config.daily_request_limit) {
         (_, Some(0)) => {
@@ -584,6 +681,30 @@ fn validate_config(config: HostedConfig, options: ValidationOptions) -> Result<P
         return Err(Error::config(field("quotaShare"), "must be greater than 0"));
     }
     let daily_request_limit = ((f64::from(account_daily_quota) * share).floor() as u32).max(1);
+    let phishing = match collection.phishing {
+        None => None,
+        Some((reporting_base, poll_interval_hours)) => {
+            let account_daily_quota = match config.reporting_daily_request_limit {
+                Some(0) => {
+                    return Err(Error::config(
+                        field("reportingDailyRequestLimit"),
+                        "must be at least 1",
+                    ));
+                }
+                Some(limit) => limit,
+                None => {
+                    REPORTING_BASE_DAILY_REQUESTS.saturating_add(config.licensed_users.unwrap_or(0))
+                }
+            };
+            Some(PhishingSpec {
+                reporting_base,
+                poll_interval_hours,
+                daily_request_limit: ((f64::from(account_daily_quota) * share).floor() as u32)
+                    .max(1),
+                account_daily_quota,
+            })
+        }
+    };
 
     let lookback_hours = number_in(
         "firstFetchLookbackHours",
@@ -656,8 +777,11 @@ fn validate_config(config: HostedConfig, options: ValidationOptions) -> Result<P
             category,
             fields,
             siem_forward,
-            region,
-            api_base,
+            region: collection.region,
+            api_base: collection.api_base,
+            generation,
+            collect_events: collection.collect_events,
+            phishing,
             daily_request_limit,
             account_daily_quota,
             first_fetch_lookback_secs: (lookback_hours * 3600.0).round() as u64,
@@ -665,18 +789,53 @@ fn validate_config(config: HostedConfig, options: ValidationOptions) -> Result<P
             lateness_window_secs: (lateness_minutes * 60.0).round() as u64,
             destination,
         },
-        api_key,
+        api_key: collection.events_key,
+        api_key_phishing: collection.phishing_key,
         destination_url,
         destination_token,
     })
+}
+
+/// Which KnowBe4 API a base URL is for: the hosts it may name and the field that holds it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Api {
+    /// The User Event API (`baseURL`): a console or User Event API host.
+    Events,
+    /// The Reporting API (`reportingBaseURL`): a console or Reporting API host.
+    Reporting,
+}
+
+impl Api {
+    fn field(self) -> &'static str {
+        match self {
+            Api::Events => "baseURL",
+            Api::Reporting => "reportingBaseURL",
+        }
+    }
+
+    fn host(self, region: Region) -> &'static str {
+        match self {
+            Api::Events => region.api_host(),
+            Api::Reporting => region.reporting_host(),
+        }
+    }
 }
 
 /// Checks a stored API base URL against the same rules as a new configuration, before a
 /// run sends the key to it: the stored value may predate the rules (a source created
 /// while `KNOWBE4_ALLOW_CUSTOM_BASE_URL=1`) or have been edited in the state store.
 pub fn check_stored_base(api_base: &str, options: ValidationOptions) -> Result<()> {
+    check_stored(Api::Events, api_base, options)
+}
+
+/// As [`check_stored_base`], for the Reporting API base URL a Reporting token is sent to.
+pub fn check_stored_reporting_base(reporting_base: &str, options: ValidationOptions) -> Result<()> {
+    check_stored(Api::Reporting, reporting_base, options)
+}
+
+fn check_stored(api: Api, base: &str, options: ValidationOptions) -> Result<()> {
     let (_, resolved) =
-        resolve_base(Some(api_base.to_string()), None, options).map_err(|e| match e {
+        resolve_host(api, Some(base.to_string()), None, options).map_err(|e| match e {
             Error::InvalidConfig { field, message } => Error::InvalidConfig {
                 field,
                 message: format!(
@@ -685,9 +844,9 @@ pub fn check_stored_base(api_base: &str, options: ValidationOptions) -> Result<(
             },
             other => other,
         })?;
-    if resolved != api_base {
+    if resolved != base {
         return Err(Error::config(
-            field("baseURL"),
+            field(api.field()),
             "the stored API base URL is not in the form validation gives it; update the source",
         ));
     }
@@ -696,6 +855,28 @@ pub fn check_stored_base(api_base: &str, options: ValidationOptions) -> Result<(
 
 /// Resolves `baseURL` / `region` to the API base URL the key will be sent to.
 fn resolve_base(
+    base_url: Option<String>,
+    region: Option<String>,
+    options: ValidationOptions,
+) -> Result<(Option<Region>, String)> {
+    resolve_host(Api::Events, base_url, region, options)
+}
+
+/// Resolves `reportingBaseURL` (or the already resolved `region`) to the Reporting API
+/// base URL the Reporting token will be sent to.
+fn resolve_reporting_base(
+    reporting_base_url: Option<String>,
+    region: Option<Region>,
+    options: ValidationOptions,
+) -> Result<String> {
+    let region = region.map(|r| r.code().to_string());
+    resolve_host(Api::Reporting, reporting_base_url, region, options).map(|(_, base)| base)
+}
+
+/// Resolves the base URL of `api` from its field (a KnowBe4 console or API host, or any
+/// host behind the switch) or the region.
+fn resolve_host(
+    api: Api,
     base_url: Option<String>,
     region: Option<String>,
     options: ValidationOptions,
@@ -712,9 +893,9 @@ fn resolve_base(
         .filter(|u| !u.is_empty())
     else {
         return match region {
-            Some(r) => Ok((Some(r), format!("https://{}", r.api_host()))),
+            Some(r) => Ok((Some(r), format!("https://{}", api.host(r)))),
             None => Err(Error::config(
-                field("baseURL"),
+                field(api.field()),
                 "is required (or set region)",
             )),
         };
@@ -725,20 +906,20 @@ fn resolve_base(
         format!("https://{raw}")
     };
     let url = Url::parse(&with_scheme)
-        .map_err(|_| Error::config(field("baseURL"), "is not a valid URL"))?;
+        .map_err(|_| Error::config(field(api.field()), "is not a valid URL"))?;
     if !url.username().is_empty() || url.password().is_some() {
         return Err(Error::config(
-            field("baseURL"),
+            field(api.field()),
             "must not contain credentials",
         ));
     }
     let host = url.host_str().unwrap_or_default().to_ascii_lowercase();
     let known = Region::ALL
         .into_iter()
-        .find(|r| host == r.console_host() || host == r.api_host());
+        .find(|r| host == r.console_host() || host == api.host(*r));
     if let Some(found) = known {
         if url.scheme() != "https" {
-            return Err(Error::config(field("baseURL"), "must use https"));
+            return Err(Error::config(field(api.field()), "must use https"));
         }
         if let Some(r) = region
             && r != found
@@ -746,20 +927,24 @@ fn resolve_base(
             return Err(Error::config(
                 field("region"),
                 format!(
-                    "{} does not match baseURL's region {}",
+                    "{} does not match {}'s region {}",
                     r.code(),
+                    api.field(),
                     found.code()
                 ),
             ));
         }
-        return Ok((Some(found), format!("https://{}", found.api_host())));
+        return Ok((Some(found), format!("https://{}", api.host(found))));
     }
     if !options.allow_custom_base_url {
         return Err(Error::config(
-            field("baseURL"),
+            field(api.field()),
             format!(
                 "{host} is not a KnowBe4 host (expected one of {}); the API key is only sent to KnowBe4 unless {ALLOW_CUSTOM_BASE_URL_ENV}=1",
-                Region::ALL.map(Region::console_host).join(", ")
+                match api {
+                    Api::Events => Region::ALL.map(Region::console_host).join(", "),
+                    Api::Reporting => Region::ALL.map(Region::reporting_host).join(", "),
+                }
             ),
         ));
     }
@@ -769,11 +954,11 @@ fn resolve_base(
         "http" if loopback => {}
         "http" => {
             return Err(Error::config(
-                field("baseURL"),
+                field(api.field()),
                 "plain http is only allowed to a loopback address",
             ));
         }
-        _ => return Err(Error::config(field("baseURL"), "must be an http(s) URL")),
+        _ => return Err(Error::config(field(api.field()), "must be an http(s) URL")),
     }
     let mut base = url.as_str().trim_end_matches('/').to_string();
     if url.query().is_some() || url.fragment().is_some() {
@@ -1063,7 +1248,7 @@ mod tests {
         )
         .unwrap();
         let merged = with_destination.secrets(Some((&spec, &stored))).unwrap();
-        assert_eq!(merged.api_key.expose_secret(), "old-key");
+        assert_eq!(merged.api_key.as_ref().unwrap().expose_secret(), "old-key");
         assert_eq!(
             merged.destination_url.unwrap().expose_secret(),
             "https://logs.example/new"

@@ -13,10 +13,10 @@ use tokio::time::Instant;
 
 use crate::app::{App, Settings, Vault};
 use crate::cli::{count, format_status};
-use crate::collector::{Outcome, RunReport};
-use crate::sim::{SimConfig, Simulator};
+use crate::run::{Outcome, RunReport};
 use crate::sink::{DestinationConfig, Format};
 use crate::store::file::FileStore;
+use crate::testkit::sim::{SimConfig, Simulator};
 
 /// Runs the demo with `events` initial simulator events.
 pub async fn run(events: usize) -> ExitCode {

@@ -2,8 +2,13 @@
 //! no destructors, like a kill) the `n`-th time the named point is reached. Unset, a hit is
 //! one relaxed atomic load. The chaos tests use it to kill the collector between fetching
 //! and forwarding, between forwarding and checkpointing, and mid-write of the state file.
+//!
+//! Armed only in builds with the `testkit` feature; without it (the Lambda build) a hit
+//! compiles to nothing and the variable is ignored.
 
+#[cfg(feature = "testkit")]
 use std::sync::OnceLock;
+#[cfg(feature = "testkit")]
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Points the code passes through: where a crash matters.
@@ -14,12 +19,14 @@ pub const POINTS: [&str; 4] = [
     "state_file_before_rename",
 ];
 
+#[cfg(feature = "testkit")]
 struct Armed {
     name: String,
     at: u64,
     hits: AtomicU64,
 }
 
+#[cfg(feature = "testkit")]
 fn armed() -> Option<&'static Armed> {
     static ARMED: OnceLock<Option<Armed>> = OnceLock::new();
     ARMED
@@ -36,6 +43,7 @@ fn armed() -> Option<&'static Armed> {
 }
 
 /// Marks that `name` was reached; aborts if this is the armed hit.
+#[cfg(feature = "testkit")]
 pub fn hit(name: &str) {
     if let Some(armed) = armed()
         && armed.name == name
@@ -45,3 +53,8 @@ pub fn hit(name: &str) {
         std::process::abort();
     }
 }
+
+/// Marks that `name` was reached: nothing, in a build without the `testkit` feature.
+#[cfg(not(feature = "testkit"))]
+#[inline(always)]
+pub fn hit(_name: &str) {}

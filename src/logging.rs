@@ -15,7 +15,7 @@ use std::str::FromStr;
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::filter::LevelFilter;
 
-use crate::progress;
+use crate::run::progress;
 
 /// Directives added after the configured level, so that no setting makes the Lambda
 /// runtime log payloads.

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use knowbe4_source::app::App;
 use knowbe4_source::cli::{Cli, Command};
-use knowbe4_source::{demo, lambda};
+use knowbe4_source::lambda;
 
 fn main() -> ExitCode {
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -29,7 +29,7 @@ async fn async_main() -> ExitCode {
     knowbe4_source::logging::init_cli();
     let cli = Cli::parse();
     if let Command::Demo { events } = cli.command {
-        return demo::run(events).await;
+        return demo(events).await;
     }
     let app = match App::from_env().await {
         Ok(app) => app,
@@ -45,4 +45,20 @@ async fn async_main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// The demo needs the simulator, which only a build with the `testkit` feature holds
+/// (the Lambda build leaves it out).
+#[cfg(feature = "testkit")]
+async fn demo(events: usize) -> ExitCode {
+    knowbe4_source::demo::run(events).await
+}
+
+/// Without the simulator: says how to build a binary that has it.
+#[cfg(not(feature = "testkit"))]
+async fn demo(_events: usize) -> ExitCode {
+    eprintln!(
+        "error: this build has no KnowBe4 simulator; run the demo with `cargo run --release --features testkit -- demo`"
+    );
+    ExitCode::from(2)
 }

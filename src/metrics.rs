@@ -13,9 +13,9 @@ use std::io::Write;
 
 use serde_json::{Value, json};
 
-use crate::collector::RunReport;
+use crate::domain::report::RunReport;
+use crate::domain::state::Lifecycle;
 use crate::error::HealthKind;
-use crate::state::Lifecycle;
 
 /// The metrics namespace.
 pub const NAMESPACE: &str = "KnowBe4Source";
@@ -113,7 +113,7 @@ pub fn health_line(source_id: &str, kind: HealthKind, timestamp_ms: i64) -> Valu
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::collector::Outcome;
+    use crate::domain::report::Outcome;
 
     /// Checks an EMF document the way CloudWatch does: every dimension and metric named
     /// in the directive is a top-level member, metrics are numbers.

@@ -10,9 +10,9 @@ use std::sync::Arc;
 
 use aws_sdk_dynamodb::types::AttributeValue;
 use knowbe4_source::config::SourceSpec;
+use knowbe4_source::domain::secrets::SourceSecrets;
+use knowbe4_source::domain::state::{HealthEvent, Lifecycle, SecretRef, SourceRecord, SourceState};
 use knowbe4_source::error::{Error, HealthKind};
-use knowbe4_source::secrets::SourceSecrets;
-use knowbe4_source::state::{HealthEvent, Lifecycle, SecretRef, SourceRecord, SourceState};
 use knowbe4_source::store::dynamo::DynamoStore;
 use knowbe4_source::store::secrets_manager::SecretsManagerVault;
 use knowbe4_source::store::{Reservation, StateStore};
@@ -64,6 +64,9 @@ fn record(id: &str) -> SourceRecord {
             retry_window_secs: 5_400,
             lateness_window_secs: 3_600,
             destination: None,
+            generation: Default::default(),
+            collect_events: true,
+            phishing: None,
         },
         secret_ref: SecretRef::SecretsManager {
             secret_id: format!("knowbe4-source/{id}"),
@@ -500,7 +503,8 @@ async fn secrets_roundtrip_through_secrets_manager() {
     let prefix = format!("knowbe4-source-test-{}/", uuid::Uuid::new_v4());
     let vault = SecretsManagerVault::new(client.clone(), &prefix);
     let secrets = SourceSecrets {
-        api_key: SecretString::from("canary-api-key-1"),
+        api_key: Some(SecretString::from("canary-api-key-1")),
+        api_key_phishing: None,
         destination_url: Some(SecretString::from("https://sumo/receiver/canary-url")),
         destination_token: None,
     };
@@ -508,7 +512,11 @@ async fn secrets_roundtrip_through_secrets_manager() {
     let arn = vault.put("s1", &secrets).await.unwrap();
     assert!(arn.starts_with("arn:"), "{arn}");
     let got = vault.get(&arn).await.unwrap();
-    assert_eq!(got.api_key.expose_secret(), "canary-api-key-1");
+    assert_eq!(
+        got.api_key.as_ref().unwrap().expose_secret(),
+        "canary-api-key-1"
+    );
+    assert!(got.api_key_phishing.is_none());
     assert_eq!(
         got.destination_url.unwrap().expose_secret(),
         "https://sumo/receiver/canary-url"
@@ -517,14 +525,22 @@ async fn secrets_roundtrip_through_secrets_manager() {
 
     // Putting again replaces the value of the same secret.
     let rotated = SourceSecrets {
-        api_key: SecretString::from("canary-api-key-2"),
+        api_key: Some(SecretString::from("canary-api-key-2")),
+        api_key_phishing: Some(SecretString::from("canary-reporting-token")),
         destination_url: None,
         destination_token: Some(SecretString::from("canary-token")),
     };
     let arn2 = vault.put("s1", &rotated).await.unwrap();
     assert_eq!(arn2, arn);
     let got = vault.get(&format!("{prefix}s1")).await.unwrap();
-    assert_eq!(got.api_key.expose_secret(), "canary-api-key-2");
+    assert_eq!(
+        got.api_key.as_ref().unwrap().expose_secret(),
+        "canary-api-key-2"
+    );
+    assert_eq!(
+        got.api_key_phishing.as_ref().unwrap().expose_secret(),
+        "canary-reporting-token"
+    );
     assert_eq!(
         got.destination_token.unwrap().expose_secret(),
         "canary-token"
@@ -618,4 +634,93 @@ async fn an_unreachable_secrets_manager_is_a_transient_error() {
         "{err:?}"
     );
     assert_eq!(err.health_kind(), HealthKind::FirstPartyGenericError);
+}
+
+/// Issue 12: the change-detection digests of a 50,000-recipient test are 100 items of at
+/// most 10,668 bytes of digests each (within DynamoDB's 400 KB), read back in page
+/// order; writes are fenced by the lease and the source like `save_state`; deleting the
+/// source removes them.
+#[tokio::test]
+async fn digest_shards_of_fifty_thousand_recipients_round_trip_fenced() {
+    use knowbe4_source::domain::changes::{DigestShard, KnownDigests, page_changes};
+    let (store, client, table) = store().await;
+    create(&store, "p").await;
+    let lease = store
+        .acquire_lease("p", "run-1", 1_000, 600_000)
+        .await
+        .unwrap()
+        .unwrap();
+    let known = KnownDigests::default();
+    let mut saved = Vec::new();
+    for page in 1..=100u32 {
+        let texts: Vec<String> = (0..500u64)
+            .map(|i| {
+                let id = u64::from(page) * 1_000 + i;
+                format!(r#"{{"recipient_id":{id},"pst_id":509579,"opened_at":null}}"#)
+            })
+            .collect();
+        let changes = page_changes(
+            &known,
+            texts
+                .iter()
+                .enumerate()
+                .map(|(i, t)| (u64::from(page) * 1_000 + i as u64, t.as_str())),
+        );
+        let encoded = changes.shard.encode();
+        assert!(encoded.len() <= 10_668);
+        store
+            .save_digest_shard("p", "509579", page, &encoded, &lease)
+            .await
+            .unwrap();
+        saved.push((page, encoded));
+    }
+    let loaded = store.load_digest_shards("p", "509579").await.unwrap();
+    assert_eq!(loaded, saved, "every shard back, in page order");
+    let shards: Vec<DigestShard> = loaded
+        .iter()
+        .map(|(_, s)| DigestShard::decode(s).unwrap())
+        .collect();
+    assert_eq!(KnownDigests::from_shards(&shards).len(), 50_000);
+    // Another list of the same source is separate (the tests list, another test).
+    assert!(
+        store
+            .load_digest_shards("p", "tests")
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        store
+            .load_digest_shards("p", "50957")
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    // A run that lost its lease cannot write digests.
+    let stale = lease.clone();
+    store.release_lease(&lease, 0).await.unwrap();
+    let _newer = store
+        .acquire_lease("p", "run-2", 2_000, 600_000)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_conflict(
+        store
+            .save_digest_shard("p", "509579", 1, &saved[0].1, &stale)
+            .await,
+        "lease",
+    );
+
+    store.delete_source("p").await.unwrap();
+    let left = client
+        .query()
+        .table_name(&table)
+        .consistent_read(true)
+        .key_condition_expression("pk = :pk")
+        .expression_attribute_values(":pk", AttributeValue::S("SOURCE#p".into()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(left.count(), 0, "digest items left over");
 }

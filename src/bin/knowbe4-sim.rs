@@ -2,13 +2,13 @@
 //! or SIGTERM, optionally adding and deleting events as it runs.
 //!
 //! Prints `knowbe4-sim listening on http://127.0.0.1:PORT` on start; the control API
-//! is described in the `knowbe4_source::sim` module docs.
+//! is described in the `knowbe4_source::testkit::sim` module docs.
 
 use std::io::Write;
 use std::time::Duration;
 
 use clap::Parser;
-use knowbe4_source::sim::{CountMode, Reading, SimConfig, Simulator};
+use knowbe4_source::testkit::sim::{CountMode, Reading, ReportingConfig, SimConfig, Simulator};
 
 /// Command-line options.
 #[derive(Debug, Parser)]
@@ -80,6 +80,23 @@ struct Args {
     /// Leave `meta.limit_value` out.
     #[arg(long)]
     no_limit_value: bool,
+    /// The Reporting API token clients must send as `Authorization: Bearer <token>`.
+    #[arg(
+        long,
+        env = "KNOWBE4_SIM_REPORTING_TOKEN",
+        default_value = "sim-reporting-token",
+        hide_env_values = true
+    )]
+    reporting_token: String,
+    /// Phishing security tests in progress at start.
+    #[arg(long, default_value_t = 0)]
+    phishing_tests: usize,
+    /// Recipients of each of those tests.
+    #[arg(long, default_value_t = 100)]
+    phishing_recipients: usize,
+    /// Reporting API calls allowed per UTC day (unlimited when absent).
+    #[arg(long)]
+    reporting_daily_quota: Option<u32>,
 }
 
 #[tokio::main]
@@ -112,8 +129,16 @@ async fn main() -> std::io::Result<()> {
             total_pages: !args.no_total_pages,
             limit_value: !args.no_limit_value,
         },
+        reporting: ReportingConfig {
+            token: args.reporting_token.clone(),
+            daily_quota: args.reporting_daily_quota,
+            enforce_limits: !args.no_rate_limit,
+        },
     };
     let sim = std::sync::Arc::new(Simulator::spawn_on(config, args.port).await?);
+    for _ in 0..args.phishing_tests {
+        sim.add_phishing_test(args.phishing_recipients);
+    }
     {
         let mut stdout = std::io::stdout().lock();
         writeln!(stdout, "knowbe4-sim listening on {}", sim.base_url())?;

@@ -9,11 +9,11 @@ use time::OffsetDateTime;
 use super::WorkMessage;
 use super::queue::{SEND_BATCH, WorkQueue};
 use crate::app::App;
-use crate::checkpoint::DEFAULT_PAGE_SIZE;
+use crate::domain::checkpoint::DEFAULT_PAGE_SIZE;
+use crate::domain::planner::{self, PlanInput};
+use crate::domain::quota::utc_day;
+use crate::domain::state::{Lifecycle, Millis};
 use crate::error::{Error, Result};
-use crate::planner::{self, PlanInput};
-use crate::quota::utc_day;
-use crate::state::{Lifecycle, Millis};
 use crate::store::{SourceSnapshot, StoreSnapshot};
 
 /// `SendMessageBatch` calls in flight at once.
@@ -123,7 +123,7 @@ pub async fn dispatch(app: &App, queue: &WorkQueue) -> Result<DispatchReport> {
         sources: snapshot.sources.len(),
         ..DispatchReport::default()
     };
-    let dispatched_at = crate::status::rfc3339_ms(now_ms);
+    let dispatched_at = crate::domain::status::rfc3339_ms(now_ms);
     let mut messages = Vec::new();
     for source in &snapshot.sources {
         match due(source, &snapshot, now, app.settings.schedule_interval_secs) {
@@ -199,7 +199,7 @@ pub async fn dispatch(app: &App, queue: &WorkQueue) -> Result<DispatchReport> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::{SecretRef, SourceRecord, SourceState};
+    use crate::domain::state::{SecretRef, SourceRecord, SourceState};
     use crate::store::AccountMembers;
 
     fn record() -> SourceRecord {

@@ -10,7 +10,7 @@
 //!   today, not leased, and due per the freshness plan), and sends one message per source,
 //!   ten per `SendMessageBatch`. Its answer is `{"queued": N, ...}`.
 //! - **Work** ([`work`]): each message is one scheduled run of one source
-//!   ([`crate::collector::collect_source_with`]) under the source's lease. A message is
+//!   ([`crate::run::collect_source_with`]) under the source's lease. A message is
 //!   deleted (done) unless its run could not *start* for a reason worth retrying soon:
 //!   the state store failed before the run held the lease, or the message names no
 //!   source (a poison message: SQS retries it `maxReceiveCount` times, then moves it to

@@ -82,7 +82,7 @@ impl WorkQueue {
                 "needs STATE_TABLE: the processes working the queue share leases, quotas and checkpoints through DynamoDB; unset WORK_QUEUE_URL to collect from one process with a local state file",
             ));
         }
-        let aws = crate::aws_env::load_checked().await?;
+        let aws = crate::store::aws_env::load_checked().await?;
         Ok(Some(WorkQueue::new(Client::new(&aws), url)))
     }
 

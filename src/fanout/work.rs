@@ -7,8 +7,8 @@ use tokio::time::Instant;
 use super::WorkMessage;
 use super::emf::{MessageOutcome, message_line};
 use crate::app::App;
-use crate::collector::{Outcome, RunReport, Trigger, collect_source_with};
 use crate::error::{Error, Result};
+use crate::run::{Outcome, RunReport, Trigger, collect_source_with};
 
 /// What the collector says when the message's source does not exist.
 const NOT_FOUND: &str = "source not found";
@@ -92,7 +92,13 @@ pub async fn run_message(
             return d;
         }
     };
-    let report = collect_source_with(app, &message.source_id, deadline, Trigger::Schedule).await;
+    let report = collect_source_with(
+        app.run_context(),
+        &message.source_id,
+        deadline,
+        Trigger::Schedule,
+    )
+    .await;
     crate::app::log_run(&report);
     let d = disposition(report);
     match &d {
@@ -171,7 +177,7 @@ mod tests {
         .unwrap();
         r.outcome = outcome;
         r.detail = detail.into();
-        r.state = state.then_some(crate::state::Lifecycle::Collecting);
+        r.state = state.then_some(crate::domain::state::Lifecycle::Collecting);
         r
     }
 

@@ -31,8 +31,8 @@ use super::splunk::EnvelopeEncoder;
 use super::{
     Format, MAX_BATCH_BYTES, MAX_REPLY_BYTES, SendReport, SourceMeta, ndjson, splunk, sumo,
 };
+use crate::domain::event::RawEvent;
 use crate::error::Error;
-use crate::event::RawEvent;
 
 /// Event ids named in an error about undeliverable events, at most.
 const MAX_IDS_IN_ERROR: usize = 5;

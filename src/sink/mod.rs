@@ -35,8 +35,8 @@ pub use splunk::{
 pub use sumo::SIEM_PARSER;
 pub(crate) use sumo::fields_header;
 
+use crate::domain::event::RawEvent;
 use crate::error::Error;
-use crate::event::RawEvent;
 use http::HttpDestination;
 
 /// Largest request body before compression. Sumo Logic recommends 100 KB to 1 MB per
@@ -208,7 +208,7 @@ impl DestinationConfig {
                 "destination.url",
                 format!(
                     "must use https (plain http to a loopback address needs {}=1)",
-                    crate::config::ALLOW_CUSTOM_BASE_URL_ENV
+                    ALLOW_CUSTOM_BASE_URL_ENV
                 ),
             )),
         }
@@ -374,6 +374,60 @@ impl Destination {
     }
 }
 
+/// Environment switch that allows plain-http destinations on loopback and, for the
+/// KnowBe4 APIs, base URLs outside KnowBe4 (the simulator, tests); never set in a
+/// deployment.
+pub const ALLOW_CUSTOM_BASE_URL_ENV: &str = "KNOWBE4_ALLOW_CUSTOM_BASE_URL";
+
+/// The destination for a source: its own (in format `own`, with its URL and token from
+/// `secrets`), or the deployment's `default`. Its URL is checked again (https, or http to loopback
+/// behind the switch) every time, because the stored one may predate the rule or have
+/// been edited.
+pub fn resolve(
+    own: Option<Format>,
+    secrets: &crate::domain::secrets::SourceSecrets,
+    default: &DestinationConfig,
+    http: &reqwest::Client,
+    allow_custom_base_url: bool,
+) -> Result<Destination, Error> {
+    let (config, prefix) = match own {
+        Some(format) => (
+            DestinationConfig {
+                format,
+                url: secrets.destination_url.clone(),
+                token: secrets.destination_token.clone(),
+            },
+            "source.config.",
+        ),
+        None => (default.clone(), "FORWARD_"),
+    };
+    config
+        .check_transport(allow_custom_base_url)
+        .map_err(|e| rename_destination_field(e, prefix))?;
+    Destination::new(config, http.clone())
+}
+
+/// Names a destination error's field as the user wrote it: `source.config.destination.url`
+/// for a source's own destination, `FORWARD_URL` for the deployment's.
+pub fn rename_destination_field(err: Error, prefix: &str) -> Error {
+    match err {
+        Error::InvalidConfig { field, message } if prefix == "FORWARD_" => Error::InvalidConfig {
+            field: format!(
+                "FORWARD_{}",
+                field
+                    .trim_start_matches("destination.")
+                    .to_ascii_uppercase()
+            ),
+            message,
+        },
+        Error::InvalidConfig { field, message } => Error::InvalidConfig {
+            field: format!("{prefix}{field}"),
+            message,
+        },
+        other => other,
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use std::time::Duration;
@@ -381,7 +435,7 @@ pub(crate) mod tests {
     use serde_json::value::RawValue;
 
     use super::*;
-    use crate::recording_sink::RecordingSink;
+    use crate::testkit::recording_sink::RecordingSink;
 
     /// One event from its JSON text.
     pub(crate) fn event(text: &str) -> RawEvent {

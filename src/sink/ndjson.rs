@@ -8,7 +8,7 @@
 
 use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderValue};
 
-use crate::event::RawEvent;
+use crate::domain::event::RawEvent;
 
 /// Appends one event as one NDJSON line to `out`.
 pub(crate) fn write_line(event: &RawEvent, out: &mut Vec<u8>) {
@@ -52,9 +52,9 @@ mod tests {
     use secrecy::SecretString;
 
     use super::*;
-    use crate::recording_sink::RecordingSink;
     use crate::sink::tests::{event, events, fast};
     use crate::sink::{Destination, DestinationConfig, Format, SourceMeta};
+    use crate::testkit::recording_sink::RecordingSink;
 
     #[test]
     fn one_event_per_line_even_when_the_input_was_pretty_printed() {

@@ -18,7 +18,7 @@ use reqwest::Url;
 use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderValue};
 
 use super::SourceMeta;
-use crate::event::RawEvent;
+use crate::domain::event::RawEvent;
 
 /// The HEC path events are posted to.
 pub const EVENT_PATH: &str = "/services/collector/event";
@@ -137,9 +137,9 @@ mod tests {
 
     use super::*;
     use crate::Error;
-    use crate::recording_sink::RecordingSink;
     use crate::sink::tests::{event, events, fast};
     use crate::sink::{Destination, DestinationConfig, Format};
+    use crate::testkit::recording_sink::RecordingSink;
 
     const TOKEN: &str = "11111111-2222-3333-4444-555555555555";
 

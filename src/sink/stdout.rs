@@ -10,8 +10,8 @@ use std::io::{BufWriter, Write};
 use std::sync::{Mutex, OnceLock};
 
 use super::{SendReport, ndjson};
+use crate::domain::event::RawEvent;
 use crate::error::Error;
-use crate::event::RawEvent;
 
 /// Where the events go instead of stdout, once redirected (for the whole process).
 static REDIRECT: OnceLock<Mutex<Box<dyn Write + Send>>> = OnceLock::new();

@@ -113,10 +113,10 @@ mod tests {
     use secrecy::SecretString;
 
     use super::*;
-    use crate::event::RawEvent;
-    use crate::recording_sink::RecordingSink;
+    use crate::domain::event::RawEvent;
     use crate::sink::tests::{event, events, fast};
     use crate::sink::{Destination, DestinationConfig, Format, MAX_BATCH_BYTES};
+    use crate::testkit::recording_sink::RecordingSink;
 
     fn sumo(sink: &RecordingSink) -> Destination {
         let config = DestinationConfig {

@@ -12,8 +12,9 @@
 //! | `STATE`               | `doc` (JSON of `SourceState`), `version`                       | `create_source` (version 1), `save_state`       |
 //! | `LEASE`               | `owner`, `fence`, `expires_at_ms`, `quiet_until`               | `acquire_lease`, `renew_lease`, `release_lease` |
 //! | `HEALTH#<streak_key>` | `doc` (JSON of `HealthEvent`), `last_seen`, `expires_at` (TTL) | `put_health`                                    |
+//! | `DIGEST#<list>#<page>`| `digests` (base64 of 16-byte id + digest records, ≤ 10,668 B) | `save_digest_shard`                             |
 //!
-//! The limits belong to the KnowBe4 account (API host + key, see [`crate::account`]), so
+//! The limits belong to the KnowBe4 account (API host + key, see [`crate::domain::account`]), so
 //! its items live in the partition `pk = "ACCOUNT#<account id>"`:
 //!
 //! | `sk`                  | Attributes                                                     | Written by                                      |
@@ -32,6 +33,8 @@
 //!   caller's `owner` and `fence` (when a lease is given), a `ConditionCheck` that
 //!   `CONFIG` exists (a deleted source is never resurrected), and the `STATE` put
 //!   conditioned on `version = expected`. Any failed condition is `Error::Conflict`.
+//! - `save_digest_shard` is one transaction with the same two `ConditionCheck`s and the
+//!   shard's put.
 //! - `acquire_lease` is an `UpdateItem` conditioned on the lease being absent or expired
 //!   (`expires_at_ms < now`); it `ADD`s 1 to `fence`, so the fencing token strictly grows
 //!   over every acquisition. `release_lease` sets `expires_at_ms = 0` and keeps `fence`.
@@ -65,8 +68,8 @@ use aws_sdk_dynamodb::types::{
 };
 
 use super::{AccountMembers, MEMBER_TTL_MS, Reservation, SendSlot, StateStore};
+use crate::domain::state::{HealthEvent, Lease, Millis, SourceRecord, SourceState, Versioned};
 use crate::error::{Error, Result};
-use crate::state::{HealthEvent, Lease, Millis, SourceRecord, SourceState, Versioned};
 
 /// A DynamoDB item: attribute name to value.
 type Item = HashMap<String, AttributeValue>;
@@ -940,6 +943,95 @@ impl StateStore for DynamoStore {
         sources.sort_by(|a, b| a.record.id.cmp(&b.record.id));
         snapshot.sources = sources;
         Ok(snapshot)
+    }
+
+    async fn save_digest_shard(
+        &self,
+        id: &str,
+        list: &str,
+        page: u32,
+        shard: &str,
+        lease: &Lease,
+    ) -> Result<()> {
+        // Fenced like `save_state`: the lease still held, the source not deleted.
+        let lease_held = ConditionCheck::builder()
+            .table_name(&self.table)
+            .set_key(Some(Self::key(id, SK_LEASE)))
+            .condition_expression("#owner = :owner AND #fence = :fence")
+            .expression_attribute_names("#owner", "owner")
+            .expression_attribute_names("#fence", "fence")
+            .expression_attribute_values(":owner", s(&lease.owner))
+            .expression_attribute_values(":fence", n(lease.fence))
+            .build()
+            .map_err(|e| Error::store("building the lease check", e))?;
+        let config_exists = ConditionCheck::builder()
+            .table_name(&self.table)
+            .set_key(Some(Self::key(id, SK_CONFIG)))
+            .condition_expression("attribute_exists(#pk)")
+            .expression_attribute_names("#pk", PK)
+            .build()
+            .map_err(|e| Error::store("building the source check", e))?;
+        let mut item = Self::key(id, crate::store::digest_shard_key(list, page));
+        item.insert("digests".into(), s(shard));
+        let put = Put::builder()
+            .table_name(&self.table)
+            .set_item(Some(item))
+            .build()
+            .map_err(|e| Error::store("building the digest shard put", e))?;
+        self.client
+            .transact_write_items()
+            .transact_items(
+                TransactWriteItem::builder()
+                    .condition_check(lease_held)
+                    .build(),
+            )
+            .transact_items(
+                TransactWriteItem::builder()
+                    .condition_check(config_exists)
+                    .build(),
+            )
+            .transact_items(TransactWriteItem::builder().put(put).build())
+            .send()
+            .await
+            .map_err(|e| {
+                transaction_error(
+                    format!("DynamoDB TransactWriteItems saving digests of {id}"),
+                    &[
+                        format!("the lease of {id} (fence {}) was lost", lease.fence),
+                        format!("source {id} was deleted"),
+                        String::new(),
+                    ],
+                    e,
+                )
+            })?;
+        Ok(())
+    }
+
+    async fn load_digest_shards(&self, id: &str, list: &str) -> Result<Vec<(u32, String)>> {
+        let prefix = crate::store::digest_list_prefix(list);
+        let mut shards = self
+            .query_partition(id, Some(&prefix))
+            .await?
+            .iter()
+            .map(|item| {
+                let key = match item.get(SK) {
+                    Some(AttributeValue::S(key)) => key.clone(),
+                    _ => String::new(),
+                };
+                let page = key
+                    .strip_prefix(&prefix)
+                    .and_then(|p| p.parse::<u32>().ok());
+                match (page, item.get("digests")) {
+                    (Some(page), Some(AttributeValue::S(shard))) => Ok((page, shard.clone())),
+                    _ => Err(Error::Store {
+                        message: format!("digest shard item {key} of {id} is malformed"),
+                        source: None,
+                    }),
+                }
+            })
+            .collect::<Result<Vec<_>>>()?;
+        shards.sort_by_key(|(page, _)| *page);
+        Ok(shards)
     }
 }
 

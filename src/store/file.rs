@@ -21,9 +21,9 @@ use std::path::{Path, PathBuf};
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
+use crate::domain::secrets::{SecretDocument, SourceSecrets};
+use crate::domain::state::{HealthEvent, Lease, Millis, SourceRecord, SourceState, Versioned};
 use crate::error::{Error, Result};
-use crate::secrets::{SecretDocument, SourceSecrets};
-use crate::state::{HealthEvent, Lease, Millis, SourceRecord, SourceState, Versioned};
 use crate::store::{AccountMembers, MEMBER_TTL_MS, Reservation, SendSlot, StateStore};
 
 /// Default location of the state file, relative to the working directory.
@@ -47,6 +47,9 @@ struct Document {
     health: BTreeMap<String, BTreeMap<String, StoredHealth>>,
     #[serde(default)]
     secrets: BTreeMap<String, SecretDocument>,
+    /// source id → digest shard key (`DIGEST#<list>#<page>`) → encoded shard.
+    #[serde(default)]
+    digests: BTreeMap<String, BTreeMap<String, String>>,
 }
 
 /// What the file keeps of one KnowBe4 account besides its ledger.
@@ -310,6 +313,7 @@ impl StateStore for FileStore {
             }
             d.health.remove(&id);
             d.secrets.remove(&id);
+            d.digests.remove(&id);
             Ok(())
         })
         .await
@@ -558,13 +562,62 @@ impl StateStore for FileStore {
         })
         .await
     }
+
+    async fn save_digest_shard(
+        &self,
+        id: &str,
+        list: &str,
+        page: u32,
+        shard: &str,
+        lease: &Lease,
+    ) -> Result<()> {
+        let id = id.to_string();
+        let key = crate::store::digest_shard_key(list, page);
+        let shard = shard.to_string();
+        let lease = lease.clone();
+        self.with_doc(true, move |d| {
+            if !d.sources.contains_key(&id) {
+                return Err(Error::Conflict(format!("source {id} was deleted")));
+            }
+            if !lease_is_held(d, &lease) {
+                return Err(Error::Conflict(format!("lease on {id} was lost")));
+            }
+            d.digests.entry(id).or_default().insert(key, shard);
+            Ok(())
+        })
+        .await
+    }
+
+    async fn load_digest_shards(&self, id: &str, list: &str) -> Result<Vec<(u32, String)>> {
+        let id = id.to_string();
+        let prefix = crate::store::digest_list_prefix(list);
+        self.with_doc(false, move |d| {
+            let Some(shards) = d.digests.get(&id) else {
+                return Ok(Vec::new());
+            };
+            shards
+                .range(prefix.clone()..)
+                .take_while(|(key, _)| key.starts_with(&prefix))
+                .map(|(key, shard)| {
+                    let page = key[prefix.len()..]
+                        .parse::<u32>()
+                        .map_err(|_| Error::Store {
+                            message: format!("digest shard key {key} of {id} has no page number"),
+                            source: None,
+                        })?;
+                    Ok((page, shard.clone()))
+                })
+                .collect()
+        })
+        .await
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::config::{ValidationOptions, parse_source_value};
-    use crate::state::SecretRef;
+    use crate::domain::state::SecretRef;
 
     fn record(id: &str) -> SourceRecord {
         let parsed = parse_source_value(
@@ -582,6 +635,66 @@ mod tests {
             account: None,
             destination: None,
         }
+    }
+
+    /// Issue 12: a 50,000-recipient test's digests in the local file: 100 shards, read
+    /// back in page order, fenced by the lease, removed with the source.
+    #[tokio::test]
+    async fn digest_shards_round_trip_fenced_and_go_with_the_source() {
+        use crate::domain::changes::{KnownDigests, page_changes};
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::new(dir.path().join("state.json"));
+        store
+            .create_source(&record("p"), &SourceState::new(0))
+            .await
+            .unwrap();
+        let lease = store
+            .acquire_lease("p", "run-1", 1_000, 600_000)
+            .await
+            .unwrap()
+            .unwrap();
+        let mut saved = Vec::new();
+        for page in [2u32, 1, 10] {
+            let texts: Vec<String> = (0..500u64)
+                .map(|i| format!(r#"{{"recipient_id":{}}}"#, u64::from(page) * 1_000 + i))
+                .collect();
+            let changes = page_changes(
+                &KnownDigests::default(),
+                texts
+                    .iter()
+                    .enumerate()
+                    .map(|(i, t)| (u64::from(page) * 1_000 + i as u64, t.as_str())),
+            );
+            let encoded = changes.shard.encode();
+            store
+                .save_digest_shard("p", "77", page, &encoded, &lease)
+                .await
+                .unwrap();
+            saved.push((page, encoded));
+        }
+        saved.sort();
+        assert_eq!(store.load_digest_shards("p", "77").await.unwrap(), saved);
+        assert!(store.load_digest_shards("p", "7").await.unwrap().is_empty());
+        store.release_lease(&lease, 0).await.unwrap();
+        store
+            .acquire_lease("p", "run-2", 2_000, 600_000)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(matches!(
+            store
+                .save_digest_shard("p", "77", 1, &saved[0].1, &lease)
+                .await,
+            Err(Error::Conflict(_))
+        ));
+        store.delete_source("p").await.unwrap();
+        assert!(
+            store
+                .load_digest_shards("p", "77")
+                .await
+                .unwrap()
+                .is_empty()
+        );
     }
 
     #[tokio::test]

@@ -9,16 +9,18 @@
 //! source's lease (its fencing token) and on the state version it read. A late or
 //! duplicate run therefore cannot overwrite newer progress.
 
+pub mod aws_env;
 pub mod dynamo;
 pub mod file;
 pub mod secrets_manager;
+pub mod vault;
 
 use std::collections::HashMap;
 
 use async_trait::async_trait;
 
+use crate::domain::state::{HealthEvent, Lease, Millis, SourceRecord, SourceState, Versioned};
 use crate::error::Result;
-use crate::state::{HealthEvent, Lease, Millis, SourceRecord, SourceState, Versioned};
 
 /// When the new holder of a lease may first call KnowBe4. A released lease (expiry 0)
 /// carries the releasing run's `quiet_until`; a lease taken over from a run that crashed
@@ -158,7 +160,7 @@ pub trait StateStore: Send + Sync {
     async fn release_lease(&self, lease: &Lease, quiet_until: Millis) -> Result<()>;
 
     /// Reserves one request in the ledger of KnowBe4 account `account` (an
-    /// [`account_id`](crate::account::account_id), shared by every source using the same
+    /// [`account_id`](crate::domain::account::account_id), shared by every source using the same
     /// key) for `day` (`YYYY-MM-DD`, UTC) if fewer than `limit` are reserved: an atomic
     /// conditional increment.
     async fn reserve_request(&self, account: &str, day: &str, limit: u32) -> Result<Reservation>;
@@ -224,4 +226,32 @@ pub trait StateStore: Send + Sync {
         }
         Ok(snapshot)
     }
+
+    /// Saves one shard of change-detection digests of source `id`
+    /// ([`crate::domain::changes::DigestShard::encode`]): `list` names the listing (`tests`,
+    /// or a test's `pst_id`), `page` the page it covers. Fenced like `save_state`: refused
+    /// with `Conflict` once `lease` was lost or the source deleted. One shard is one item,
+    /// at most 10,668 bytes of digests (500 records).
+    async fn save_digest_shard(
+        &self,
+        id: &str,
+        list: &str,
+        page: u32,
+        shard: &str,
+        lease: &Lease,
+    ) -> Result<()>;
+
+    /// Every digest shard of `list` of source `id`, as `(page, encoded shard)`, in page
+    /// order.
+    async fn load_digest_shards(&self, id: &str, list: &str) -> Result<Vec<(u32, String)>>;
+}
+
+/// The key of one digest shard under its source: `DIGEST#<list>#<page, 5 digits>`.
+pub fn digest_shard_key(list: &str, page: u32) -> String {
+    format!("{}{page:05}", digest_list_prefix(list))
+}
+
+/// The common start of every digest shard key of `list`.
+pub fn digest_list_prefix(list: &str) -> String {
+    format!("DIGEST#{list}#")
 }

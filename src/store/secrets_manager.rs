@@ -1,8 +1,8 @@
 //! Sources' secrets in AWS Secrets Manager: one secret per source, named
 //! `{prefix}{source_id}` (the stack's prefix is `<stack>/sources/`, which no other secret
 //! of the stack or of another stack shares), holding the JSON [`SecretDocument`]
-//! (`{"apiKey": ..., "destinationUrl": ..., "destinationToken": ...}`). The state store
-//! keeps only the secret's ARN.
+//! (`{"apiKey": ..., "apiKeyPhishing": ..., "destinationUrl": ..., "destinationToken":
+//! ...}`). The state store keeps only the secret's ARN.
 //!
 //! A secret is only ever written when it is this source's: it is created with the tags
 //! [`SOURCE_TAG`] = source id and [`PREFIX_TAG`] = prefix, and an existing secret of the
@@ -20,8 +20,8 @@ use aws_sdk_secretsmanager::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_secretsmanager::types::Tag;
 use secrecy::{ExposeSecret, SecretString};
 
+use crate::domain::secrets::{SecretDocument, SourceSecrets};
 use crate::error::{Error, Result};
-use crate::secrets::{SecretDocument, SourceSecrets};
 
 /// Error codes that mean the secret cannot be used as configured (as opposed to a
 /// transient failure): missing, scheduled for deletion, or not readable by this role.
@@ -154,7 +154,7 @@ impl SecretsManagerVault {
             Error::Secret {
                 name: secret_id.to_string(),
                 message: format!(
-                    "the value is not a JSON object with a string apiKey ({:?} error at line {} column {})",
+                    "the value is not a JSON object of strings (apiKey, apiKeyPhishing, destinationUrl, destinationToken) ({:?} error at line {} column {})",
                     e.classify(),
                     e.line(),
                     e.column()
@@ -162,6 +162,13 @@ impl SecretsManagerVault {
                 config: true,
             }
         })?;
+        if doc.api_key.is_none() && doc.api_key_phishing.is_none() {
+            return Err(Error::Secret {
+                name: secret_id.to_string(),
+                message: "the value is a JSON object with neither apiKey nor apiKeyPhishing".into(),
+                config: true,
+            });
+        }
         Ok(SourceSecrets::from_document(doc))
     }
 

@@ -3,8 +3,10 @@
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
+use knowbe4_source::domain::state::{
+    HealthEvent, Lease, Millis, SourceRecord, SourceState, Versioned,
+};
 use knowbe4_source::error::{Error, Result};
-use knowbe4_source::state::{HealthEvent, Lease, Millis, SourceRecord, SourceState, Versioned};
 use knowbe4_source::store::{AccountMembers, Reservation, SendSlot, StateStore};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
@@ -203,5 +205,22 @@ impl StateStore for FaultyStore {
     }
     async fn list_health(&self, id: &str, limit: usize) -> Result<Vec<HealthEvent>> {
         self.inner.list_health(id, limit).await
+    }
+
+    async fn save_digest_shard(
+        &self,
+        id: &str,
+        list: &str,
+        page: u32,
+        shard: &str,
+        lease: &Lease,
+    ) -> Result<()> {
+        self.inner
+            .save_digest_shard(id, list, page, shard, lease)
+            .await
+    }
+
+    async fn load_digest_shards(&self, id: &str, list: &str) -> Result<Vec<(u32, String)>> {
+        self.inner.load_digest_shards(id, list).await
     }
 }

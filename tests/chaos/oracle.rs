@@ -2,9 +2,9 @@
 
 use std::collections::{HashMap, HashSet};
 
-use knowbe4_source::recording_sink::RecordingSink;
-use knowbe4_source::sim::Simulator;
-use knowbe4_source::state::SourceState;
+use knowbe4_source::domain::state::SourceState;
+use knowbe4_source::testkit::recording_sink::RecordingSink;
+use knowbe4_source::testkit::sim::Simulator;
 
 /// What one seeded scenario ended with.
 #[derive(Debug, Default, Clone, serde::Serialize)]
@@ -187,7 +187,7 @@ pub fn seeds_of(class: &'static str) -> impl Iterator<Item = u64> {
     let range = seeds();
     let total = range.end - range.start;
     range.enumerate().map(move |(i, seed)| {
-        let readings = knowbe4_source::sim::Reading::core();
+        let readings = knowbe4_source::testkit::sim::Reading::core();
         eprintln!(
             "[chaos] {class}: seed {seed} ({} of {total}), reading {}",
             i + 1,

@@ -5,14 +5,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use knowbe4_source::app::{App, Vault};
-use knowbe4_source::collector::{FLUSH_EVENTS, Outcome, collect_source};
 use knowbe4_source::failpoint::POINTS;
-use knowbe4_source::recording_sink::RecordingSink;
-use knowbe4_source::sim::{Fault, Reading, SimConfig, Simulator};
+use knowbe4_source::run::{FLUSH_EVENTS, Outcome, collect_source};
 use knowbe4_source::sink::{DestinationConfig, Format};
 use knowbe4_source::store::StateStore;
 use knowbe4_source::store::file::FileStore;
 use knowbe4_source::store::secrets_manager::SecretsManagerVault;
+use knowbe4_source::testkit::recording_sink::RecordingSink;
+use knowbe4_source::testkit::sim::{Fault, Reading, SimConfig, Simulator};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use secrecy::SecretString;
@@ -70,7 +70,7 @@ async fn settle(
     sink: &RecordingSink,
 ) {
     for _ in 0..12 {
-        let report = collect_source(app, id, deadline(60)).await;
+        let report = collect_source(app.run_context(), id, deadline(60)).await;
         observe(watch, store, id, sink).await;
         if report.outcome == Outcome::Collected && !report.backlog {
             return;
@@ -142,7 +142,7 @@ async fn knowbe4_faults() {
             let count = rng.random_range(1..4);
             h.sim.inject(fault, count);
             verdict.faults += count as usize;
-            collect_source(&h.app, &id, deadline(25)).await;
+            collect_source(h.app.run_context(), &id, deadline(25)).await;
             observe(&mut watch, h.app.store.as_ref(), &id, &h.sink).await;
         }
         h.sim.clear_faults();
@@ -187,7 +187,7 @@ async fn destination_faults() {
                 h.sink.fail_next(status, rng.random_range(1..4));
             }
             verdict.faults += 1;
-            let report = collect_source(&h.app, &id, deadline(8)).await;
+            let report = collect_source(h.app.run_context(), &id, deadline(8)).await;
             if report.outcome == Outcome::Failed {
                 failed_runs += 1;
             }
@@ -252,7 +252,7 @@ async fn state_store_faults() {
         };
         for _ in 0..8 {
             mutate(&sim, &mut rng);
-            collect_source(&chaotic, &id, deadline(20)).await;
+            collect_source(chaotic.run_context(), &id, deadline(20)).await;
             observe(&mut watch, real.as_ref(), &id, &sink).await;
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
@@ -402,9 +402,10 @@ async fn overlapping_runs() {
         for _ in 0..4 {
             mutate(&h.sim, &mut rng);
             let app = &h.app;
-            let runs =
-                futures::future::join_all((0..8).map(|_| collect_source(app, &id, deadline(30))))
-                    .await;
+            let runs = futures::future::join_all(
+                (0..8).map(|_| collect_source(app.run_context(), &id, deadline(30))),
+            )
+            .await;
             verdict.faults += runs.iter().filter(|r| r.detail.contains("lease")).count();
             observe(&mut watch, h.app.store.as_ref(), &id, &h.sink).await;
         }

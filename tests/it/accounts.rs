@@ -4,8 +4,8 @@
 use std::collections::HashSet;
 use std::process::Command;
 
-use knowbe4_source::recording_sink::RecordingSink;
-use knowbe4_source::sim::{Reading, SimConfig, Simulator};
+use knowbe4_source::testkit::recording_sink::RecordingSink;
+use knowbe4_source::testkit::sim::{Reading, SimConfig, Simulator};
 
 use crate::helpers::*;
 
@@ -235,7 +235,7 @@ async fn a_second_source_for_the_same_account_and_destination_is_refused() {
         .unwrap();
     // After a run of each, status shows the shared budget and that the limits differ.
     for id in [&first, "second", "third"] {
-        knowbe4_source::collector::collect_source(&h.app, id, deadline(60)).await;
+        knowbe4_source::run::collect_source(h.app.run_context(), id, deadline(60)).await;
     }
     let status = h.app.status(Some("third")).await.unwrap().remove(0);
     assert_eq!(status.account_sources, vec!["first", "second", "third"]);

@@ -3,8 +3,8 @@
 
 use std::process::Command;
 
-use knowbe4_source::recording_sink::RecordingSink;
-use knowbe4_source::sim::{SimConfig, Simulator};
+use knowbe4_source::testkit::recording_sink::RecordingSink;
+use knowbe4_source::testkit::sim::{SimConfig, Simulator};
 
 use crate::helpers::source_json;
 

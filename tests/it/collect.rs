@@ -3,9 +3,9 @@
 use std::collections::HashSet;
 
 use knowbe4_source::HealthKind;
-use knowbe4_source::collector::{Outcome, collect_source};
-use knowbe4_source::sim::{Fault, SimConfig};
-use knowbe4_source::state::Lifecycle;
+use knowbe4_source::domain::state::Lifecycle;
+use knowbe4_source::run::{Outcome, collect_source};
+use knowbe4_source::testkit::sim::{Fault, SimConfig};
 
 use crate::helpers::*;
 
@@ -29,7 +29,7 @@ async fn five_thousand_events_over_several_runs_arrive_once_each() {
         .unwrap();
 
     // A first run cut short by the deadline leaves a backlog...
-    let first = collect_source(&h.app, &id, deadline(10)).await;
+    let first = collect_source(h.app.run_context(), &id, deadline(10)).await;
     assert_eq!(first.outcome, Outcome::Collected, "{first:?}");
     assert!(first.backlog, "a 10 s run cannot drain 50 pages: {first:?}");
     let mut deleted_after_delivery = HashSet::new();
@@ -40,10 +40,10 @@ async fn five_thousand_events_over_several_runs_arrive_once_each() {
         for gone in h.sim.delete_events(25) {
             deleted_after_delivery.insert(gone);
         }
-        let report = collect_source(&h.app, &id, deadline(60)).await;
+        let report = collect_source(h.app.run_context(), &id, deadline(60)).await;
         assert_eq!(report.outcome, Outcome::Collected, "{report:?}");
     }
-    let last = collect_source(&h.app, &id, deadline(60)).await;
+    let last = collect_source(h.app.run_context(), &id, deadline(60)).await;
     assert_eq!(last.outcome, Outcome::Collected);
     assert!(!last.backlog, "{last:?}");
 
@@ -110,8 +110,10 @@ async fn overlapping_runs_of_one_source_never_collect_at_once() {
         .await
         .unwrap();
     let app = &h.app;
-    let runs =
-        futures::future::join_all((0..8).map(|_| collect_source(app, &id, deadline(60)))).await;
+    let runs = futures::future::join_all(
+        (0..8).map(|_| collect_source(app.run_context(), &id, deadline(60))),
+    )
+    .await;
     let collected = runs
         .iter()
         .filter(|r| r.outcome == Outcome::Collected)
@@ -176,7 +178,7 @@ async fn the_api_key_lives_only_in_secrets_manager() {
         )
         .await
         .unwrap();
-    let report = collect_source(&h.app, &id, deadline(60)).await;
+    let report = collect_source(h.app.run_context(), &id, deadline(60)).await;
     assert_eq!(report.outcome, Outcome::Collected, "{report:?}");
     let items = table_dump(&h).await;
     assert!(!items.is_empty());
@@ -216,13 +218,13 @@ async fn the_daily_quota_is_a_hard_limit_and_not_a_failure() {
         )
         .await
         .unwrap();
-    let first = collect_source(&h.app, &id, deadline(60)).await;
+    let first = collect_source(h.app.run_context(), &id, deadline(60)).await;
     assert_eq!(first.outcome, Outcome::Collected, "{first:?}");
     assert!(first.requests <= 3);
     // Later runs today never go past the limit (how much of it a run may spend depends
     // on the time of day: the allowance grows through the UTC day).
     for _ in 0..3 {
-        let again = collect_source(&h.app, &id, deadline(60)).await;
+        let again = collect_source(h.app.run_context(), &id, deadline(60)).await;
         assert_ne!(again.outcome, Outcome::Failed, "{again:?}");
     }
     let sent = h.sim.stats().requests;
@@ -236,7 +238,7 @@ async fn the_daily_quota_is_a_hard_limit_and_not_a_failure() {
         .account
         .clone()
         .expect("the run recorded its account");
-    let day = knowbe4_source::quota::utc_day(time::OffsetDateTime::now_utc());
+    let day = knowbe4_source::domain::quota::utc_day(time::OffsetDateTime::now_utc());
     while let knowbe4_source::store::Reservation::Granted(_) = h
         .app
         .store
@@ -244,7 +246,7 @@ async fn the_daily_quota_is_a_hard_limit_and_not_a_failure() {
         .await
         .unwrap()
     {}
-    let capped = collect_source(&h.app, &id, deadline(60)).await;
+    let capped = collect_source(h.app.run_context(), &id, deadline(60)).await;
     assert_eq!(capped.outcome, Outcome::Collected, "{capped:?}");
     assert_eq!(capped.requests, 0);
     assert_eq!(h.sim.stats().requests, sent, "no request past the limit");
@@ -274,13 +276,13 @@ async fn knowbe4_limit_exceeded_stops_until_tomorrow_without_failing() {
         )
         .await
         .unwrap();
-    let first = collect_source(&h.app, &id, deadline(60)).await;
+    let first = collect_source(h.app.run_context(), &id, deadline(60)).await;
     assert_eq!(first.outcome, Outcome::Collected, "{first:?}");
     assert!(first.detail.contains("quota"), "{first:?}");
     // The default reading serves 50 events a page (asked for 100).
     assert_eq!(first.forwarded, 100, "the two pages served are delivered");
     let before = h.sim.stats().requests;
-    let second = collect_source(&h.app, &id, deadline(60)).await;
+    let second = collect_source(h.app.run_context(), &id, deadline(60)).await;
     assert_eq!(second.outcome, Outcome::Skipped, "{second:?}");
     assert_eq!(
         h.sim.stats().requests,
@@ -309,7 +311,7 @@ async fn a_destination_outage_keeps_the_checkpoint_and_delivers_later() {
         .await
         .unwrap();
     h.sink.set_down(Some(503));
-    let failed = collect_source(&h.app, &id, deadline(8)).await;
+    let failed = collect_source(h.app.run_context(), &id, deadline(8)).await;
     assert_eq!(failed.outcome, Outcome::Failed, "{failed:?}");
     assert_eq!(failed.health, Some(HealthKind::FirstPartyGenericError));
     let status = h.app.status(Some(&id)).await.unwrap().remove(0);
@@ -320,7 +322,7 @@ async fn a_destination_outage_keeps_the_checkpoint_and_delivers_later() {
     assert_eq!(status.health[0].kind, HealthKind::FirstPartyGenericError);
     assert!(status.retry_deadline.is_some());
     h.sink.set_down(None);
-    let ok = collect_source(&h.app, &id, deadline(60)).await;
+    let ok = collect_source(h.app.run_context(), &id, deadline(60)).await;
     assert_eq!(ok.outcome, Outcome::Collected, "{ok:?}");
     let ids = h.sink.event_ids();
     assert_eq!(ids.len(), 300);
@@ -345,7 +347,7 @@ async fn a_wrong_key_is_a_config_error_and_blocks_until_updated() {
         )
         .await
         .unwrap();
-    let failed = collect_source(&h.app, &id, deadline(30)).await;
+    let failed = collect_source(h.app.run_context(), &id, deadline(30)).await;
     assert_eq!(
         failed.health,
         Some(HealthKind::ThirdPartyConfigError),
@@ -354,7 +356,7 @@ async fn a_wrong_key_is_a_config_error_and_blocks_until_updated() {
     // One request, then one more after the forced re-read of the secret.
     assert_eq!(h.sim.stats().requests, 2);
     for _ in 0..2 {
-        let skipped = collect_source(&h.app, &id, deadline(30)).await;
+        let skipped = collect_source(h.app.run_context(), &id, deadline(30)).await;
         assert_eq!(skipped.outcome, Outcome::Skipped, "{skipped:?}");
     }
     assert_eq!(h.sim.stats().requests, 2, "blocked runs call KnowBe4");
@@ -368,7 +370,7 @@ async fn a_wrong_key_is_a_config_error_and_blocks_until_updated() {
         )
         .await
         .unwrap();
-    let ok = collect_source(&h.app, &id, deadline(30)).await;
+    let ok = collect_source(h.app.run_context(), &id, deadline(30)).await;
     assert_eq!(ok.outcome, Outcome::Collected, "{ok:?}");
     assert_eq!(h.sink.event_ids().len(), 120);
 }
@@ -390,7 +392,7 @@ async fn server_errors_are_retried_within_the_run() {
         .await
         .unwrap();
     h.sim.inject(Fault::Status(503), 2);
-    let report = collect_source(&h.app, &id, deadline(60)).await;
+    let report = collect_source(h.app.run_context(), &id, deadline(60)).await;
     assert_eq!(report.outcome, Outcome::Collected, "{report:?}");
     assert_eq!(h.sink.event_ids().len(), 250);
     assert_rate_respected(&h.sim);
@@ -413,7 +415,7 @@ async fn a_malformed_page_is_a_health_event_and_moves_nothing() {
         .await
         .unwrap();
     h.sim.inject(Fault::Html, 10);
-    let report = collect_source(&h.app, &id, deadline(60)).await;
+    let report = collect_source(h.app.run_context(), &id, deadline(60)).await;
     assert_eq!(report.outcome, Outcome::Failed, "{report:?}");
     assert_eq!(report.health, Some(HealthKind::ThirdPartyGenericError));
     let status = h.app.status(Some(&id)).await.unwrap().remove(0);
@@ -424,7 +426,7 @@ async fn a_malformed_page_is_a_health_event_and_moves_nothing() {
         status.health[0]
     );
     h.sim.clear_faults();
-    let report = collect_source(&h.app, &id, deadline(60)).await;
+    let report = collect_source(h.app.run_context(), &id, deadline(60)).await;
     assert_eq!(report.outcome, Outcome::Collected, "{report:?}");
     assert_eq!(h.sink.event_ids().len(), 250);
 }

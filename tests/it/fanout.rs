@@ -12,10 +12,10 @@ use knowbe4_source::fanout::WorkQueue;
 use knowbe4_source::fanout::dispatch::dispatch;
 use knowbe4_source::fanout::work::handle_sqs_payload;
 use knowbe4_source::fanout::worker::WorkerReport;
-use knowbe4_source::sim::{SimConfig, Simulator};
 use knowbe4_source::sink::{DestinationConfig, Format};
 use knowbe4_source::store::dynamo::DynamoStore;
 use knowbe4_source::store::secrets_manager::SecretsManagerVault;
+use knowbe4_source::testkit::sim::{SimConfig, Simulator};
 use secrecy::SecretString;
 
 use crate::helpers::*;
@@ -487,7 +487,7 @@ async fn the_sample_sqs_event_runs_its_source_and_reports_the_unknown_one() {
     })
     .await
     .unwrap();
-    let sink = knowbe4_source::recording_sink::RecordingSink::spawn()
+    let sink = knowbe4_source::testkit::recording_sink::RecordingSink::spawn()
         .await
         .unwrap();
     let dir = tempfile::tempdir().unwrap();

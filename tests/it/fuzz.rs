@@ -11,7 +11,7 @@
 use knowbe4_source::Error;
 use knowbe4_source::app::Action;
 use knowbe4_source::config::{ValidationOptions, parse_source_value};
-use knowbe4_source::recording_sink::RecordingSink;
+use knowbe4_source::testkit::recording_sink::RecordingSink;
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
 use proptest::test_runner::TestRunner;

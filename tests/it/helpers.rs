@@ -6,12 +6,12 @@ use std::time::Duration;
 
 use knowbe4_source::app::{App, Settings, Vault};
 use knowbe4_source::config::ValidationOptions;
-use knowbe4_source::recording_sink::RecordingSink;
-use knowbe4_source::sim::{SimConfig, Simulator};
 use knowbe4_source::sink::{DestinationConfig, Format};
 use knowbe4_source::store::dynamo::DynamoStore;
 use knowbe4_source::store::file::FileStore;
 use knowbe4_source::store::secrets_manager::SecretsManagerVault;
+use knowbe4_source::testkit::recording_sink::RecordingSink;
+use knowbe4_source::testkit::sim::{SimConfig, Simulator};
 use secrecy::SecretString;
 use tokio::time::Instant;
 

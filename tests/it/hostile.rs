@@ -16,8 +16,8 @@ use std::time::Duration;
 
 use knowbe4_source::HealthKind;
 use knowbe4_source::app::App;
-use knowbe4_source::collector::{Outcome, RunReport, collect_source};
-use knowbe4_source::sim::{Fault, SimConfig};
+use knowbe4_source::run::{Outcome, RunReport, collect_source};
+use knowbe4_source::testkit::sim::{Fault, SimConfig};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use tokio::time::Instant;
@@ -89,7 +89,7 @@ impl CheckpointWatch {
 /// checkpoint did not go backwards.
 async fn run(h: &Harness, watch: &mut CheckpointWatch, secs: u64, context: &str) -> RunReport {
     let started = Instant::now();
-    let report = collect_source(&h.app, &watch.id, deadline(secs)).await;
+    let report = collect_source(h.app.run_context(), &watch.id, deadline(secs)).await;
     let took = started.elapsed();
     assert!(
         took <= Duration::from_secs(secs) + SLACK,

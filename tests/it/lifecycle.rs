@@ -3,10 +3,10 @@
 use std::collections::HashSet;
 
 use knowbe4_source::HealthKind;
-use knowbe4_source::collector::{Outcome, collect_source};
-use knowbe4_source::recording_sink::RecordingSink;
-use knowbe4_source::sim::{Fault, SimConfig, Simulator};
-use knowbe4_source::state::Lifecycle;
+use knowbe4_source::domain::state::Lifecycle;
+use knowbe4_source::run::{Outcome, collect_source};
+use knowbe4_source::testkit::recording_sink::RecordingSink;
+use knowbe4_source::testkit::sim::{Fault, SimConfig, Simulator};
 
 use crate::helpers::*;
 
@@ -28,7 +28,7 @@ async fn a_new_source_walks_the_documented_states_on_its_first_run() {
         .unwrap();
     let status = h.app.status(Some(&id)).await.unwrap().remove(0);
     assert_eq!(status.state, Lifecycle::Pending);
-    let report = collect_source(&h.app, &id, deadline(30)).await;
+    let report = collect_source(h.app.run_context(), &id, deadline(30)).await;
     assert_eq!(report.outcome, Outcome::Collected, "{report:?}");
     let status = h.app.status(Some(&id)).await.unwrap().remove(0);
     let states: Vec<Lifecycle> = status.history.iter().map(|t| t.state).collect();
@@ -69,7 +69,7 @@ async fn knowbe4_failing_past_the_retry_window_quits_until_restart() {
         .await
         .unwrap();
     h.sim.inject(Fault::Status(500), 1000);
-    let first = collect_source(&h.app, &id, deadline(30)).await;
+    let first = collect_source(h.app.run_context(), &id, deadline(30)).await;
     assert_eq!(
         first.health,
         Some(HealthKind::ThirdPartyGenericError),
@@ -82,7 +82,7 @@ async fn knowbe4_failing_past_the_retry_window_quits_until_restart() {
     assert!(health[0].retry_at.is_some() && health[0].retry_deadline.is_some());
 
     tokio::time::sleep(std::time::Duration::from_millis(3100)).await;
-    let second = collect_source(&h.app, &id, deadline(30)).await;
+    let second = collect_source(h.app.run_context(), &id, deadline(30)).await;
     assert_eq!(second.outcome, Outcome::Failed);
     let health = h.app.health(&id).await.unwrap();
     assert_eq!(health.len(), 1, "repeats update one event: {health:?}");
@@ -95,7 +95,7 @@ async fn knowbe4_failing_past_the_retry_window_quits_until_restart() {
     assert_eq!(status.state, Lifecycle::Error);
 
     let before = h.sim.stats().requests;
-    let skipped = collect_source(&h.app, &id, deadline(30)).await;
+    let skipped = collect_source(h.app.run_context(), &id, deadline(30)).await;
     assert_eq!(skipped.outcome, Outcome::Skipped);
     assert_eq!(
         h.sim.stats().requests,
@@ -108,7 +108,7 @@ async fn knowbe4_failing_past_the_retry_window_quits_until_restart() {
     let status = h.app.status(Some(&id)).await.unwrap().remove(0);
     assert_eq!(status.state, Lifecycle::Pending);
     assert!(status.retry_deadline.is_none());
-    let ok = collect_source(&h.app, &id, deadline(30)).await;
+    let ok = collect_source(h.app.run_context(), &id, deadline(30)).await;
     assert_eq!(ok.outcome, Outcome::Collected, "{ok:?}");
     assert_eq!(
         h.sink.event_ids().len(),
@@ -147,7 +147,7 @@ async fn delete_removes_every_item_and_the_secret() {
         .await
         .unwrap();
     h.sim.inject(Fault::Status(503), 4);
-    collect_source(&h.app, &id, deadline(30)).await; // leaves a health event and quota items
+    collect_source(h.app.run_context(), &id, deadline(30)).await; // leaves a health event and quota items
     let secret_name = format!("{}{id}", h.prefix);
     h.secrets
         .describe_secret()
@@ -186,7 +186,7 @@ async fn delete_removes_every_item_and_the_secret() {
         .await;
     assert!(read.is_err(), "a deleted source's secret is still readable");
     assert!(h.app.status(Some(&id)).await.is_err());
-    let report = collect_source(&h.app, &id, deadline(10)).await;
+    let report = collect_source(h.app.run_context(), &id, deadline(10)).await;
     assert_eq!(report.outcome, Outcome::Skipped);
 }
 

@@ -10,7 +10,7 @@ use axum::body::Body;
 use axum::extract::Request;
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use knowbe4_source::sim::{SimConfig, Simulator};
+use knowbe4_source::testkit::sim::{SimConfig, Simulator};
 
 use crate::helpers::source_json;
 

@@ -5,9 +5,9 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
-use knowbe4_source::collector::{Outcome, collect_source};
-use knowbe4_source::recording_sink::RecordingSink;
-use knowbe4_source::sim::{SimConfig, Simulator};
+use knowbe4_source::run::{Outcome, collect_source};
+use knowbe4_source::testkit::recording_sink::RecordingSink;
+use knowbe4_source::testkit::sim::{SimConfig, Simulator};
 
 use crate::helpers::{deadline, local_app, source_json};
 
@@ -332,7 +332,7 @@ async fn a_skipped_run_reports_the_quota_and_checkpoint_that_status_shows() {
         )
         .await
         .unwrap();
-    let first = collect_source(&app, &id, deadline(60)).await;
+    let first = collect_source(app.run_context(), &id, deadline(60)).await;
     assert_eq!(first.outcome, Outcome::Collected, "{first:?}");
     // Another run holds the lease: this one is skipped.
     let now = std::time::SystemTime::now()
@@ -345,7 +345,7 @@ async fn a_skipped_run_reports_the_quota_and_checkpoint_that_status_shows() {
         .await
         .unwrap();
     assert!(held.is_some());
-    let skipped = collect_source(&app, &id, deadline(60)).await;
+    let skipped = collect_source(app.run_context(), &id, deadline(60)).await;
     assert_eq!(skipped.outcome, Outcome::Skipped, "{skipped:?}");
     let status = &app.status(Some(&id)).await.unwrap()[0];
     assert_eq!(skipped.quota_left, status.quota_left_today, "{skipped:?}");

@@ -2,8 +2,8 @@
 //! actions, in local mode, against the simulator.
 
 use knowbe4_source::app::Action;
-use knowbe4_source::recording_sink::RecordingSink;
-use knowbe4_source::sim::{SimConfig, Simulator};
+use knowbe4_source::testkit::recording_sink::RecordingSink;
+use knowbe4_source::testkit::sim::{SimConfig, Simulator};
 
 use crate::helpers::{deadline, local_app};
 

@@ -7,8 +7,8 @@
 
 use std::collections::HashSet;
 
-use knowbe4_source::collector::{Outcome, RunReport, collect_source};
-use knowbe4_source::sim::{Fault, Reading, SimConfig};
+use knowbe4_source::run::{Outcome, RunReport, collect_source};
+use knowbe4_source::testkit::sim::{Fault, Reading, SimConfig};
 
 use crate::helpers::*;
 
@@ -47,7 +47,7 @@ async fn cell(reading: Reading, events: usize) {
         .unwrap();
 
     // A first run cut short by the deadline leaves a backlog (when the list is long).
-    let first = collect_source(&h.app, &id, deadline(8)).await;
+    let first = collect_source(h.app.run_context(), &id, deadline(8)).await;
     assert_eq!(first.outcome, Outcome::Collected, "{context}: {first:?}");
     assert_within_bound(&first, events, &reading, &context);
 
@@ -60,11 +60,11 @@ async fn cell(reading: Reading, events: usize) {
             h.sim.inject(Fault::Pass, 1);
             h.sim.inject(Fault::Malformed, 1);
         }
-        let report = collect_source(&h.app, &id, deadline(60)).await;
+        let report = collect_source(h.app.run_context(), &id, deadline(60)).await;
         assert_eq!(report.outcome, Outcome::Collected, "{context}: {report:?}");
         assert_within_bound(&report, h.sim.event_ids().len(), &reading, &context);
     }
-    let last = collect_source(&h.app, &id, deadline(60)).await;
+    let last = collect_source(h.app.run_context(), &id, deadline(60)).await;
     assert_eq!(last.outcome, Outcome::Collected, "{context}: {last:?}");
     assert!(!last.backlog, "{context}: {last:?}");
 

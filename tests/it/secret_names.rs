@@ -5,7 +5,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use knowbe4_source::app::App;
-use knowbe4_source::collector::{Outcome, collect_source};
+use knowbe4_source::run::{Outcome, collect_source};
 use knowbe4_source::store::secrets_manager::SecretsManagerVault;
 
 use crate::helpers::*;
@@ -138,6 +138,6 @@ async fn source_secrets_never_touch_the_stacks_or_foreign_secrets() {
     )
     .await
     .unwrap();
-    let report = collect_source(&app, &id, deadline(30)).await;
+    let report = collect_source(app.run_context(), &id, deadline(30)).await;
     assert_eq!(report.outcome, Outcome::Collected, "{report:?}");
 }

@@ -11,10 +11,10 @@ use std::path::Path;
 use std::process::Output;
 
 use knowbe4_source::app::Action;
-use knowbe4_source::collector::{Outcome, collect_source};
-use knowbe4_source::recording_sink::RecordingSink;
-use knowbe4_source::sim::{SimConfig, Simulator};
+use knowbe4_source::run::{Outcome, collect_source};
 use knowbe4_source::store::dynamo::DynamoStore;
+use knowbe4_source::testkit::recording_sink::RecordingSink;
+use knowbe4_source::testkit::sim::{SimConfig, Simulator};
 
 use crate::helpers::*;
 
@@ -466,7 +466,7 @@ async fn debug_output_errors_and_reports_hold_no_secret() {
         )
         .await
         .unwrap();
-    let report = collect_source(&h.app, &id, deadline(30)).await;
+    let report = collect_source(h.app.run_context(), &id, deadline(30)).await;
     assert_eq!(report.outcome, Outcome::Collected, "{report:?}");
     let record = h.app.store.get_source(&id).await.unwrap().unwrap();
     let secrets = h.app.source_secrets(&record, false).await.unwrap();
@@ -494,7 +494,7 @@ async fn debug_output_errors_and_reports_hold_no_secret() {
 
     // Failures: a refused key, a rejected config carrying the key, a destination outage.
     h.sim.set_api_key("another-key");
-    let refused = collect_source(&h.app, &id, deadline(30)).await;
+    let refused = collect_source(h.app.run_context(), &id, deadline(30)).await;
     assert_eq!(refused.outcome, Outcome::Failed, "{refused:?}");
     canaries.assert_absent("a refused run's report", &format!("{refused:?}"));
     let health = h.app.health(&id).await.unwrap();
@@ -563,7 +563,7 @@ async fn a_rotated_key_costs_one_401_and_one_secret_read() {
         )
         .await
         .unwrap();
-    let first = collect_source(&h.app, &id, deadline(30)).await;
+    let first = collect_source(h.app.run_context(), &id, deadline(30)).await;
     assert_eq!(first.outcome, Outcome::Collected, "{first:?}");
     let requests_before = h.sim.requests().len();
 
@@ -576,7 +576,7 @@ async fn a_rotated_key_costs_one_401_and_one_secret_read() {
         .await
         .unwrap();
     h.sim.add_events(30, 0);
-    let second = collect_source(&h.app, &id, deadline(30)).await;
+    let second = collect_source(h.app.run_context(), &id, deadline(30)).await;
     assert_eq!(second.outcome, Outcome::Collected, "{second:?}");
     assert!(second.health.is_none(), "{second:?}");
     assert!(h.app.health(&id).await.unwrap().is_empty());
@@ -632,7 +632,7 @@ async fn an_update_keeping_the_key_still_stores_the_new_destination() {
         )
         .await
         .unwrap();
-    let report = collect_source(&h.app, &id, deadline(30)).await;
+    let report = collect_source(h.app.run_context(), &id, deadline(30)).await;
     assert_eq!(report.outcome, Outcome::Collected, "{report:?}");
     assert_eq!(own_sink.event_ids().len(), 120);
     assert!(h.sink.event_ids().is_empty());

@@ -14,7 +14,7 @@ async fn the_state_file_is_private_and_planted_links_receive_nothing() {
     use std::os::unix::fs::PermissionsExt;
 
     let key = canary("key");
-    let sink = knowbe4_source::recording_sink::RecordingSink::spawn()
+    let sink = knowbe4_source::testkit::recording_sink::RecordingSink::spawn()
         .await
         .unwrap();
     let root = tempfile::tempdir().unwrap();

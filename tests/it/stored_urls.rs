@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use knowbe4_source::HealthKind;
 use knowbe4_source::app::App;
-use knowbe4_source::collector::{Outcome, collect_source};
+use knowbe4_source::run::{Outcome, collect_source};
 use knowbe4_source::store::secrets_manager::SecretsManagerVault;
 
 use crate::helpers::*;
@@ -78,7 +78,7 @@ async fn a_tampered_base_url_in_dynamodb_is_refused_before_the_key_is_sent() {
         .await
         .unwrap();
     tamper_api_base(&h, &id, &attacker.base).await;
-    let report = collect_source(&deployed_app(&h), &id, deadline(20)).await;
+    let report = collect_source(deployed_app(&h).run_context(), &id, deadline(20)).await;
     assert_eq!(report.outcome, Outcome::Failed, "{report:?}");
     assert_eq!(
         report.health,
@@ -101,7 +101,7 @@ async fn a_tampered_base_url_in_dynamodb_is_refused_before_the_key_is_sent() {
         )
         .await
         .unwrap();
-    let report = collect_source(&deployed_app(&h), &sim_source, deadline(20)).await;
+    let report = collect_source(deployed_app(&h).run_context(), &sim_source, deadline(20)).await;
     assert_eq!(
         report.health,
         Some(HealthKind::ThirdPartyConfigError),

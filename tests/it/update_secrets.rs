@@ -1,8 +1,8 @@
 //! Issue 10, finding 4: on `update`, a stored secret is kept only while the endpoint it
 //! authenticates to is unchanged.
 
-use knowbe4_source::collector::{Outcome, collect_source};
 use knowbe4_source::error::Error;
+use knowbe4_source::run::{Outcome, collect_source};
 
 use crate::helpers::*;
 use crate::loopback::*;
@@ -65,7 +65,7 @@ async fn an_update_does_not_carry_stored_secrets_to_a_new_endpoint() {
         "{err}"
     );
     // Nothing changed: the next run goes where the secrets belong.
-    let report = collect_source(&h.app, &id, deadline(30)).await;
+    let report = collect_source(h.app.run_context(), &id, deadline(30)).await;
     assert_eq!(report.outcome, Outcome::Collected, "{report:?}");
     assert!(new_host.seen().is_empty(), "{:?}", new_host.seen());
     assert!(new_destination.seen().is_empty());
@@ -84,7 +84,7 @@ async fn an_update_does_not_carry_stored_secrets_to_a_new_endpoint() {
         .await
         .unwrap();
     h.sim.add_events(5, 0);
-    let report = collect_source(&h.app, &id, deadline(30)).await;
+    let report = collect_source(h.app.run_context(), &id, deadline(30)).await;
     assert_eq!(report.outcome, Outcome::Collected, "{report:?}");
     let seen = old_destination.seen();
     let auth = seen.last().unwrap().headers.get("authorization").unwrap();

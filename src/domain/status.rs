@@ -5,10 +5,10 @@
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
-use crate::checkpoint::{Checkpoint, DEFAULT_PAGE_SIZE};
+use crate::domain::checkpoint::{Checkpoint, DEFAULT_PAGE_SIZE};
+use crate::domain::event::EventTime;
+use crate::domain::state::{HealthEvent, Lifecycle, Millis, Transition};
 use crate::error::HealthKind;
-use crate::event::EventTime;
-use crate::state::{HealthEvent, Lifecycle, Millis, Transition};
 
 /// An instant in epoch milliseconds as RFC 3339 with milliseconds (`…T10:05:13.890Z`):
 /// one fixed width, so the strings also sort in time order.
@@ -156,7 +156,7 @@ pub fn backlog(
 /// `seconds` in words: `3 h 20 min`, `2 days 4 h`, `45 s`.
 ///
 /// ```
-/// use knowbe4_source::status::duration_words;
+/// use knowbe4_source::domain::status::duration_words;
 ///
 /// assert_eq!(duration_words(45), "45 s");
 /// assert_eq!(duration_words(3 * 3600 + 20 * 60), "3 h 20 min");
@@ -180,7 +180,7 @@ pub fn duration_words(seconds: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::checkpoint::Gap;
+    use crate::domain::checkpoint::Gap;
 
     const HOUR_NS: i64 = 3_600_000_000_000;
 

@@ -13,9 +13,9 @@
 
 use time::OffsetDateTime;
 
-use crate::checkpoint::HeadWalk;
-use crate::event::EventTime;
-use crate::quota::run_budget;
+use crate::domain::checkpoint::HeadWalk;
+use crate::domain::event::EventTime;
+use crate::domain::quota::run_budget;
 
 const DAY_SECS: u64 = 86_400;
 

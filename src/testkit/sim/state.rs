@@ -13,6 +13,7 @@ use serde::Serialize;
 use time::{Date, OffsetDateTime};
 
 use super::events::{self, EVENT_TYPES};
+use super::reporting::Reporting;
 use super::{CountMode, Fault, Reading, RequestRecord, SimConfig, SimStats};
 
 /// Requests allowed in any trailing [`RATE_WINDOW`]; the next one is answered 429.
@@ -53,7 +54,7 @@ pub(crate) struct Reply {
 }
 
 impl Reply {
-    fn json(status: u16, body: String) -> Self {
+    pub(crate) fn json(status: u16, body: String) -> Self {
         Reply {
             status,
             content_type: "application/json; charset=utf-8",
@@ -217,6 +218,8 @@ pub(crate) struct State {
     stats: SimStats,
     /// The UTC day `stats.quota_used_today` counts for.
     quota_day: Date,
+    /// The Reporting API (`/v1/...`): its own token, tests, limits and log.
+    pub reporting: Reporting,
 }
 
 /// Unix milliseconds now.
@@ -246,6 +249,7 @@ impl State {
             log: Vec::new(),
             stats: SimStats::default(),
             quota_day: OffsetDateTime::now_utc().date(),
+            reporting: Reporting::new(config.reporting.clone()),
         };
         let now = now_millis();
         let span_ms = (config.span_hours.max(1) * 3_600_000) as i64;
@@ -408,6 +412,13 @@ impl State {
         authorization: Option<&str>,
         run_id: Option<String>,
     ) -> Reply {
+        if path.starts_with("/v1/") {
+            // The Reporting API: another API, with its own token and limits.
+            let answer =
+                self.reporting
+                    .handle(arrived, at_ms, method, path, query, authorization, run_id);
+            return Reply::json(answer.status, answer.body);
+        }
         while let Some(first) = self.window.front() {
             if arrived.saturating_duration_since(*first) >= RATE_WINDOW {
                 self.window.pop_front();

@@ -17,9 +17,9 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use crate::checkpoint::{PER_PAGE, Page};
+use crate::domain::checkpoint::{PER_PAGE, Page};
+use crate::domain::event::RawEvent;
 use crate::error::Error;
-use crate::event::RawEvent;
 
 /// Spacing between requests to one account: 4 per second with a 20 ms margin per
 /// request (80 ms per window) for scheduling and network jitter, so the server never
@@ -198,7 +198,7 @@ pub struct KnowBe4Client {
     base: String,
     /// The User Event API key.
     key: SecretString,
-    /// The account (API host + key) the limits belong to: [`crate::account::account_id`].
+    /// The account (API host + key) the limits belong to: [`crate::domain::account::account_id`].
     account: String,
     /// Paces requests to the account's rate limit.
     limiter: Arc<DefaultDirectRateLimiter>,
@@ -227,7 +227,7 @@ impl KnowBe4Client {
         timeout: Duration,
     ) -> Self {
         let base = base.trim_end_matches('/').to_string();
-        let account = crate::account::account_id(&base, &key);
+        let account = crate::domain::account::account_id(&base, &key);
         KnowBe4Client {
             limiter: limiter_for(&base, &account),
             account,
@@ -241,7 +241,7 @@ impl KnowBe4Client {
 
     /// Replaces the key (after a forced re-read of the secret).
     pub fn set_key(&mut self, key: SecretString) {
-        self.account = crate::account::account_id(&self.base, &key);
+        self.account = crate::domain::account::account_id(&self.base, &key);
         self.limiter = limiter_for(&self.base, &self.account);
         self.key = key;
     }
@@ -404,7 +404,7 @@ pub fn parse_page(body: &[u8], page_no: u32) -> Result<Page, ApiError> {
     for raw in parsed.data {
         match RawEvent::parse(raw) {
             Ok(event) => events.push(Some(event)),
-            Err((crate::event::EventParseError::BadOccurredDate { id }, raw)) => {
+            Err((crate::domain::event::EventParseError::BadOccurredDate { id }, raw)) => {
                 undated.push((events.len(), id, raw));
                 events.push(None);
             }
@@ -489,7 +489,7 @@ fn impute_dates(
     if undated.is_empty() {
         return events.into_iter().flatten().collect();
     }
-    let times: Vec<Option<crate::event::EventTime>> = events
+    let times: Vec<Option<crate::domain::event::EventTime>> = events
         .iter()
         .map(|e| e.as_ref().map(|e| e.occurred))
         .collect();
@@ -511,7 +511,7 @@ fn impute_dates(
                     .chain(times[i..].iter().flatten())
                     .next()
                     .copied()
-                    .unwrap_or(crate::checkpoint::UNDATED);
+                    .unwrap_or(crate::domain::checkpoint::UNDATED);
                 RawEvent { id, occurred, json }
             }
         })
@@ -661,7 +661,7 @@ mod tests {
         let alone = br#"{"data":[{"id":"b","occurred_date":null}],"meta":{}}"#;
         assert_eq!(
             parse_page(alone, 1).unwrap().events[0].occurred,
-            crate::checkpoint::UNDATED
+            crate::domain::checkpoint::UNDATED
         );
         let long = format!(
             r#"{{"data":[{{"id":"{}","occurred_date":"2024-01-02T03:04:05Z"}}],"meta":{{}}}}"#,

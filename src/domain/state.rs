@@ -8,8 +8,8 @@ use std::collections::VecDeque;
 
 use serde::{Deserialize, Serialize};
 
-use crate::checkpoint::Checkpoint;
 use crate::config::SourceSpec;
+use crate::domain::checkpoint::Checkpoint;
 use crate::error::HealthKind;
 
 /// Unix time in milliseconds: every stored instant uses it.
@@ -43,7 +43,7 @@ pub struct SourceRecord {
     pub created_at: Millis,
     /// When the configuration last changed.
     pub updated_at: Millis,
-    /// The KnowBe4 account id (hash of API host and key, see [`crate::account`]), for the
+    /// The KnowBe4 account id (hash of API host and key, see [`crate::domain::account`]), for the
     /// duplicate guard; absent on sources stored before it existed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub account: Option<String>,
@@ -151,7 +151,7 @@ pub struct SourceState {
     pub last_success: Option<Millis>,
     /// Counters for `status` and metrics.
     pub counters: RunCounters,
-    /// The KnowBe4 account id (see [`crate::account`]) the last run collected from, so
+    /// The KnowBe4 account id (see [`crate::domain::account`]) the last run collected from, so
     /// `status` can show the account's shared budget without reading the key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub account: Option<String>,

@@ -103,7 +103,7 @@ use std::collections::HashSet;
 
 use serde::{Deserialize, Serialize};
 
-use crate::event::{EventTime, RawEvent};
+use crate::domain::event::{EventTime, RawEvent};
 
 /// Ids kept for dedupe inside the lateness window (~24 bytes each when stored).
 pub const MAX_RECENT_IDS: usize = 2000;
@@ -1080,7 +1080,7 @@ mod compact_ids {
     use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
     use super::SeenId;
-    use crate::event::EventTime;
+    use crate::domain::event::EventTime;
 
     #[derive(Serialize, Deserialize, Default)]
     struct Stored {

@@ -169,7 +169,7 @@ async fn events_look_like_knowbe4_events() {
         assert_eq!(at.len(), 24, "{at}");
         assert_eq!(&at[19..20], ".");
         assert!(at.ends_with('Z'));
-        assert!(crate::event::EventTime::parse(at).is_some());
+        assert!(crate::domain::event::EventTime::parse(at).is_some());
         assert!(event["risk"]["level"].as_i64().unwrap().abs() <= 10);
         assert!(event["metadata"].is_object() || event["metadata"].is_null());
         assert!(event["event_type"]["name"].is_string());

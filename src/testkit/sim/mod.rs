@@ -22,13 +22,23 @@
 //! | `GET /_sim/events` | | `{"ids":[...]}` newest first |
 //! | `GET /_sim/requests` | | `[RequestRecord...]` |
 //! | `GET /_sim/stats` | | `SimStats` |
+//! | `GET /_sim/phishing/tests` | | the security tests as the API serves them |
+//! | `POST /_sim/phishing/tests` | `{"recipients":n}` or `{"error":true}` | `{"pst_id":id}` |
+//! | `POST /_sim/phishing/progress` | `{"count":n}` or `{"pst_id":id,"count":n}` | `{"recipient_ids":[...]}` |
+//! | `POST /_sim/phishing/close` | `{"pst_id":id}` | 204, or 404 |
+//! | `GET /_sim/phishing/requests` | | `[RequestRecord...]` of the Reporting API |
+//!
+//! The Reporting API (`/v1/phishing/security_tests`, `.../{pst_id}/recipients`) is served
+//! on the same port with its own token, limits and log: see `reporting`.
 //!
 //! Layout:
 //! - `events`: compact event storage and the JSON each event is served as.
 //! - `state`: accounting and every API decision, without I/O.
+//! - `reporting`: the Reporting API's tests, recipients, limits and answers.
 //! - `server`: the listener (whose connections can be cut), the handlers, control routes.
 
 mod events;
+mod reporting;
 mod server;
 mod state;
 #[cfg(test)]
@@ -43,6 +53,7 @@ use time::OffsetDateTime;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+pub use reporting::{BURST_PER_MINUTE, BURST_PER_SECOND, ReportingConfig, ReportingStats};
 use server::{Shared, lock};
 use state::State;
 
@@ -67,6 +78,8 @@ pub struct SimConfig {
     pub enforce_rate_limit: bool,
     /// Which reading of the API's unconfirmed details to play.
     pub reading: Reading,
+    /// The Reporting API (phishing security tests and recipients) on the same port.
+    pub reporting: ReportingConfig,
 }
 
 /// What `meta.count` counts: the public record cannot tell (every recorded page is a
@@ -184,6 +197,7 @@ impl Default for SimConfig {
             wrong_key_status: 401,
             enforce_rate_limit: true,
             reading: Reading::default(),
+            reporting: ReportingConfig::default(),
         }
     }
 }
@@ -200,6 +214,7 @@ impl fmt::Debug for SimConfig {
             .field("wrong_key_status", &self.wrong_key_status)
             .field("enforce_rate_limit", &self.enforce_rate_limit)
             .field("reading", &self.reading)
+            .field("reporting", &self.reporting)
             .finish()
     }
 }
@@ -431,6 +446,53 @@ impl Simulator {
     /// The counters.
     pub fn stats(&self) -> SimStats {
         lock(&self.shared).stats()
+    }
+
+    /// Adds a phishing security test in progress with `recipients` recipients; returns
+    /// its `pst_id`.
+    pub fn add_phishing_test(&self, recipients: usize) -> u64 {
+        lock(&self.shared).reporting.add_test(recipients)
+    }
+
+    /// Adds a phishing security test in status `Error` with `started_at: null`.
+    pub fn add_errored_phishing_test(&self) -> u64 {
+        lock(&self.shared).reporting.add_errored_test()
+    }
+
+    /// Moves `count` recipients (of `pst_id`, or of every test in turn) one result
+    /// further; returns their `recipient_id`s.
+    pub fn progress_phishing(&self, pst_id: Option<u64>, count: usize) -> Vec<u64> {
+        lock(&self.shared).reporting.progress(pst_id, count)
+    }
+
+    /// Closes a phishing security test; `false` when there is none with this id.
+    pub fn close_phishing_test(&self, pst_id: u64) -> bool {
+        lock(&self.shared).reporting.close(pst_id)
+    }
+
+    /// Replaces the Reporting API token.
+    pub fn set_reporting_token(&self, token: &str) {
+        lock(&self.shared).reporting.set_token(token);
+    }
+
+    /// Every phishing security test as the API serves it now: the oracle.
+    pub fn phishing_tests(&self) -> Vec<serde_json::Value> {
+        lock(&self.shared).reporting.tests_json()
+    }
+
+    /// Every recipient of `pst_id` as the API serves it now: the oracle.
+    pub fn phishing_recipients(&self, pst_id: u64) -> Vec<serde_json::Value> {
+        lock(&self.shared).reporting.recipients_json(pst_id)
+    }
+
+    /// Every Reporting API request so far, in arrival order.
+    pub fn reporting_requests(&self) -> Vec<RequestRecord> {
+        lock(&self.shared).reporting.requests()
+    }
+
+    /// The Reporting API's counters.
+    pub fn reporting_stats(&self) -> ReportingStats {
+        lock(&self.shared).reporting.stats()
     }
 
     /// Stops the server: lets in-flight answers finish for up to a second, then cuts them.

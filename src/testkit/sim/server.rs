@@ -175,6 +175,13 @@ pub(crate) fn router(shared: Shared) -> Router {
         )
         .route("/_sim/latency", put(control_latency))
         .route("/_sim/requests", get(control_requests))
+        .route(
+            "/_sim/phishing/tests",
+            get(control_phishing_tests).post(control_phishing_add),
+        )
+        .route("/_sim/phishing/progress", post(control_phishing_progress))
+        .route("/_sim/phishing/close", post(control_phishing_close))
+        .route("/_sim/phishing/requests", get(control_phishing_requests))
         .route("/_sim/stats", get(control_stats))
         .fallback(api)
         .with_state(shared)
@@ -392,4 +399,74 @@ async fn control_requests(AxumState(shared): AxumState<Shared>) -> Response {
 async fn control_stats(AxumState(shared): AxumState<Shared>) -> Response {
     let stats = lock(&shared).stats();
     Json(stats).into_response()
+}
+
+/// `POST /_sim/phishing/tests` body.
+#[derive(Deserialize)]
+struct PhishingAddRequest {
+    /// Recipients of the new test.
+    #[serde(default)]
+    recipients: usize,
+    /// A test in status `Error` (no recipients, `started_at: null`) instead.
+    #[serde(default)]
+    error: bool,
+}
+
+async fn control_phishing_tests(AxumState(shared): AxumState<Shared>) -> Response {
+    Json(lock(&shared).reporting.tests_json()).into_response()
+}
+
+async fn control_phishing_add(
+    AxumState(shared): AxumState<Shared>,
+    Json(request): Json<PhishingAddRequest>,
+) -> Response {
+    let mut state = lock(&shared);
+    let pst_id = if request.error {
+        state.reporting.add_errored_test()
+    } else {
+        state.reporting.add_test(request.recipients)
+    };
+    Json(json!({ "pst_id": pst_id })).into_response()
+}
+
+/// `POST /_sim/phishing/progress` body.
+#[derive(Deserialize)]
+struct PhishingProgressRequest {
+    /// Only this test (every test in turn when absent).
+    #[serde(default)]
+    pst_id: Option<u64>,
+    /// Recipients to move one result further.
+    count: usize,
+}
+
+async fn control_phishing_progress(
+    AxumState(shared): AxumState<Shared>,
+    Json(request): Json<PhishingProgressRequest>,
+) -> Response {
+    let moved = lock(&shared)
+        .reporting
+        .progress(request.pst_id, request.count);
+    Json(json!({ "recipient_ids": moved })).into_response()
+}
+
+/// `POST /_sim/phishing/close` body.
+#[derive(Deserialize)]
+struct PhishingCloseRequest {
+    /// The test to close.
+    pst_id: u64,
+}
+
+async fn control_phishing_close(
+    AxumState(shared): AxumState<Shared>,
+    Json(request): Json<PhishingCloseRequest>,
+) -> StatusCode {
+    if lock(&shared).reporting.close(request.pst_id) {
+        StatusCode::NO_CONTENT
+    } else {
+        StatusCode::NOT_FOUND
+    }
+}
+
+async fn control_phishing_requests(AxumState(shared): AxumState<Shared>) -> Response {
+    Json(lock(&shared).reporting.requests()).into_response()
 }

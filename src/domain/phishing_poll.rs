@@ -1,0 +1,164 @@
+//! Which phishing security tests a poll reads the recipients of, and when a test stops
+//! being polled. Pure logic, not yet driven by a run (the phishing stream is issue 12's
+//! step 4).
+//!
+//! Every poll (every `phishingPollInterval` hours) reads the whole list of security tests
+//! (one request per 500 tests) and forwards each test that is new or changed. A test's
+//! counts (`delivered_count`, `opened_count`, `clicked_count`, `reported_count`, ...) move
+//! whenever one of its recipients gets a result, so a changed test object is the signal
+//! that its recipients changed. The recipients of a test are read when:
+//! 1. the test is not final (its status is neither `Closed` nor `Error`), or
+//! 2. the test object changed since the last poll (a late result moved a count), or
+//! 3. it became final, or last changed, less than [`QUIET_AFTER_FINAL_MS`] (7 days) ago,
+//!    or
+//! 4. its recipients were last read [`SETTLED_RECHECK_MS`] (7 days) ago or longer.
+//!
+//! A test final and unchanged for 7 days is *settled*: only rule 4 reads it. The bound for
+//! a late change of a settled test: one that moves a count is caught at the next poll
+//! (rule 2); one that moves no count (a recipient's `ip` or `browser` filled in later) is
+//! caught within 7 days plus one poll interval (rule 4).
+
+/// How long after a test became final (or last changed) its recipients are still read
+/// every poll.
+pub const QUIET_AFTER_FINAL_MS: i64 = 7 * 86_400_000;
+/// How often a settled test's recipients are read anyway, to catch changes that move no
+/// count.
+pub const SETTLED_RECHECK_MS: i64 = 7 * 86_400_000;
+
+/// Whether a test's status is final: no more e-mails go out.
+pub fn is_final(status: &str) -> bool {
+    matches!(status, "Closed" | "Error")
+}
+
+/// What is remembered of one test between polls (Unix milliseconds).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TestTrack {
+    /// When the test was first seen final; `None` while it is not.
+    pub final_since: Option<i64>,
+    /// When the test object last changed (or first appeared).
+    pub last_changed: i64,
+    /// When its recipients were last read completely; `None` if never.
+    pub recipients_read: Option<i64>,
+}
+
+impl TestTrack {
+    /// The track after a poll saw the test with `status`, `changed` (its object is new or
+    /// differs from the last poll's) at `now`.
+    pub fn observe(self, status: &str, changed: bool, now: i64) -> TestTrack {
+        TestTrack {
+            final_since: match (is_final(status), self.final_since) {
+                (false, _) => None,
+                (true, Some(since)) => Some(since),
+                (true, None) => Some(now),
+            },
+            last_changed: if changed { now } else { self.last_changed },
+            recipients_read: self.recipients_read,
+        }
+    }
+
+    /// Whether this poll reads the test's recipients (rules 1 to 4 of the module docs),
+    /// given the track as [`observe`](Self::observe) left it.
+    pub fn read_recipients(&self, changed: bool, now: i64) -> bool {
+        let Some(final_since) = self.final_since else {
+            return true;
+        };
+        let Some(read) = self.recipients_read else {
+            return true;
+        };
+        changed
+            || now - final_since.max(self.last_changed) < QUIET_AFTER_FINAL_MS
+            || now - read >= SETTLED_RECHECK_MS
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HOUR: i64 = 3_600_000;
+    const DAY: i64 = 24 * HOUR;
+
+    #[test]
+    fn open_tests_are_read_every_poll_settled_ones_weekly() {
+        let mut track = TestTrack::default();
+        let mut reads = 0;
+        let mut now = 0;
+        // Two weeks in progress, then closed; polled hourly for five weeks.
+        for poll in 0..(35 * 24) {
+            now = poll as i64 * HOUR;
+            let status = if now < 14 * DAY {
+                "In Progress"
+            } else {
+                "Closed"
+            };
+            let changed = poll == 0 || now == 14 * DAY;
+            track = track.observe(status, changed, now);
+            if track.read_recipients(changed, now) {
+                reads += 1;
+                track.recipients_read = Some(now);
+            }
+        }
+        // 14 days open + 7 quiet days after closing, hourly; then one read a week.
+        let expected = 14 * 24 + 7 * 24 + 2;
+        assert_eq!(reads, expected, "at {now}");
+    }
+
+    #[test]
+    fn a_late_change_is_caught_at_the_next_poll_when_it_moves_a_count() {
+        let settled = TestTrack {
+            final_since: Some(0),
+            last_changed: 0,
+            recipients_read: Some(20 * DAY),
+        };
+        let now = 21 * DAY;
+        assert!(
+            !settled
+                .observe("Closed", false, now)
+                .read_recipients(false, now)
+        );
+        let moved = settled.observe("Closed", true, now);
+        assert!(moved.read_recipients(true, now));
+        // ... and every poll of the next week (it changed again, so it is not quiet).
+        let later = now + 3 * DAY;
+        assert!(
+            moved
+                .observe("Closed", false, later)
+                .read_recipients(false, later)
+        );
+    }
+
+    #[test]
+    fn a_change_that_moves_no_count_is_caught_within_a_week_and_a_poll() {
+        let settled = TestTrack {
+            final_since: Some(0),
+            last_changed: 0,
+            recipients_read: Some(10 * DAY),
+        };
+        let poll = 24 * HOUR; // the longest phishingPollInterval
+        let mut now = 10 * DAY;
+        let mut waited = 0;
+        loop {
+            now += poll;
+            waited += poll;
+            if settled
+                .observe("Closed", false, now)
+                .read_recipients(false, now)
+            {
+                break;
+            }
+            assert!(
+                waited <= SETTLED_RECHECK_MS + poll,
+                "not read within the bound"
+            );
+        }
+        assert!(waited <= SETTLED_RECHECK_MS + poll);
+    }
+
+    #[test]
+    fn errored_tests_are_final_and_reopened_tests_are_not() {
+        assert!(is_final("Error") && is_final("Closed") && !is_final("In Progress"));
+        let track = TestTrack::default().observe("Closed", true, 5);
+        assert_eq!(track.final_since, Some(5));
+        assert_eq!(track.observe("In Progress", true, 9).final_since, None);
+    }
+}
