@@ -18,7 +18,7 @@ use crate::domain::secrets::SourceSecrets;
 use crate::domain::state::{HealthEvent, Lifecycle, SourceRecord};
 use crate::domain::status::HealthView;
 use crate::error::{Error, Result};
-use crate::run::{RunContext, RunReport, Trigger, collect_source_with};
+use crate::run::{RunContext, RunReport, Trigger, collect_source_types};
 use crate::sink::{Destination, DestinationConfig, Format, rename_destination_field};
 use crate::store::StateStore;
 use crate::store::file::{DEFAULT_STATE_FILE, FileStore};
@@ -78,6 +78,10 @@ pub enum Action {
         /// for now.
         #[serde(skip)]
         scheduled: bool,
+        /// Only this data type (`events` or `phishing`), now, ignoring its poll interval;
+        /// without it a run collects every data type that is due.
+        #[serde(default, rename = "dataType")]
+        data_type: Option<crate::run::DataType>,
     },
     /// Create a source from the hosted JSON.
     Create {
@@ -176,6 +180,7 @@ impl Action {
             return Ok(Action::Collect {
                 source_id: None,
                 scheduled: true,
+                data_type: None,
             });
         }
         if !payload.is_object() {
@@ -312,6 +317,7 @@ impl App {
             Action::Collect {
                 source_id,
                 scheduled,
+                data_type,
             } => {
                 let trigger = if scheduled {
                     Trigger::Schedule
@@ -319,7 +325,7 @@ impl App {
                     Trigger::OnDemand
                 };
                 let reports = self
-                    .collect_with(source_id.as_deref(), deadline, trigger)
+                    .collect_types(source_id.as_deref(), deadline, trigger, data_type)
                     .await?;
                 Ok(serde_json::json!({ "runs": reports }))
             }
@@ -381,6 +387,18 @@ impl App {
         deadline: Instant,
         trigger: Trigger,
     ) -> Result<Vec<RunReport>> {
+        self.collect_types(source_id, deadline, trigger, None).await
+    }
+
+    /// As [`collect_with`](Self::collect_with), for only the data type `only` names (now,
+    /// ignoring its poll interval), or every data type that is due.
+    pub async fn collect_types(
+        &self,
+        source_id: Option<&str>,
+        deadline: Instant,
+        trigger: Trigger,
+        only: Option<crate::run::DataType>,
+    ) -> Result<Vec<RunReport>> {
         let ids: Vec<String> = match source_id {
             Some(id) => {
                 if self.store.get_source(id).await?.is_none() {
@@ -398,7 +416,8 @@ impl App {
         };
         let reports: Vec<RunReport> = futures::stream::iter(ids)
             .map(|id| async move {
-                let report = collect_source_with(self.run_context(), &id, deadline, trigger).await;
+                let report =
+                    collect_source_types(self.run_context(), &id, deadline, trigger, only).await;
                 log_run(&report);
                 self.settings
                     .metrics

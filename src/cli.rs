@@ -41,6 +41,10 @@ pub enum Command {
         /// nothing is due. Without it, `collect` collects all its budget pays for now.
         #[arg(long)]
         scheduled: bool,
+        /// Only this data type (`events` or `phishing`), now, ignoring its poll interval.
+        /// Without it, a run collects every data type of the source that is due.
+        #[arg(long, value_name = "TYPE")]
+        data_type: Option<crate::run::DataType>,
         /// Print the run reports as one JSON document on stdout.
         #[arg(long)]
         json: bool,
@@ -188,11 +192,13 @@ impl Command {
                 source,
                 json,
                 scheduled,
+                data_type,
                 ..
             } => (
                 Action::Collect {
                     source_id: source.clone(),
                     scheduled: *scheduled,
+                    data_type: *data_type,
                 },
                 *json,
             ),
@@ -466,6 +472,33 @@ pub fn format_status(s: &SourceStatus) -> String {
         );
     }
     out.push('\n');
+    if let Some(p) = &s.phishing {
+        let _ = writeln!(
+            out,
+            "Phishing      every {} h; last poll {}, next {}; {} tests tracked, {} live",
+            p.poll_interval_hours,
+            dash(&p.last_poll),
+            p.next_poll
+                .clone()
+                .unwrap_or_else(|| "at the next run".into()),
+            p.tests_tracked,
+            p.tests_live
+        );
+        let _ = writeln!(
+            out,
+            "Phishing      last poll {} requests, {} records; {} forwarded in total; Reporting API {} used of {} today{}",
+            p.last_poll_requests,
+            p.last_poll_forwarded,
+            p.forwarded_total,
+            p.requests_today,
+            p.daily_request_limit,
+            if p.stopped {
+                "; stopped until the source is updated or restarted"
+            } else {
+                ""
+            }
+        );
+    }
     out
 }
 
@@ -551,6 +584,7 @@ mod tests {
             count: 2,
             retry_at: None,
             retry_deadline: None,
+            data_type: None,
             resolved: true,
         });
         let text = format_status(&s);

@@ -372,6 +372,7 @@ impl SourceSpec {
             category: self.category.clone(),
             fields: self.fields.clone(),
             siem_forward: self.siem_forward,
+            sourcetype: None,
         }
     }
 }

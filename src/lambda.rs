@@ -60,6 +60,7 @@ pub async fn handle(
         Action::Collect {
             source_id: None,
             scheduled: true,
+            data_type: None,
         },
     ) = (queue, &action)
     {

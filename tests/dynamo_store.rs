@@ -100,6 +100,7 @@ fn health(id: &str, first_seen: i64, last_seen: i64, count: u32) -> HealthEvent 
         count,
         retry_at: Some(last_seen + 60_000),
         retry_deadline: Some(first_seen + 5_400_000),
+        data_type: Some("events".into()),
     }
 }
 

@@ -1,6 +1,6 @@
 //! The source-management actions: create, update, restart, delete.
 
-use crate::config::{Generation, SourceSpec, ValidationOptions, parse_source_value};
+use crate::config::{SourceSpec, ValidationOptions, parse_source_value};
 use crate::domain::account::account_id;
 use crate::domain::secrets::SourceSecrets;
 use crate::domain::state::{Lifecycle, SourceRecord, SourceState};
@@ -25,27 +25,6 @@ fn source_account(spec: &SourceSpec, secrets: &SourceSecrets) -> String {
         // Validation gives every source the key of a data type it collects.
         _ => account_id(&spec.api_base, &secrecy::SecretString::from("")),
     }
-}
-
-/// Refuses a configuration that asks for phishing security tests: this build does not
-/// collect them yet, and a source that silently collects nothing is worse than a clear no.
-fn refuse_phishing(spec: &SourceSpec) -> Result<()> {
-    if spec.phishing.is_none() {
-        return Ok(());
-    }
-    Err(match spec.generation {
-        Generation::Newest => Error::config(
-            "source.config.collectPhishingTests",
-            "is true (its default), but this build does not collect phishing security tests \
-             yet; set it to false, with collectExternalEvents true and apiKeyEvent, to collect \
-             user events",
-        ),
-        _ => Error::config(
-            "source.config.dataTypes",
-            "asks for phishing security tests (the middle generation's only data type), which \
-             this build does not collect yet",
-        ),
-    })
 }
 
 impl App {
@@ -82,7 +61,6 @@ impl App {
         allow_duplicate: bool,
     ) -> Result<String> {
         let parsed = parse_source_value(source, self.settings.validation)?;
-        refuse_phishing(&parsed.spec)?;
         let secrets = parsed.secrets(None)?;
         let id = match id {
             Some(id) if valid_id(&id) => id,
@@ -172,7 +150,6 @@ impl App {
             ..self.settings.validation
         };
         let parsed = parse_source_value(source, options)?;
-        refuse_phishing(&parsed.spec)?;
         // Only what the new configuration says changes: a kept secret is read and written
         // back with the new ones, as long as its endpoint is unchanged.
         let previous = self.source_secrets(&record, true).await.ok();
@@ -210,6 +187,11 @@ impl App {
             let s = &mut state.value;
             s.streak = None;
             s.blocked_config_version = None;
+            if let Some(phishing) = s.phishing.as_mut() {
+                phishing.streak = None;
+                phishing.stopped_config_version = None;
+                phishing.quota_exhausted_day = None;
+            }
             if matches!(
                 s.lifecycle,
                 Lifecycle::Error

@@ -68,6 +68,39 @@ pub struct SourceStatus {
     pub history: Vec<TransitionView>,
     /// The latest health events, newest first, each marked resolved or not.
     pub health: Vec<HealthView>,
+    /// The phishing stream (security tests and recipients), when the source collects it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phishing: Option<PhishingStatus>,
+}
+
+/// The phishing stream of a source, as `status` shows it: its checkpoint (the tests it
+/// tracks), last and next poll, and the Reporting account's budget today.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PhishingStatus {
+    /// Hours between polls (`phishingPollInterval`).
+    pub poll_interval_hours: u32,
+    /// When the last complete poll started (RFC 3339).
+    pub last_poll: Option<String>,
+    /// When the next poll is due (RFC 3339); `None`: at the next run.
+    pub next_poll: Option<String>,
+    /// Security tests tracked (the change state covers each one's recipients).
+    pub tests_tracked: usize,
+    /// Tests whose recipients are still read every poll (open, or final for < 7 days).
+    pub tests_live: usize,
+    /// Requests of the last poll.
+    pub last_poll_requests: u32,
+    /// Records forwarded by the last poll.
+    pub last_poll_forwarded: u64,
+    /// Records forwarded since the source was created.
+    pub forwarded_total: u64,
+    /// The Reporting account's requests today.
+    pub requests_today: u32,
+    /// The Reporting daily limit this source works within.
+    pub daily_request_limit: u32,
+    /// Whether the stream is stopped until an update or restart.
+    pub stopped: bool,
+    /// The retry deadline of a streak of failed polls (RFC 3339).
+    pub retry_deadline: Option<String>,
 }
 
 impl App {
@@ -168,6 +201,35 @@ impl App {
                     .iter()
                     .map(|e| HealthView::new(e, state.last_success))
                     .collect(),
+                phishing: match &record.spec.phishing {
+                    None => None,
+                    Some(spec) => {
+                        let ps = state.phishing.clone().unwrap_or_default();
+                        let requests_today = match &ps.account {
+                            Some(account) => self.store.quota_used(account, &today).await?,
+                            None => 0,
+                        };
+                        let now_ms = (now.unix_timestamp_nanos() / 1_000_000) as i64;
+                        Some(PhishingStatus {
+                            poll_interval_hours: spec.poll_interval_hours,
+                            last_poll: ps.last_poll.map(rfc3339_ms),
+                            next_poll: ps.next_poll.map(rfc3339_ms),
+                            tests_tracked: ps.tests.len(),
+                            tests_live: ps
+                                .tests
+                                .values()
+                                .filter(|t| t.read_recipients(false, now_ms))
+                                .count(),
+                            last_poll_requests: ps.last_poll_requests,
+                            last_poll_forwarded: ps.last_poll_forwarded,
+                            forwarded_total: ps.forwarded_total,
+                            requests_today,
+                            daily_request_limit: spec.daily_request_limit,
+                            stopped: ps.stopped_config_version == Some(record.config_version),
+                            retry_deadline: ps.streak.as_ref().map(|s| rfc3339_ms(s.deadline)),
+                        })
+                    }
+                },
             });
         }
         Ok(out)

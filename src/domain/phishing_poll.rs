@@ -31,7 +31,7 @@ pub fn is_final(status: &str) -> bool {
 }
 
 /// What is remembered of one test between polls (Unix milliseconds).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct TestTrack {
     /// When the test was first seen final; `None` while it is not.
     pub final_since: Option<i64>,
@@ -68,6 +68,56 @@ impl TestTrack {
         changed
             || now - final_since.max(self.last_changed) < QUIET_AFTER_FINAL_MS
             || now - read >= SETTLED_RECHECK_MS
+    }
+}
+
+/// What the phishing stream keeps in the source's state document, apart from the digest
+/// shards (their own items): when it polled and is due next, how each known test is
+/// tracked for the poll rule, and its own failure streak, so a failing phishing poll never
+/// stops the user-event stream of the same source (and the other way round).
+///
+/// Size: one entry of `tests` is about 90 bytes of JSON, so an account with 3,000
+/// security tests stays near 270 KB, inside DynamoDB's 400 KB item.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PhishingState {
+    /// When the last complete poll started (ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_poll: Option<i64>,
+    /// When the next poll is due (ms): `last_poll` + `phishingPollInterval`. `None`: now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_poll: Option<i64>,
+    /// The poll rule's track of every test seen, by `pst_id`.
+    #[serde(default)]
+    pub tests: std::collections::BTreeMap<u64, TestTrack>,
+    /// The Reporting account (hash of host and token) the last poll used, for `status`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub account: Option<String>,
+    /// The current streak of retryable phishing failures.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub streak: Option<crate::domain::state::RetryStreak>,
+    /// Set when the phishing stream stopped (config error, or retryable errors for longer
+    /// than the retry window): the config version it applies to. An update or a restart
+    /// clears it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stopped_config_version: Option<u64>,
+    /// The UTC day the Reporting daily limit was reached on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota_exhausted_day: Option<String>,
+    /// Requests of the last poll (complete or not).
+    #[serde(default)]
+    pub last_poll_requests: u32,
+    /// Records forwarded by the last poll.
+    #[serde(default)]
+    pub last_poll_forwarded: u64,
+    /// Records forwarded since the source was created.
+    #[serde(default)]
+    pub forwarded_total: u64,
+}
+
+impl PhishingState {
+    /// Whether a poll is due at `now`.
+    pub fn due(&self, now: i64) -> bool {
+        self.next_poll.is_none_or(|next| now >= next)
     }
 }
 

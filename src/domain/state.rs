@@ -155,6 +155,9 @@ pub struct SourceState {
     /// `status` can show the account's shared budget without reading the key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub account: Option<String>,
+    /// The phishing stream's state, once it ran (see [`crate::domain::phishing_poll`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phishing: Option<crate::domain::phishing_poll::PhishingState>,
 }
 
 impl SourceState {
@@ -169,6 +172,7 @@ impl SourceState {
             last_success: None,
             counters: RunCounters::default(),
             account: None,
+            phishing: None,
         };
         state.history.push_back(Transition {
             state: Lifecycle::Pending,
@@ -251,6 +255,10 @@ pub struct HealthEvent {
     pub retry_at: Option<Millis>,
     /// The retry deadline, past which the source quits.
     pub retry_deadline: Option<Millis>,
+    /// The data type whose collection failed (`events`, `phishing`); absent on events
+    /// stored before sources collected more than one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_type: Option<String>,
 }
 
 impl HealthEvent {

@@ -66,6 +66,9 @@ pub struct HealthView {
     pub retry_at: Option<String>,
     /// The retry deadline (RFC 3339), past which the source quits.
     pub retry_deadline: Option<String>,
+    /// The data type whose collection failed (`events`, `phishing`), when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_type: Option<String>,
     /// Whether a run succeeded after the latest occurrence.
     pub resolved: bool,
 }
@@ -84,6 +87,7 @@ impl HealthView {
             count: event.count,
             retry_at: event.retry_at.map(rfc3339_ms),
             retry_deadline: event.retry_deadline.map(rfc3339_ms),
+            data_type: event.data_type.clone(),
             resolved: last_success.is_some_and(|ok| ok > event.last_seen),
         }
     }
@@ -239,6 +243,7 @@ mod tests {
             count: 2,
             retry_at: Some(3_000),
             retry_deadline: None,
+            data_type: None,
         };
         assert!(!HealthView::new(&event, None).resolved);
         assert!(!HealthView::new(&event, Some(1_500)).resolved);

@@ -19,6 +19,7 @@
 mod budget;
 mod events;
 mod forward;
+mod phishing;
 pub mod progress;
 
 pub use crate::domain::report::{Outcome, RunReport};
@@ -137,12 +138,25 @@ pub async fn collect_source(ctx: RunContext<'_>, id: &str, deadline: Instant) ->
     collect_source_with(ctx, id, deadline, Trigger::OnDemand).await
 }
 
-/// Runs one source: lease, walk, forward, checkpoint.
+/// Runs one source: lease, walk, forward, checkpoint, for every data type that is due.
 pub async fn collect_source_with(
     ctx: RunContext<'_>,
     id: &str,
     deadline: Instant,
     trigger: Trigger,
+) -> RunReport {
+    collect_source_types(ctx, id, deadline, trigger, None).await
+}
+
+/// Runs one source under one lease: the user-event stream, then the phishing stream when
+/// it is due, or only the data type `only` names (the phishing poll then ignores its
+/// interval). A failure of one stream does not stop the other.
+pub async fn collect_source_types(
+    ctx: RunContext<'_>,
+    id: &str,
+    deadline: Instant,
+    trigger: Trigger,
+    only: Option<DataType>,
 ) -> RunReport {
     let started = Instant::now();
     let mut report = RunReport::new(id);
@@ -179,7 +193,7 @@ pub async fn collect_source_with(
         pacing_chain: None,
         account: None,
         trigger,
-        stream: DataType::Events,
+        only,
     };
     run.execute(deadline).await;
     // Every request of the run was sent before now (in-flight ones were awaited or
@@ -275,8 +289,8 @@ struct Run<'a> {
     pacing_chain: Option<tokio::sync::oneshot::Receiver<()>>,
     /// What started the run (the schedule follows the freshness plan).
     trigger: Trigger,
-    /// The data type this run collects.
-    stream: DataType,
+    /// The only data type this run collects (`collect --data-type`), or all that are due.
+    only: Option<DataType>,
     /// The KnowBe4 account (API host + key) whose ledger and send slots this run uses;
     /// known once the key is loaded (the stored one until then, for `fill_quota`).
     account: Option<String>,
@@ -286,10 +300,36 @@ struct Run<'a> {
 /// owns the lease, the lifecycle, the secrets, the destination, the outcome and the
 /// health events; a stream walks its API within the account's budget and forwards and
 /// checkpoints through the run (`forward`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum DataType {
     /// User events (`GET /events`, the `events` stream).
     Events,
+    /// Phishing security tests and their recipients (the Reporting API, the `phishing`
+    /// stream).
+    Phishing,
+}
+
+impl DataType {
+    /// The name used in `--data-type`, payloads and health events.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DataType::Events => "events",
+            DataType::Phishing => "phishing",
+        }
+    }
+}
+
+impl std::str::FromStr for DataType {
+    type Err = Error;
+
+    fn from_str(text: &str) -> Result<Self> {
+        match text {
+            "events" => Ok(DataType::Events),
+            "phishing" => Ok(DataType::Phishing),
+            _ => Err(Error::config("dataType", "must be events or phishing")),
+        }
+    }
 }
 
 /// Why the walk stopped early without an error.
@@ -320,14 +360,26 @@ impl Run<'_> {
             }
         };
         self.state = Some(state);
-        if let Some(reason) = self.skip_reason() {
-            self.report.detail = reason;
-            self.fill_quota().await;
-            return;
+        let events = self.record.spec.collect_events && self.only != Some(DataType::Phishing);
+        let phishing = self.record.spec.phishing.is_some() && self.only != Some(DataType::Events);
+        if !events && !phishing {
+            self.report.detail = match self.only {
+                Some(only) => format!("the source does not collect {}", only.as_str()),
+                None => "the source collects no data type this version runs".into(),
+            };
         }
-        match self.collect(deadline).await {
-            Ok(stop) => self.succeed(stop).await,
-            Err(err) => self.fail(err).await,
+        if events {
+            if let Some(reason) = self.skip_reason() {
+                self.report.detail = reason;
+            } else {
+                match self.collect(deadline).await {
+                    Ok(stop) => self.succeed(stop).await,
+                    Err(err) => self.fail(err).await,
+                }
+            }
+        }
+        if phishing {
+            self.run_phishing(deadline).await;
         }
         self.fill_quota().await;
     }
@@ -338,9 +390,6 @@ impl Run<'_> {
 
     fn skip_reason(&self) -> Option<String> {
         let state = &self.state.as_ref()?.value;
-        if !self.record.spec.collect_events {
-            return Some("the source collects no data type this version runs".into());
-        }
         let today = utc_day(OffsetDateTime::now_utc());
         match state.lifecycle {
             Lifecycle::Error => return Some("source is in Error; restart or update it".into()),
@@ -399,12 +448,8 @@ impl Run<'_> {
             self.transition(Lifecycle::Initialized, "Configuration and secrets loaded.")
                 .await?;
         }
-        match self.stream {
-            DataType::Events => {
-                self.collect_events(&secrets, &destination, first_run, deadline)
-                    .await
-            }
-        }
+        self.collect_events(&secrets, &destination, first_run, deadline)
+            .await
     }
 
     /// Renews the lease once half of it has run out. Losing it (another run took over
@@ -517,6 +562,7 @@ impl Run<'_> {
             retry_at: retry_at
                 .map(|_| now + self.ctx.settings.schedule_interval_secs as i64 * 1000),
             retry_deadline,
+            data_type: Some(DataType::Events.as_str().into()),
         };
         self.ctx.record_health(&event, HEALTH_TTL_SECS).await;
         if let Err(save_err) = self.save().await {

@@ -31,6 +31,7 @@ use tokio::time::Instant;
 pub use retry::{RetryPolicy, is_retriable};
 pub use splunk::{
     EVENT_PATH as SPLUNK_EVENT_PATH, HOST as SPLUNK_HOST, SOURCETYPE as SPLUNK_SOURCETYPE,
+    SOURCETYPE_PHISHING_RECIPIENT, SOURCETYPE_PHISHING_TEST,
 };
 pub use sumo::SIEM_PARSER;
 pub(crate) use sumo::fields_header;
@@ -90,6 +91,10 @@ pub struct SourceMeta {
     /// Whether Sumo should forward the events to Cloud SIEM (adds `_siemForward=true`
     /// and the KnowBe4 parser to the fields).
     pub siem_forward: bool,
+    /// Splunk's `sourcetype` for this batch; `None` is user events
+    /// ([`SPLUNK_SOURCETYPE`]). Phishing records use [`splunk::SOURCETYPE_PHISHING_TEST`] and
+    /// [`splunk::SOURCETYPE_PHISHING_RECIPIENT`].
+    pub sourcetype: Option<&'static str>,
 }
 
 /// The kind of destination, which decides the body, the headers and the endpoint.

@@ -29,6 +29,12 @@ pub const HOST: &str = "knowbe4";
 /// The `sourcetype` of every envelope.
 pub const SOURCETYPE: &str = "knowbe4:user_event";
 
+/// The `sourcetype` of phishing security tests (Reporting API).
+pub const SOURCETYPE_PHISHING_TEST: &str = "knowbe4:phishing:test";
+
+/// The `sourcetype` of phishing security test recipients (Reporting API).
+pub const SOURCETYPE_PHISHING_RECIPIENT: &str = "knowbe4:phishing:recipient";
+
 /// Serialised constant parts of the envelopes of one `send`.
 pub(crate) struct EnvelopeEncoder {
     /// Everything between the time and the event: host, source, sourcetype, `"event":`.
@@ -46,7 +52,7 @@ impl EnvelopeEncoder {
         after_time.extend_from_slice(br#","source":"#);
         write_json(&mut after_time, &meta.name);
         after_time.extend_from_slice(br#","sourcetype":"#);
-        write_json(&mut after_time, SOURCETYPE);
+        write_json(&mut after_time, meta.sourcetype.unwrap_or(SOURCETYPE));
         after_time.extend_from_slice(br#","event":"#);
 
         let mut after_event = Vec::new();
@@ -158,6 +164,7 @@ mod tests {
             category: None,
             fields: BTreeMap::from([("env".to_string(), "prod".to_string())]),
             siem_forward: true,
+            sourcetype: None,
         }
     }
 

@@ -137,6 +137,7 @@ mod tests {
                 ("=,".to_string(), "dropped".to_string()),
             ]),
             siem_forward,
+            sourcetype: None,
         }
     }
 

@@ -1,7 +1,6 @@
 //! Issue 12: the hosted source's three configuration generations, as users write them,
-//! against moto, the simulator and the recording sink. Until the phishing stream exists,
-//! a configuration that asks for phishing security tests is refused naming the field that
-//! asks (not accepted to collect nothing).
+//! against moto, the simulator and the recording sink: each example collects what it
+//! names (the oldest generation, `baseURL` + `apiKey`, is every other test's source).
 
 use knowbe4_source::error::Error;
 use knowbe4_source::run::{Outcome, collect_source};
@@ -91,30 +90,91 @@ async fn the_newest_generation_collects_user_events_with_api_key_event() {
     }
 }
 
-/// The newest example as written (phishing tests on by default) and the middle
-/// generation (whose one data type is phishing tests) are refused naming the field that
-/// asks for them, and nothing is stored.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn phishing_configurations_are_refused_until_phishing_is_collected() {
-    let (_, h) = harness_with_canary_key(0).await;
-    let err = h
-        .app
-        .create(newest_example(serde_json::json!({})), None)
-        .await
-        .unwrap_err();
-    assert_eq!(config_field(&err), "source.config.collectPhishingTests");
-    assert!(!err.to_string().contains("for-this-test"), "{err}");
-
-    let text = std::fs::read_to_string(format!("{FIXTURES}/example.older-dataTypes.tf")).unwrap();
+/// The config of a Terraform example (`config = jsonencode({...})`).
+fn tf_config(file: &str) -> serde_json::Value {
+    let text = std::fs::read_to_string(format!("{FIXTURES}/{file}")).unwrap();
     let start = text.find("jsonencode(").unwrap() + "jsonencode(".len();
     let end = start + text[start..].find("})").unwrap() + 1;
-    let mut config: serde_json::Value = serde_json::from_str(&text[start..end]).unwrap();
-    config["apiKey"] = "reporting-token-for-this-test".into();
-    let middle = serde_json::json!({"api.version": "v1", "source": {"config": config,
+    serde_json::from_str(&text[start..end]).unwrap()
+}
+
+/// Creates the example `doc` (its hosts pointed at the simulator, its masked keys
+/// replaced) and runs it once: what arrives is what the example names.
+async fn collects_what_it_names(doc: serde_json::Value, events: bool) {
+    use crate::phishing::{REPORTING_TOKEN, Received, assert_reporting_limits};
+    let h = harness(knowbe4_source::testkit::sim::SimConfig {
+        api_key: "event-key-for-this-test".into(),
+        events: 20,
+        ..Default::default()
+    })
+    .await;
+    h.sim.add_phishing_test(5);
+    h.sim.add_errored_phishing_test();
+    h.sim.progress_phishing(None, 3);
+    let mut doc = doc;
+    let config = &mut doc["source"]["config"];
+    for key in ["apiKey", "apiKeyPhishing"] {
+        if config.get(key).is_some() {
+            config[key] = REPORTING_TOKEN.into();
+        }
+    }
+    if config.get("apiKeyEvent").is_some() {
+        config["apiKeyEvent"] = "event-key-for-this-test".into();
+        config["baseURL"] = h.sim.base_url().into();
+        config["dailyRequestLimit"] = 100000.into();
+        config["firstFetchLookbackHours"] = 200.into();
+    }
+    config["reportingBaseURL"] = h.sim.base_url().into();
+    let id = h.app.create(doc, None).await.unwrap();
+    let report = collect_source(h.app.run_context(), &id, deadline(60)).await;
+    assert_eq!(report.outcome, Outcome::Collected, "{report:?}");
+    let got = Received::of(&h.sink);
+    got.assert_latest(&h.sim);
+    assert_eq!(got.tests.len(), 2);
+    assert_eq!(got.recipient_messages(), 5);
+    if events {
+        assert_eq!(got.events.len(), 20, "{report:?}");
+    } else {
+        assert!(got.events.is_empty());
+        assert!(h.sim.requests().is_empty(), "no User Event API request");
+    }
+    assert_reporting_limits(&h.sim);
+    let state = h.app.store.load_state(&id).await.unwrap().unwrap().value;
+    assert_eq!(
+        state.lifecycle,
+        knowbe4_source::domain::state::Lifecycle::Collecting
+    );
+    for item in table_dump(&h).await {
+        assert!(
+            !item.contains("for-this-test") && !item.contains(REPORTING_TOKEN),
+            "a key in a state item: {item}"
+        );
+    }
+}
+
+/// The newest generation's JSON example as written (phishing tests and user events)
+/// collects both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_newest_json_example_collects_phishing_tests_and_user_events() {
+    collects_what_it_names(newest_example(serde_json::json!({})), true).await;
+}
+
+/// The newest generation's Terraform example (`example.tf`) collects both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_newest_terraform_example_collects_phishing_tests_and_user_events() {
+    let doc = serde_json::json!({"api.version": "v1", "source": {"config": tf_config("example.tf"),
         "schemaRef": {"type": "KnowBe4 KMSAT"}}});
-    let err = h.app.create(middle, None).await.unwrap_err();
-    assert_eq!(config_field(&err), "source.config.dataTypes");
-    nothing_stored(&h).await;
+    collects_what_it_names(doc, true).await;
+}
+
+/// The middle generation's example (`dataTypes: ["phishingTests"]`, `apiKey` a Reporting
+/// token) collects phishing tests and nothing else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_middle_generation_example_collects_phishing_tests_only() {
+    let doc = serde_json::json!({"api.version": "v1", "source": {
+        "config": tf_config("example.older-dataTypes.tf"),
+        "schemaRef": {"type": "KnowBe4 KMSAT"}}});
+    collects_what_it_names(doc, false).await;
 }
 
 /// A mix of two generations is refused naming both, through the Lambda payload too.

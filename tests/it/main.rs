@@ -15,6 +15,7 @@ mod lifecycle;
 mod loopback;
 mod operator;
 mod payloads;
+mod phishing;
 mod plain_http;
 mod readings;
 mod recorded;

@@ -1,0 +1,551 @@
+//! Issue 12, step 4: the phishing stream end to end — security tests and recipients from
+//! the simulator's Reporting API, through the run loop, into the recording sink, with the
+//! change state in DynamoDB (moto) or the local state file (the crash test).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::process::Command;
+
+use knowbe4_source::run::{DataType, Outcome, Trigger, collect_source_types};
+use knowbe4_source::testkit::recording_sink::RecordingSink;
+use knowbe4_source::testkit::sim::{
+    BURST_PER_MINUTE, BURST_PER_SECOND, RequestRecord, SimConfig, Simulator,
+};
+use serde_json::Value;
+
+use crate::helpers::*;
+
+pub const EVENT_KEY: &str = "phishing-it-event-key";
+pub const REPORTING_TOKEN: &str = "sim-reporting-token";
+
+/// The most requests the server saw in any window of `window_ms`.
+pub fn most_in_window(log: &[RequestRecord], window_ms: u64) -> usize {
+    let mut times: Vec<u64> = log.iter().map(|r| r.at_ms).collect();
+    times.sort_unstable();
+    (0..times.len())
+        .map(|i| {
+            times[i..]
+                .iter()
+                .take_while(|t| **t < times[i] + window_ms)
+                .count()
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+/// Asserts the Reporting API's limits as the server observed them: ≤ 4 a second, ≤ 50 a
+/// minute, no 429.
+pub fn assert_reporting_limits(sim: &Simulator) {
+    let log = sim.reporting_requests();
+    assert!(most_in_window(&log, 1_000) <= BURST_PER_SECOND, "{log:?}");
+    assert!(most_in_window(&log, 60_000) <= BURST_PER_MINUTE, "{log:?}");
+    let stats = sim.reporting_stats();
+    assert_eq!(stats.answered_429, 0, "{stats:?}");
+    assert_eq!(stats.second_violations + stats.minute_violations, 0);
+}
+
+/// What the destination holds, by kind: tests by `pst_id` and recipients by
+/// `recipient_id` (every message, in arrival order), and user event ids.
+#[derive(Default)]
+pub struct Received {
+    pub tests: BTreeMap<u64, Vec<Value>>,
+    pub recipients: BTreeMap<u64, Vec<Value>>,
+    pub events: Vec<String>,
+}
+
+impl Received {
+    pub fn of(sink: &RecordingSink) -> Received {
+        let mut received = Received::default();
+        for message in sink.events() {
+            if let Some(id) = message.get("recipient_id").and_then(Value::as_u64) {
+                received.recipients.entry(id).or_default().push(message);
+            } else if let Some(id) = message.get("pst_id").and_then(Value::as_u64) {
+                received.tests.entry(id).or_default().push(message);
+            } else if let Some(id) = message.get("id").and_then(Value::as_str) {
+                received.events.push(id.to_string());
+            } else {
+                panic!("a message of no known kind: {message}");
+            }
+        }
+        received
+    }
+
+    pub fn recipient_messages(&self) -> usize {
+        self.recipients.values().map(Vec::len).sum()
+    }
+
+    pub fn test_messages(&self) -> usize {
+        self.tests.values().map(Vec::len).sum()
+    }
+
+    /// Asserts the latest message of every test and recipient is what the simulator
+    /// serves now, and no test or recipient is missing or extra.
+    pub fn assert_latest(&self, sim: &Simulator) {
+        let tests = sim.phishing_tests();
+        let ids: BTreeSet<u64> = tests
+            .iter()
+            .map(|t| t["pst_id"].as_u64().unwrap())
+            .collect();
+        assert_eq!(ids, self.tests.keys().copied().collect::<BTreeSet<_>>());
+        let mut expected_recipients = BTreeSet::new();
+        for test in &tests {
+            let id = test["pst_id"].as_u64().unwrap();
+            assert_eq!(self.tests[&id].last().unwrap(), test, "test {id}");
+            for r in sim.phishing_recipients(id) {
+                let rid = r["recipient_id"].as_u64().unwrap();
+                expected_recipients.insert(rid);
+                let got = self
+                    .recipients
+                    .get(&rid)
+                    .unwrap_or_else(|| panic!("recipient {rid} of test {id} never forwarded"));
+                assert_eq!(got.last().unwrap(), &r, "recipient {rid}");
+            }
+        }
+        assert_eq!(
+            expected_recipients,
+            self.recipients.keys().copied().collect::<BTreeSet<_>>()
+        );
+    }
+
+    /// Asserts no record was forwarded twice in the same state (`except`: ids allowed to).
+    pub fn assert_no_unchanged_resent(&self) {
+        for (id, messages) in self.tests.iter().chain(&self.recipients) {
+            let distinct: BTreeSet<String> = messages.iter().map(Value::to_string).collect();
+            assert_eq!(
+                distinct.len(),
+                messages.len(),
+                "record {id} re-sent unchanged"
+            );
+        }
+    }
+}
+
+/// The newest generation's example (`example.json`): both data types, hosts pointed at
+/// the simulator.
+fn both_types(sim: &Simulator) -> Value {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/knowbe4-public/example.json"
+    ))
+    .unwrap();
+    let mut doc: Value = serde_json::from_str(&text).unwrap();
+    let config = &mut doc["source"]["config"];
+    config["apiKeyPhishing"] = REPORTING_TOKEN.into();
+    config["apiKeyEvent"] = EVENT_KEY.into();
+    config["baseURL"] = sim.base_url().into();
+    config["reportingBaseURL"] = sim.base_url().into();
+    config["phishingPollInterval"] = 1.into();
+    config["dailyRequestLimit"] = 100_000.into();
+    config["firstFetchLookbackHours"] = 200.into();
+    doc
+}
+
+/// 700- and 40-recipient tests, an errored test, results progressing, a test added later
+/// and one closed: after the final poll the destination holds every test and recipient
+/// in its latest state, nothing unchanged was re-sent, the Reporting limits held as the
+/// server saw them, and the same source's user events were neither lost nor delayed (a
+/// scheduled run while phishing is not due still collects them at once, without one
+/// Reporting request).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tests_and_recipients_arrive_in_their_latest_state_and_unchanged_ones_are_not_resent() {
+    let h = harness(SimConfig {
+        api_key: EVENT_KEY.into(),
+        events: 50,
+        ..SimConfig::default()
+    })
+    .await;
+    let big = h.sim.add_phishing_test(700);
+    let small = h.sim.add_phishing_test(40);
+    let errored = h.sim.add_errored_phishing_test();
+    h.sim.progress_phishing(None, 300);
+    let id = h
+        .app
+        .create(both_types(&h.sim), Some("both".into()))
+        .await
+        .unwrap();
+
+    // First run: both streams (the phishing poll is due at once).
+    let first = collect_source_types(
+        h.app.run_context(),
+        &id,
+        deadline(120),
+        Trigger::Schedule,
+        None,
+    )
+    .await;
+    assert_eq!(first.outcome, Outcome::Collected, "{first:?}");
+    assert!(first.detail.contains("phishing: polled"), "{first:?}");
+    let got = Received::of(&h.sink);
+    assert_eq!(got.events.len(), 50, "{first:?}");
+    got.assert_latest(&h.sim);
+    assert_eq!(got.recipient_messages(), 740);
+    assert_eq!(got.test_messages(), 3);
+    let error = &got.tests[&errored][0];
+    assert!(error["started_at"].is_null() && error["status"] == "Error");
+    // tests 1 page + the empty one; 700 recipients 2 + 1; 40 recipients 1 + 1; none 1.
+    assert_eq!(h.sim.reporting_requests().len(), 8);
+
+    // Results move, a test closes, another is added, user events keep coming.
+    let moved = h.sim.progress_phishing(Some(big), 30);
+    let moved_small = h.sim.progress_phishing(Some(small), 10);
+    assert_eq!((moved.len(), moved_small.len()), (30, 10));
+    assert!(h.sim.close_phishing_test(small));
+    let later = h.sim.add_phishing_test(40);
+    h.sim.add_events(20, 0);
+
+    // A scheduled run an instant later: user events at once, phishing not due.
+    let second = collect_source_types(
+        h.app.run_context(),
+        &id,
+        deadline(60),
+        Trigger::Schedule,
+        None,
+    )
+    .await;
+    assert_eq!(second.outcome, Outcome::Collected, "{second:?}");
+    assert!(second.detail.contains("phishing: not due"), "{second:?}");
+    assert_eq!(Received::of(&h.sink).events.len(), 70, "{second:?}");
+    assert_eq!(h.sim.reporting_requests().len(), 8, "no Reporting request");
+
+    // `collect --data-type phishing`: now, ignoring the interval; no user-event request.
+    let events_requests = h.sim.requests().len();
+    let third = collect_source_types(
+        h.app.run_context(),
+        &id,
+        deadline(120),
+        Trigger::OnDemand,
+        Some(DataType::Phishing),
+    )
+    .await;
+    assert_eq!(third.outcome, Outcome::Collected, "{third:?}");
+    assert_eq!(
+        h.sim.requests().len(),
+        events_requests,
+        "no User Event request"
+    );
+    let got = Received::of(&h.sink);
+    got.assert_latest(&h.sim);
+    got.assert_no_unchanged_resent();
+    assert_eq!(got.recipient_messages(), 740 + 30 + 10 + 40);
+    // The two tests whose counts moved, the closed one among them, and the new one; the
+    // errored test did not change and was not re-sent.
+    assert_eq!(got.tests[&big].len(), 2);
+    assert_eq!(got.tests[&small].len(), 2);
+    assert_eq!(got.tests[&errored].len(), 1);
+    assert_eq!(got.tests[&later].len(), 1);
+    assert_eq!(got.events.len(), 70, "user events not re-sent");
+    // tests 2; big 3; small 2 (closed now, still read); errored 1; the new one 2.
+    assert_eq!(h.sim.reporting_requests().len(), 8 + 10);
+    assert_reporting_limits(&h.sim);
+
+    // Every request was reserved in the Reporting account's ledger, none in the events'.
+    let state = h.app.store.load_state(&id).await.unwrap().unwrap().value;
+    let phishing = state.phishing.expect("phishing state");
+    let day = knowbe4_source::domain::quota::utc_day(time::OffsetDateTime::now_utc());
+    let used = h
+        .app
+        .store
+        .quota_used(phishing.account.as_deref().unwrap(), &day)
+        .await
+        .unwrap();
+    assert_eq!(used, 18);
+    assert_eq!(phishing.tests.len(), 4);
+    assert!(phishing.next_poll.unwrap() > phishing.last_poll.unwrap());
+    assert_eq!(
+        state.lifecycle,
+        knowbe4_source::domain::state::Lifecycle::Collecting
+    );
+
+    // `status` shows the phishing stream next to the events' checkpoint.
+    let status = h.app.status(Some(&id)).await.unwrap();
+    let shown = status[0].phishing.as_ref().expect("phishing status");
+    assert_eq!((shown.tests_tracked, shown.tests_live), (4, 4));
+    assert_eq!((shown.requests_today, shown.last_poll_requests), (18, 10));
+    assert_eq!(shown.poll_interval_hours, 1);
+    assert!(shown.next_poll.is_some() && !shown.stopped);
+    assert!(status[0].checkpoint.is_some());
+    let text = knowbe4_source::cli::format_status(&status[0]);
+    assert!(text.contains("Phishing      every 1 h"), "{text}");
+}
+
+/// A failing phishing poll (the Reporting token refused) does not stop the user events of
+/// the same source; its health event names the data type, and the events stream goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_phishing_poll_does_not_stop_user_events() {
+    let h = harness(SimConfig {
+        api_key: EVENT_KEY.into(),
+        events: 30,
+        ..SimConfig::default()
+    })
+    .await;
+    h.sim.add_phishing_test(3);
+    let mut json = both_types(&h.sim);
+    json["source"]["config"]["apiKeyPhishing"] = "a-wrong-reporting-token".into();
+    let id = h.app.create(json, Some("half".into())).await.unwrap();
+    let first = collect_source_types(
+        h.app.run_context(),
+        &id,
+        deadline(60),
+        Trigger::Schedule,
+        None,
+    )
+    .await;
+    assert_eq!(first.outcome, Outcome::Failed, "{first:?}");
+    assert_eq!(
+        Received::of(&h.sink).events.len(),
+        30,
+        "events collected anyway"
+    );
+    let health = h.app.health(&id).await.unwrap();
+    assert_eq!(health.len(), 1, "{health:?}");
+    assert_eq!(health[0].data_type.as_deref(), Some("phishing"));
+    assert!(
+        health[0].message.contains("Reporting API token"),
+        "{health:?}"
+    );
+    assert!(!health[0].message.contains("a-wrong"), "{health:?}");
+
+    // The phishing stream is stopped until an update; user events go on.
+    h.sim.add_events(10, 0);
+    let requests = h.sim.reporting_requests().len();
+    let second = collect_source_types(
+        h.app.run_context(),
+        &id,
+        deadline(60),
+        Trigger::Schedule,
+        None,
+    )
+    .await;
+    assert_eq!(Received::of(&h.sink).events.len(), 40, "{second:?}");
+    assert_eq!(h.sim.reporting_requests().len(), requests, "{second:?}");
+    assert!(second.detail.contains("phishing: stopped"), "{second:?}");
+    let state = h.app.store.load_state(&id).await.unwrap().unwrap().value;
+    assert_eq!(
+        state.lifecycle,
+        knowbe4_source::domain::state::Lifecycle::Collecting
+    );
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// A crash between forwarding a page of recipients and saving its digests repeats that
+/// page's batch and nothing else: the binary is killed by a failpoint after its second
+/// forwarded batch (the first 500 recipients of the 700-recipient test), then run again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_between_forwarding_and_saving_digests_repeats_at_most_that_batch() {
+    let sim = Simulator::spawn(SimConfig {
+        events: 0,
+        ..SimConfig::default()
+    })
+    .await
+    .unwrap();
+    let big = sim.add_phishing_test(700);
+    sim.add_phishing_test(40);
+    sim.progress_phishing(None, 100);
+    let sink = RecordingSink::spawn().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str], failpoint: Option<&str>| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_knowbe4-source"));
+        command
+            .args(args)
+            .current_dir(dir.path())
+            .env_remove("STATE_TABLE")
+            .env_remove("AWS_LAMBDA_RUNTIME_API")
+            .env_remove("KNOWBE4_SOURCE_FAILPOINT")
+            .env("STATE_FILE", dir.path().join("state.json"))
+            .env("KNOWBE4_ALLOW_CUSTOM_BASE_URL", "1")
+            .env("FORWARD_URL", sink.url())
+            .env("FORWARD_FORMAT", "ndjson")
+            .env("LEASE_TTL_SECS", "3");
+        if let Some(point) = failpoint {
+            command.env("KNOWBE4_SOURCE_FAILPOINT", point);
+        }
+        command.output().expect("the binary runs")
+    };
+    // The middle generation, as its example writes it, pointed at the simulator.
+    let source = dir.path().join("source.json");
+    std::fs::write(&source, middle_example(&sim.base_url()).to_string()).unwrap();
+    let out = run(
+        &[
+            "sources",
+            "create",
+            "--file",
+            source.to_str().unwrap(),
+            "--id",
+            "pst",
+        ],
+        None,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+
+    let out = run(
+        &["collect", "--source", "pst", "--data-type", "phishing"],
+        Some("phishing_after_forward_before_digests:2"),
+    );
+    assert!(!out.status.success(), "the failpoint aborted the run");
+    let crashed = Received::of(&sink);
+    assert_eq!(crashed.test_messages(), 2);
+    assert_eq!(
+        crashed.recipient_messages(),
+        500,
+        "the first recipient page"
+    );
+
+    // The lease of the killed run lapses; the next run repeats that one batch only.
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let out = run(
+        &["collect", "--source", "pst", "--data-type", "phishing"],
+        None,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let got = Received::of(&sink);
+    got.assert_latest(&sim);
+    assert_eq!(got.test_messages(), 2, "tests were saved before the crash");
+    assert_eq!(
+        got.recipient_messages(),
+        740 + 500,
+        "the one batch, repeated once"
+    );
+    let repeated: Vec<u64> = got
+        .recipients
+        .iter()
+        .filter(|(_, m)| m.len() > 1)
+        .map(|(id, _)| *id)
+        .collect();
+    assert_eq!(repeated.len(), 500);
+    let big_ids: BTreeSet<u64> = sim
+        .phishing_recipients(big)
+        .iter()
+        .map(|r| r["recipient_id"].as_u64().unwrap())
+        .collect();
+    assert!(repeated.iter().all(|id| big_ids.contains(id)));
+    assert_reporting_limits(&sim);
+}
+
+/// The middle generation's example (`example.older-dataTypes.tf`), its Reporting host
+/// pointed at `base`.
+pub fn middle_example(base: &str) -> Value {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/knowbe4-public/example.older-dataTypes.tf"
+    ))
+    .unwrap();
+    let start = text.find("jsonencode(").unwrap() + "jsonencode(".len();
+    let end = start + text[start..].find("})").unwrap() + 1;
+    let mut config: Value = serde_json::from_str(&text[start..end]).unwrap();
+    config["apiKey"] = REPORTING_TOKEN.into();
+    config["reportingBaseURL"] = base.into();
+    serde_json::json!({"api.version": "v1", "source": {"config": config,
+        "schemaRef": {"type": "KnowBe4 KMSAT"}}})
+}
+
+/// The Lambda payload names the data type as `dataType`; anything but `events` or
+/// `phishing` is refused.
+#[test]
+fn the_collect_payload_names_the_data_type() {
+    use knowbe4_source::app::Action;
+    let action = Action::from_payload(
+        serde_json::json!({"action": "collect", "sourceId": "s", "dataType": "phishing"}),
+    )
+    .unwrap();
+    assert!(matches!(
+        action,
+        Action::Collect {
+            data_type: Some(DataType::Phishing),
+            ..
+        }
+    ));
+    let action =
+        Action::from_payload(serde_json::json!({"action": "collect", "sourceId": "s"})).unwrap();
+    assert!(matches!(
+        action,
+        Action::Collect {
+            data_type: None,
+            ..
+        }
+    ));
+    assert!(
+        Action::from_payload(
+            serde_json::json!({"action": "collect", "sourceId": "s", "dataType": "audit"})
+        )
+        .is_err()
+    );
+}
+
+/// BENCHMARKS.md's figures (a scripted run, not a test): requests per poll and per 1,000
+/// recipient changes for a 10,000-seat account with 12 live tests, through the real
+/// stream, the simulator and moto. Run alone, with the spacing shortened on loopback (the
+/// simulator then counts but does not refuse bursts; the count is what is measured):
+/// `KNOWBE4_SIM_REPORTING_SPACING_MS=30 BENCH_RECIPIENTS_PER_TEST=834 VENV=/work/main/.venv
+/// scripts/with-moto.sh cargo test --test it bench_phishing -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "a scripted benchmark run: see BENCHMARKS.md"]
+async fn bench_phishing_requests_per_poll() {
+    let per_test: usize = std::env::var("BENCH_RECIPIENTS_PER_TEST")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(834);
+    let h = harness(SimConfig {
+        events: 0,
+        reporting: knowbe4_source::testkit::sim::ReportingConfig {
+            enforce_limits: false,
+            ..Default::default()
+        },
+        ..SimConfig::default()
+    })
+    .await;
+    let tests: Vec<u64> = (0..12).map(|_| h.sim.add_phishing_test(per_test)).collect();
+    h.sim.progress_phishing(None, 12 * per_test / 2);
+    let mut json = middle_example(&h.sim.base_url());
+    json["source"]["config"]["licensedUsers"] = 10_000.into();
+    let id = h.app.create(json, Some("bench".into())).await.unwrap();
+    let mut polls = Vec::new();
+    for round in 0..3 {
+        if round == 2 {
+            // 1,000 recipient changes, spread over the 12 tests.
+            let moved = h.sim.progress_phishing(None, 1_000);
+            assert_eq!(moved.len(), 1_000);
+        }
+        let before = h.sim.reporting_requests().len();
+        let sent_before = h.sink.events().len();
+        let started = std::time::Instant::now();
+        let report = collect_source_types(
+            h.app.run_context(),
+            &id,
+            deadline(900),
+            Trigger::OnDemand,
+            Some(DataType::Phishing),
+        )
+        .await;
+        assert_eq!(report.outcome, Outcome::Collected, "{report:?}");
+        polls.push(serde_json::json!({
+            "poll": round + 1,
+            "changes_before": if round == 2 { 1000 } else { 0 },
+            "requests": h.sim.reporting_requests().len() - before,
+            "records_forwarded": h.sink.events().len() - sent_before,
+            "seconds": started.elapsed().as_secs_f64(),
+        }));
+    }
+    Received::of(&h.sink).assert_latest(&h.sim);
+    let shards: usize = futures::future::join_all(tests.iter().map(|t| {
+        let store = h.app.store.clone();
+        let id = id.clone();
+        async move {
+            store
+                .load_digest_shards(&id, &t.to_string())
+                .await
+                .unwrap()
+                .len()
+        }
+    }))
+    .await
+    .into_iter()
+    .sum();
+    println!(
+        "BENCH {}",
+        serde_json::json!({"tests": 12, "recipients_per_test": per_test,
+            "spacing_ms": knowbe4_source::knowbe4::reporting::reporting_spacing_for(&h.sim.base_url()).as_millis() as u64,
+            "recipient_digest_items": shards, "polls": polls})
+    );
+}
