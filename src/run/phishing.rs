@@ -60,6 +60,9 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// The digest list of the security tests (a test's recipients use its `pst_id`).
 const TESTS_LIST: &str = "tests";
 
+/// The digest shards of one list as stored, by page.
+type Stored = std::collections::BTreeMap<u32, DigestShard>;
+
 /// Why a poll ended early without an error; it stays due.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Early {
@@ -187,7 +190,7 @@ impl Run<'_> {
         let limit = spec.daily_request_limit;
 
         // 1. The security tests.
-        let known = self.known_digests(TESTS_LIST).await?;
+        let (known, stored) = self.known_digests(TESTS_LIST).await?;
         let mut pages: Vec<ReportingPage> = Vec::new();
         for page in 1..=MAX_TEST_PAGES + 1 {
             if page > MAX_TEST_PAGES {
@@ -262,6 +265,7 @@ impl Run<'_> {
                 TESTS_LIST,
                 index as u32 + 1,
                 &page_changes.shard,
+                stored.get(&(index as u32 + 1)),
                 deadline,
                 &mut poll,
             )
@@ -271,7 +275,7 @@ impl Run<'_> {
         // 4. Recipients of every test the poll rule names.
         for pst_id in to_read {
             let list = pst_id.to_string();
-            let known = self.known_digests(&list).await?;
+            let (known, stored) = self.known_digests(&list).await?;
             let mut complete = false;
             for page in 1..=MAX_RECIPIENT_PAGES + 1 {
                 if page > MAX_RECIPIENT_PAGES {
@@ -328,6 +332,7 @@ impl Run<'_> {
                     &list,
                     page,
                     &page_changes.shard,
+                    stored.get(&page),
                     deadline,
                     &mut poll,
                 )
@@ -347,8 +352,9 @@ impl Run<'_> {
         Ok((poll, None))
     }
 
-    /// The digests stored for `list`.
-    async fn known_digests(&self, list: &str) -> Result<KnownDigests> {
+    /// The digests stored for `list`: all of them, and each page's shard as stored (a page
+    /// whose shard is unchanged is not written again).
+    async fn known_digests(&self, list: &str) -> Result<(KnownDigests, Stored)> {
         let stored = self
             .ctx
             .store
@@ -356,17 +362,20 @@ impl Run<'_> {
             .await?;
         let shards = stored
             .iter()
-            .map(|(_, text)| {
-                DigestShard::decode(text).map_err(|e| Error::Store {
-                    message: e.to_string(),
-                    source: None,
-                })
+            .map(|(page, text)| {
+                DigestShard::decode(text)
+                    .map(|shard| (*page, shard))
+                    .map_err(|e| Error::Store {
+                        message: e.to_string(),
+                        source: None,
+                    })
             })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(KnownDigests::from_shards(&shards))
+            .collect::<Result<Stored>>()?;
+        Ok((KnownDigests::from_shards(shards.values()), shards))
     }
 
-    /// Forwards one page's new and changed records, then saves the page's digest shard.
+    /// Forwards one page's new and changed records, then saves the page's digest shard
+    /// (unless it is the shard already stored for the page).
     #[allow(clippy::too_many_arguments)]
     async fn forward_page(
         &mut self,
@@ -376,6 +385,7 @@ impl Run<'_> {
         list: &str,
         page: u32,
         shard: &DigestShard,
+        stored: Option<&DigestShard>,
         deadline: Instant,
         poll: &mut Poll,
     ) -> Result<()> {
@@ -398,6 +408,9 @@ impl Run<'_> {
             crate::failpoint::hit("phishing_after_forward_before_digests");
             poll.forwarded += events.len() as u64;
             self.report.forwarded += events.len() as u64;
+        }
+        if stored == Some(shard) {
+            return Ok(());
         }
         self.ctx
             .store
