@@ -86,6 +86,12 @@ pub struct PhishingState {
     /// When the next poll is due (ms): `last_poll` + `phishingPollInterval`. `None`: now.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_poll: Option<i64>,
+    /// When the poll in progress started (ms): set by a poll that stopped early (deadline,
+    /// daily limit, 429s), so the next run continues it, skipping the tests whose
+    /// recipients it already read since then, instead of starting over (a poll longer
+    /// than one invocation still completes). `None` once the poll completed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub poll_started: Option<i64>,
     /// The poll rule's track of every test seen, by `pst_id`.
     #[serde(default)]
     pub tests: std::collections::BTreeMap<u64, TestTrack>,

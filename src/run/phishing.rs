@@ -20,8 +20,12 @@
 //! ([`super::admit_reporting_request`]): the daily limit reserved first, then at most one
 //! request per 1.25 s across every process (≤ 4 a second, ≤ 50 a minute). A 429 backs off
 //! (its `Retry-After`) and is not a failure; when it persists the poll stops early and stays
-//! due. A poll stopped early (deadline, daily limit, 429s) stays due: the next run polls
-//! again from the first page, and the digests keep it from forwarding anything twice.
+//! due. A poll stopped early (deadline, daily limit, 429s) stays due and is continued by
+//! the next run: the tests list is read again, the tests whose recipients were read since
+//! the poll started are skipped unless they changed again, and the digests keep it from
+//! forwarding anything twice. A poll longer than one invocation therefore completes over
+//! several, each advancing by at least one test (one test's recipients at most
+//! [`MAX_RECIPIENT_PAGES`] requests).
 //!
 //! Bounds: the tests list is read for at most [`MAX_TEST_PAGES`] pages, a test's recipients
 //! for at most [`MAX_RECIPIENT_PAGES`]; each page is tried at most [`PAGE_TRIES`] times.
@@ -186,6 +190,9 @@ impl Run<'_> {
             self.phishing_mut().account = Some(account);
         }
         let started = now_ms();
+        // A poll that stopped early is continued, not started over: the tests whose
+        // recipients it read since it started are not read again.
+        let cycle = *self.phishing_mut().poll_started.get_or_insert(started);
         let mut poll = Poll::default();
         let limit = spec.daily_request_limit;
 
@@ -242,7 +249,11 @@ impl Run<'_> {
                     .unwrap_or_default()
                     .observe(status, changed, started);
                 ps.tests.insert(head.pst_id, track);
-                if track.read_recipients(changed, started) && !to_read.contains(&head.pst_id) {
+                let read_this_cycle = track.recipients_read.is_some_and(|read| read >= cycle);
+                if track.read_recipients(changed, started)
+                    && (changed || !read_this_cycle)
+                    && !to_read.contains(&head.pst_id)
+                {
                     to_read.push(head.pst_id);
                 }
             }
@@ -347,8 +358,9 @@ impl Run<'_> {
         }
         let interval_ms = i64::from(spec.poll_interval_hours) * 3_600_000;
         let ps = self.phishing_mut();
-        ps.last_poll = Some(started);
-        ps.next_poll = Some(started + interval_ms);
+        ps.poll_started = None;
+        ps.last_poll = Some(cycle);
+        ps.next_poll = Some(cycle + interval_ms);
         Ok((poll, None))
     }
 

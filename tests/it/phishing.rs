@@ -423,6 +423,84 @@ async fn a_crash_between_forwarding_and_saving_digests_repeats_at_most_that_batc
     assert_reporting_limits(&sim);
 }
 
+/// A poll stopped early (here by the Reporting daily limit, reserved before each request)
+/// is continued by the next run, not started over: the test whose recipients it already
+/// read is not read again, and nothing is forwarded twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poll_stopped_early_is_continued_not_started_over() {
+    let h = harness(SimConfig {
+        events: 0,
+        ..SimConfig::default()
+    })
+    .await;
+    let first_test = h.sim.add_phishing_test(30);
+    let second_test = h.sim.add_phishing_test(20);
+    let mut json = middle_example(&h.sim.base_url());
+    json["source"]["config"]["reportingDailyRequestLimit"] = 4.into();
+    let id = h
+        .app
+        .create(json.clone(), Some("limited".into()))
+        .await
+        .unwrap();
+    let first = collect_source_types(
+        h.app.run_context(),
+        &id,
+        deadline(60),
+        Trigger::Schedule,
+        None,
+    )
+    .await;
+    assert_eq!(first.outcome, Outcome::Collected, "{first:?}");
+    assert!(first.detail.contains("daily limit"), "{first:?}");
+    // The tests list (2) and the first test's recipients (2): the limit.
+    assert_eq!(h.sim.reporting_requests().len(), 4);
+    assert_eq!(Received::of(&h.sink).recipient_messages(), 30);
+
+    // A higher limit (the update keeps the token: same Reporting host).
+    json["source"]["config"]["reportingDailyRequestLimit"] = 100.into();
+    json["source"]["config"]
+        .as_object_mut()
+        .unwrap()
+        .remove("apiKey");
+    h.app.update(&id, json).await.unwrap();
+    let second = collect_source_types(
+        h.app.run_context(),
+        &id,
+        deadline(60),
+        Trigger::Schedule,
+        None,
+    )
+    .await;
+    assert_eq!(second.outcome, Outcome::Collected, "{second:?}");
+    assert!(second.detail.contains("phishing: polled"), "{second:?}");
+    let paths: Vec<String> = h
+        .sim
+        .reporting_requests()
+        .iter()
+        .skip(4)
+        .map(|r| r.path.clone())
+        .collect();
+    assert_eq!(paths.len(), 4, "{paths:?}");
+    assert!(
+        paths
+            .iter()
+            .all(|p| !p.contains(&format!("/{first_test}/"))),
+        "{paths:?}"
+    );
+    assert!(
+        paths
+            .iter()
+            .any(|p| p.contains(&format!("/{second_test}/"))),
+        "{paths:?}"
+    );
+    let got = Received::of(&h.sink);
+    got.assert_latest(&h.sim);
+    got.assert_no_unchanged_resent();
+    let state = h.app.store.load_state(&id).await.unwrap().unwrap().value;
+    let phishing = state.phishing.unwrap();
+    assert!(phishing.poll_started.is_none() && phishing.next_poll.is_some());
+}
+
 /// The middle generation's example (`example.older-dataTypes.tf`), its Reporting host
 /// pointed at `base`.
 pub fn middle_example(base: &str) -> Value {
