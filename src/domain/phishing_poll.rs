@@ -125,6 +125,14 @@ impl PhishingState {
     pub fn due(&self, now: i64) -> bool {
         self.next_poll.is_none_or(|next| now >= next)
     }
+
+    /// Whether a scheduled run should poll at `now`: due, not stopped for this
+    /// configuration version, and the daily limit not reached `today`.
+    pub fn ready(&self, config_version: u64, today: &str, now: i64) -> bool {
+        self.stopped_config_version != Some(config_version)
+            && self.quota_exhausted_day.as_deref() != Some(today)
+            && self.due(now)
+    }
 }
 
 #[cfg(test)]

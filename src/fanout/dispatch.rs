@@ -69,6 +69,22 @@ pub fn due(
     let Some(state) = &source.state else {
         return Err(NotDue::NoState);
     };
+    let now_ms = (now.unix_timestamp_nanos() / 1_000_000) as Millis;
+    let today = utc_day(now);
+    // The phishing stream is due on its own clock, whatever the user events' state.
+    let phishing_only = !source.record.spec.collect_events;
+    let phishing_due = source.record.spec.phishing.is_some()
+        && state.lifecycle != Lifecycle::Stopping
+        && !(phishing_only && state.lifecycle == Lifecycle::Error)
+        && state.phishing.clone().unwrap_or_default().ready(
+            source.record.config_version,
+            &today,
+            now_ms,
+        );
+    let leased = source.lease_expires_at.is_some_and(|exp| exp > now_ms);
+    if phishing_due && !leased {
+        return Ok(());
+    }
     match state.lifecycle {
         Lifecycle::Error => return Err(NotDue::InError),
         Lifecycle::Stopping => return Err(NotDue::Stopping),
@@ -77,13 +93,14 @@ pub fn due(
     if state.blocked_config_version == Some(source.record.config_version) {
         return Err(NotDue::Blocked);
     }
-    let today = utc_day(now);
     if state.counters.quota_exhausted_day.as_deref() == Some(today.as_str()) {
         return Err(NotDue::QuotaReached);
     }
-    let now_ms = (now.unix_timestamp_nanos() / 1_000_000) as Millis;
-    if source.lease_expires_at.is_some_and(|exp| exp > now_ms) {
+    if leased {
         return Err(NotDue::Leased);
+    }
+    if phishing_only {
+        return Err(NotDue::NothingDue);
     }
     // A source that never reached KnowBe4 has no account yet: its first run is due.
     let Some(account) = &state.account else {
@@ -282,5 +299,53 @@ mod tests {
         // The whole day's quota used: the interval's allowance is zero.
         snapshot.quota_used.insert("acct".into(), 2000);
         assert_eq!(due(&source, &snapshot, now, 300), Err(NotDue::NothingDue));
+    }
+
+    /// A source's phishing stream is due on its own clock: a source whose user events
+    /// are in Error (or out of quota) is still dispatched when its poll is due, and one
+    /// that collects only phishing tests is not dispatched between polls.
+    #[test]
+    fn the_phishing_stream_is_due_on_its_own_clock() {
+        use crate::domain::phishing_poll::PhishingState;
+        let now = time::macros::datetime!(2026-12-06 12:00 UTC);
+        let now_ms = (now.unix_timestamp_nanos() / 1_000_000) as Millis;
+        let parsed = crate::config::parse_source_value(
+            serde_json::json!({"api.version": "v1", "source": {"config": {
+                "name": "Acme", "region": "US", "collectPhishingTests": true,
+                "apiKeyPhishing": "t", "collectExternalEvents": true, "apiKeyEvent": "k"
+            }, "schemaRef": {"type": "KnowBe4 KMSAT"}}}),
+            crate::config::ValidationOptions::default(),
+        )
+        .unwrap();
+        let mut source = SourceSnapshot {
+            record: SourceRecord {
+                spec: parsed.spec,
+                ..record()
+            },
+            state: None,
+            lease_expires_at: Some(0),
+        };
+        let mut state = SourceState::new(0);
+        state.lifecycle = Lifecycle::Error;
+        state.phishing = Some(PhishingState {
+            next_poll: Some(now_ms - 1),
+            ..PhishingState::default()
+        });
+        source.state = Some(state.clone());
+        let snapshot = StoreSnapshot::default();
+        assert_eq!(due(&source, &snapshot, now, 300), Ok(()));
+        state.phishing.as_mut().unwrap().next_poll = Some(now_ms + 60_000);
+        source.state = Some(state.clone());
+        assert_eq!(due(&source, &snapshot, now, 300), Err(NotDue::InError));
+
+        source.record.spec.collect_events = false;
+        state.lifecycle = Lifecycle::Collecting;
+        source.state = Some(state.clone());
+        assert_eq!(due(&source, &snapshot, now, 300), Err(NotDue::NothingDue));
+        state.phishing.as_mut().unwrap().next_poll = None;
+        source.state = Some(state);
+        assert_eq!(due(&source, &snapshot, now, 300), Ok(()));
+        source.lease_expires_at = Some(now_ms + 1_000);
+        assert_eq!(due(&source, &snapshot, now, 300), Err(NotDue::Leased));
     }
 }
