@@ -368,11 +368,19 @@ impl Run<'_> {
                 None => "the source collects no data type this version runs".into(),
             };
         }
+        // A due phishing poll gets the second half of the invocation at least: a user-event
+        // backlog that would fill every run cannot starve it (the events go on next run).
+        let events_deadline = if phishing && self.phishing_ready() {
+            let now = Instant::now();
+            now + deadline.saturating_duration_since(now) / 2
+        } else {
+            deadline
+        };
         if events {
             if let Some(reason) = self.skip_reason() {
                 self.report.detail = reason;
             } else {
-                match self.collect(deadline).await {
+                match self.collect(events_deadline).await {
                     Ok(stop) => self.succeed(stop).await,
                     Err(err) => self.fail(err).await,
                 }

@@ -144,6 +144,26 @@ impl Run<'_> {
         }
     }
 
+    /// Whether the phishing stream will poll in this run (asked for, or due and not
+    /// stopped).
+    pub(super) fn phishing_ready(&self) -> bool {
+        let Some(state) = self.state.as_ref().map(|s| &s.value) else {
+            return false;
+        };
+        if self.record.spec.phishing.is_none() || state.lifecycle == Lifecycle::Stopping {
+            return false;
+        }
+        if self.only == Some(DataType::Phishing) {
+            return true;
+        }
+        let today = utc_day(OffsetDateTime::now_utc());
+        state.phishing.clone().unwrap_or_default().ready(
+            self.record.config_version,
+            &today,
+            now_ms(),
+        )
+    }
+
     fn note(&mut self, text: &str) {
         if self.report.detail.is_empty() {
             self.report.detail = text.to_string();
