@@ -12,7 +12,9 @@
 //!    recipients forwarded, then the page's shard saved.
 //!
 //! A shard is saved only after the destination accepted its page's records, so a crash
-//! between the two repeats at most that page's batch. A test's track is saved as changed
+//! between the two repeats at most that page's batch (the failpoint
+//! `phishing_after_forward_before_digests` kills the process there; not in
+//! `failpoint::POINTS`, which the events-only chaos scenarios draw from). A test's track is saved as changed
 //! before its record is forwarded, so a crash cannot lose the "changed" signal that makes
 //! its recipients read.
 //!
