@@ -13,10 +13,10 @@
 //!
 //! A shard is saved only after the destination accepted its page's records, so a crash
 //! between the two repeats at most that page's batch (the failpoint
-//! `phishing_after_forward_before_digests` kills the process there; not in
-//! `failpoint::POINTS`, which the events-only chaos scenarios draw from). A test's track is saved as changed
-//! before its record is forwarded, so a crash cannot lose the "changed" signal that makes
-//! its recipients read.
+//! `phishing_after_forward_before_digests` kills the process there; it is not in
+//! `failpoint::POINTS`, which the events-only chaos scenarios draw from). A test's track
+//! is saved as changed before its record is forwarded, so a crash cannot lose the
+//! "changed" signal that makes its recipients read.
 //!
 //! Every request is admitted through the Reporting account's ledger and send slot
 //! ([`super::admit_reporting_request`]): the daily limit reserved first, then at most one
