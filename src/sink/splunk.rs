@@ -213,6 +213,40 @@ mod tests {
         assert_eq!(error_text(b"<html>"), None);
     }
 
+    /// Phishing records carry their kind's `sourcetype`; the raw object is the `event`.
+    #[tokio::test]
+    async fn phishing_records_carry_their_kinds_sourcetype() {
+        let sink = RecordingSink::spawn().await.unwrap();
+        let text = r#"{"recipient_id":7,"pst_id":1,"template":{"name":"A \u0026 B"}}"#;
+        let mut batch = vec![event(
+            r#"{"id":"x","occurred_date":"2022-08-09T10:05:13.890Z"}"#,
+        )];
+        batch[0].json = serde_json::value::RawValue::from_string(text.into()).unwrap();
+        for kind in [SOURCETYPE_PHISHING_TEST, SOURCETYPE_PHISHING_RECIPIENT] {
+            let mut meta = meta();
+            meta.sourcetype = Some(kind);
+            splunk(sink.url())
+                .send(&meta, &batch, deadline())
+                .await
+                .unwrap();
+        }
+        let sourcetypes: Vec<Value> = sink
+            .requests()
+            .iter()
+            .flat_map(|r| {
+                serde_json::Deserializer::from_slice(&r.body)
+                    .into_iter::<Value>()
+                    .map(|e| e.unwrap()["sourcetype"].clone())
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        assert_eq!(
+            sourcetypes,
+            ["knowbe4:phishing:test", "knowbe4:phishing:recipient"]
+        );
+        assert_eq!(sink.raw_events()[0], text, "the object as KnowBe4 sent it");
+    }
+
     #[tokio::test]
     async fn envelopes_carry_time_source_and_the_verbatim_event() {
         let sink = RecordingSink::spawn().await.unwrap();
