@@ -21,7 +21,7 @@ mod events;
 mod forward;
 pub mod progress;
 
-pub use crate::domain::report::{Outcome, RunReport};
+pub use crate::domain::report::{NotStarted, Outcome, RunReport};
 pub use budget::{Admission, admit_reporting_request};
 
 use std::sync::Arc;
@@ -151,6 +151,7 @@ pub async fn collect_source_with(
         Ok(Some(record)) => record,
         Ok(None) => {
             report.detail = "source not found".into();
+            report.not_started = Some(NotStarted::NoSource);
             return report;
         }
         Err(err) => return failed_without_state(report, err),
@@ -164,6 +165,7 @@ pub async fn collect_source_with(
         Ok(Some(lease)) => lease,
         Ok(None) => {
             report.detail = "another run holds the lease".into();
+            report.not_started = Some(NotStarted::Leased);
             describe_untouched(ctx, &record, &mut report).await;
             return report;
         }
@@ -256,7 +258,11 @@ fn lease_ttl_ms(ctx: RunContext<'_>, deadline: Instant) -> i64 {
     (ctx.settings.lease_ttl.as_millis() as i64).min(to_deadline + 30_000)
 }
 
+/// A run that failed before it loaded its state: nothing was recorded for the source.
 fn failed_without_state(mut report: RunReport, err: Error) -> RunReport {
+    if matches!(err, Error::Store { .. }) {
+        report.not_started = Some(NotStarted::StoreFailed);
+    }
     report.outcome = Outcome::Failed;
     report.health = Some(err.health_kind());
     report.detail = err.chain();
@@ -471,6 +477,15 @@ impl Run<'_> {
         self.report.detail = message.clone();
         if matches!(err, Error::Conflict(_)) {
             // The lease was lost or the source deleted: another run owns the state now.
+            return;
+        }
+        if matches!(err, Error::Store { .. }) && self.report.requests == 0 {
+            // The state store failed (unavailable, throttled) before any KnowBe4 request:
+            // the store, not the source, failed. Nothing is counted against the source
+            // (no retry streak, no health event: the store would likely refuse them too);
+            // the caller retries soon (the fan-out leaves the message for SQS).
+            self.report.not_started = Some(NotStarted::StoreFailed);
+            tracing::warn!(source_id = %self.record.id, error = %message, "The state store failed before any KnowBe4 request; the run is retried without counting against the source.");
             return;
         }
         let window_ms = (self.record.spec.retry_window_secs as i64) * 1000;
