@@ -180,6 +180,9 @@ pub async fn collect_source_with(
         state: None,
         pacing_chain: None,
         account: None,
+        quota_seen: None,
+        checkpoint_unsaved: false,
+        prereserved: false,
         trigger,
         stream: DataType::Events,
     };
@@ -286,6 +289,23 @@ struct Run<'a> {
     /// The KnowBe4 account (API host + key) whose ledger and send slots this run uses;
     /// known once the key is loaded (the stored one until then, for `fill_quota`).
     account: Option<String>,
+    /// The account's requests today and its limit as this run last saw them (the ledger
+    /// read before planning, then each reservation's answer): the report's quota figures,
+    /// without reading the ledger and members again.
+    quota_seen: Option<QuotaSeen>,
+    /// The walk ended without error and its last batch was forwarded, but the checkpoint
+    /// that covers it is saved with the run's outcome (one write instead of two).
+    checkpoint_unsaved: bool,
+    /// One request of the account's day is reserved (with the ledger read) and not yet
+    /// used by a request.
+    prereserved: bool,
+}
+
+/// The account's requests today and its daily limit, as the run last saw them.
+#[derive(Clone, Copy, Debug)]
+struct QuotaSeen {
+    used: u32,
+    limit: u32,
 }
 
 /// The data types a source collects, each a stream that the run loop drives: the loop
@@ -458,11 +478,19 @@ impl Run<'_> {
         let checkpoint = &self.state.as_ref().expect("loaded").value.checkpoint;
         self.report.checkpoint = checkpoint.high.map(EventTime::to_rfc3339);
         self.report.backlog = !checkpoint.gaps.is_empty();
+        // One write: the outcome and, when the walk's last batch was forwarded, the
+        // checkpoint that covers it.
+        let unsaved = std::mem::take(&mut self.checkpoint_unsaved);
         if let Err(err) = self.save().await {
             self.report.outcome = Outcome::Failed;
             self.report.health = Some(err.health_kind());
             self.report.detail = format!(
-                "progress was forwarded but the final state could not be saved: {}",
+                "progress was forwarded but the final state could not be saved{}: {}",
+                if unsaved {
+                    " (the last batch is read again next run)"
+                } else {
+                    ""
+                },
                 err.chain()
             );
         }
@@ -540,6 +568,11 @@ impl Run<'_> {
     }
 
     async fn fill_quota(&mut self) {
+        if let Some(seen) = self.quota_seen {
+            self.report.quota_used = seen.used;
+            self.report.quota_left = seen.limit.saturating_sub(seen.used);
+            return;
+        }
         let account = self
             .account
             .clone()
