@@ -668,3 +668,86 @@ async fn a_malformed_item_leaves_its_source_out_of_the_dispatch() {
     );
     assert_eq!(bodies(&url).await.len(), 1);
 }
+
+/// The state store failing after the run loaded its state but before any KnowBe4 request
+/// (here: the account's quota item is unreadable, so the reservation fails): the record is
+/// a batch item failure, and nothing is counted against the source (no retry streak, no
+/// health event, no request).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_failure_before_any_request_is_retried_and_not_counted_against_the_source() {
+    use aws_sdk_dynamodb::types::AttributeValue;
+    let (key, h) = harness_with_canary_key(3).await;
+    h.app
+        .create_with(
+            source_json(&h.sim.base_url(), &key, serde_json::json!({})),
+            Some("acme".into()),
+            true,
+        )
+        .await
+        .unwrap();
+    let record = |id: &str| {
+        serde_json::json!({"Records": [{
+            "messageId": id,
+            "receiptHandle": format!("handle-{id}"),
+            "body": serde_json::json!({"sourceId": "acme"}).to_string(),
+            "attributes": {"ApproximateReceiveCount": "1"},
+            "messageAttributes": {},
+            "md5OfBody": "",
+            "eventSource": "aws:sqs",
+            "eventSourceARN": "arn:aws:sqs:us-east-1:123456789012:work",
+            "awsRegion": "us-east-1"
+        }]})
+    };
+    let response = handle_sqs_payload(&h.app, None, record("m1"), deadline(60))
+        .await
+        .unwrap();
+    assert_eq!(response, serde_json::json!({"batchItemFailures": []}));
+    assert_eq!(h.sink.event_ids().len(), 3);
+    let state = h.app.store.load_state("acme").await.unwrap().unwrap().value;
+    let account = state.account.clone().expect("the run joined its account");
+    let requests = h.sim.requests().len();
+
+    // Today's and tomorrow's ledger items hold a string count: ADD fails (not a
+    // condition), so the reservation before the first request fails.
+    let today = time::OffsetDateTime::now_utc();
+    for day in [today, today + time::Duration::days(1)] {
+        h.dynamo
+            .put_item()
+            .table_name(&h.table)
+            .item("pk", AttributeValue::S(format!("ACCOUNT#{account}")))
+            .item(
+                "sk",
+                AttributeValue::S(format!(
+                    "QUOTA#{}",
+                    knowbe4_source::domain::quota::utc_day(day)
+                )),
+            )
+            .item("used", AttributeValue::S("not a number".into()))
+            .send()
+            .await
+            .unwrap();
+    }
+    let response = handle_sqs_payload(&h.app, None, record("m2"), deadline(60))
+        .await
+        .unwrap();
+    assert_eq!(
+        response,
+        serde_json::json!({"batchItemFailures": [{"itemIdentifier": "m2"}]})
+    );
+    assert_eq!(h.sim.requests().len(), requests, "no KnowBe4 request");
+    let after = h.app.store.load_state("acme").await.unwrap().unwrap().value;
+    assert!(
+        after.streak.is_none(),
+        "no retry streak: {:?}",
+        after.streak
+    );
+    assert_eq!(after.lifecycle, state.lifecycle);
+    assert!(
+        h.app
+            .store
+            .list_health("acme", 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
