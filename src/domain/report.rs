@@ -31,6 +31,9 @@ pub enum NotStarted {
     /// KnowBe4 request. Nothing was counted against the source (no health event, no retry
     /// streak): the store, not the source, failed, and retrying soon is right.
     StoreFailed,
+    /// A queued run whose work was already done: a run of the source succeeded after the
+    /// message was dispatched (a backlog's older copy). Nothing was sent.
+    Stale,
 }
 
 /// The one-line summary of a run, logged and returned to the caller.

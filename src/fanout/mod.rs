@@ -19,7 +19,9 @@
 //!   receives SQS moves it to the dead-letter queue. A run whose KnowBe4 or destination
 //!   failed recorded its health event and retry streak; SQS does not retry it. A
 //!   delivery that finds the lease held is a duplicate (another run is collecting the
-//!   source now) and is dropped; a message naming a deleted source is deleted.
+//!   source now) and is dropped; a message naming a deleted source, or dispatched before
+//!   the source's last successful run (stale: [`crate::run::NotStarted::Stale`]), is
+//!   deleted.
 //! - **Limits**: the account's rate (send slots) and daily quota (ledger) are items in the
 //!   state table that every process conditions its writes on (see [`crate::store`]), so
 //!   any number of concurrent invocations keep each account within 4 requests per second

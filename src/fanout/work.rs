@@ -9,7 +9,7 @@ use super::emf::{MessageOutcome, message_line};
 use super::queue::WorkQueue;
 use crate::app::App;
 use crate::error::{Error, Result};
-use crate::run::{NotStarted, RunReport, Trigger, collect_source_with};
+use crate::run::{NotStarted, RunReport, Trigger, collect_queued};
 
 /// What to do with a message after its run.
 #[derive(Clone, Debug)]
@@ -19,8 +19,9 @@ pub enum Disposition {
     Done(Box<RunReport>),
     /// A duplicate delivery: another run holds the lease. Delete it.
     Leased(Box<RunReport>),
-    /// The message names a source that does not exist (deleted since dispatch): nothing
-    /// to do, ever. Delete it.
+    /// Nothing to do: the message names a source that does not exist (deleted since
+    /// dispatch), or a run of the source succeeded after it was dispatched (stale).
+    /// Delete it.
     Gone(String),
     /// The run could not start for a reason worth retrying soon (the state store failed
     /// before any KnowBe4 request), or the body is unreadable: leave the message for SQS,
@@ -67,6 +68,7 @@ pub fn disposition(report: RunReport) -> Disposition {
         Some(NotStarted::NoSource) => {
             Disposition::Gone(format!("no source {} (deleted?)", report.source_id))
         }
+        Some(NotStarted::Stale) => Disposition::Gone(report.detail),
         Some(NotStarted::Leased) => Disposition::Leased(Box::new(report)),
         // The state store failed before any KnowBe4 request; nothing was counted
         // against the source, so SQS retries it.
@@ -92,11 +94,19 @@ pub async fn run_message(
             return d;
         }
     };
-    let report = collect_source_with(
+    // A message whose source was collected since it was dispatched is stale (a backlog
+    // holds several copies per source): dropped after the state read.
+    let dispatched_at = message.dispatched_at.as_deref().and_then(|at| {
+        time::OffsetDateTime::parse(at, &time::format_description::well_known::Rfc3339)
+            .ok()
+            .map(|t| (t.unix_timestamp_nanos() / 1_000_000) as i64)
+    });
+    let report = collect_queued(
         app.run_context(),
         &message.source_id,
         deadline,
         Trigger::Schedule,
+        dispatched_at,
     )
     .await;
     crate::app::log_run(&report);
@@ -110,7 +120,7 @@ pub async fn run_message(
             tracing::info!(source_id = %message.source_id, "Another run holds the lease: duplicate delivery dropped.");
         }
         Disposition::Gone(reason) => {
-            tracing::info!(source_id = %message.source_id, reason = %reason, "The message's source does not exist: message dropped.");
+            tracing::info!(source_id = %message.source_id, reason = %reason, "Nothing to do for the message (source deleted, or collected since): dropped.");
         }
         Disposition::Retry(reason) => {
             tracing::warn!(source_id = %message.source_id, receive_count, reason = %reason, dispatched_at = ?message.dispatched_at, "Run could not start; the message is left for SQS to retry.");
@@ -214,8 +224,10 @@ mod tests {
             ));
             assert!(matches!(d, Disposition::Retry(_)) && !d.delete());
         }
-        let gone = disposition(report(Outcome::Skipped, Some(NotStarted::NoSource), false));
-        assert!(matches!(gone, Disposition::Gone(_)) && gone.delete());
+        for why in [NotStarted::NoSource, NotStarted::Stale] {
+            let gone = disposition(report(Outcome::Skipped, Some(why), false));
+            assert!(matches!(gone, Disposition::Gone(_)) && gone.delete());
+        }
         let leased = disposition(report(Outcome::Skipped, Some(NotStarted::Leased), true));
         assert!(matches!(leased, Disposition::Leased(_)) && leased.delete());
         // KnowBe4 or the destination failed (or the store, after requests were sent):

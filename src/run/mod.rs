@@ -144,6 +144,19 @@ pub async fn collect_source_with(
     deadline: Instant,
     trigger: Trigger,
 ) -> RunReport {
+    collect_queued(ctx, id, deadline, trigger, None).await
+}
+
+/// [`collect_source_with`] for a queued request made at `requested_at` (epoch ms): when a
+/// run of the source succeeded after that, the request is stale and the run stops after
+/// reading the state ([`NotStarted::Stale`]), sending nothing.
+pub async fn collect_queued(
+    ctx: RunContext<'_>,
+    id: &str,
+    deadline: Instant,
+    trigger: Trigger,
+    requested_at: Option<i64>,
+) -> RunReport {
     let started = Instant::now();
     let mut report = RunReport::new(id);
     let run_id = uuid::Uuid::new_v4().to_string();
@@ -183,6 +196,7 @@ pub async fn collect_source_with(
         quota_seen: None,
         checkpoint_unsaved: false,
         prereserved: false,
+        requested_at,
         trigger,
         stream: DataType::Events,
     };
@@ -299,6 +313,8 @@ struct Run<'a> {
     /// One request of the account's day is reserved (with the ledger read) and not yet
     /// used by a request.
     prereserved: bool,
+    /// When the queued request for this run was made (see [`collect_queued`]).
+    requested_at: Option<i64>,
 }
 
 /// The account's requests today and its daily limit, as the run last saw them.
@@ -345,7 +361,17 @@ impl Run<'_> {
                 return;
             }
         };
+        let done_since = match (self.requested_at, state.value.last_success) {
+            (Some(requested), Some(success)) => success > requested,
+            _ => false,
+        };
         self.state = Some(state);
+        if done_since {
+            self.report.detail =
+                "a run succeeded after this request was queued; nothing to do".into();
+            self.report.not_started = Some(NotStarted::Stale);
+            return;
+        }
         if let Some(reason) = self.skip_reason() {
             self.report.detail = reason;
             self.fill_quota().await;

@@ -409,6 +409,8 @@ async fn the_sqs_event_reports_only_runs_that_could_not_start() {
     };
     create("good", &key).await.unwrap();
     create("leased", &key).await.unwrap();
+    // Before any run (seconds, rounded down).
+    let before = now_ms() - 1000;
     create("wrong-key", "not-the-key").await.unwrap();
     let held = h
         .app
@@ -442,6 +444,37 @@ async fn the_sqs_event_reports_only_runs_that_could_not_start() {
         .unwrap();
     assert_eq!(response, serde_json::json!({"batchItemFailures": []}));
     assert_eq!(h.sink.event_ids().len(), 5, "good was collected");
+
+    // A copy of good's message dispatched before that run is stale: dropped after the
+    // state read, nothing sent.
+    let requests = h.sim.requests().len();
+    let mut stale = record("m6", "good");
+    stale["body"] = serde_json::json!({
+        "sourceId": "good",
+        "dispatchedAt": time::OffsetDateTime::from_unix_timestamp(before / 1000)
+            .unwrap()
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap(),
+    })
+    .to_string()
+    .into();
+    let d = knowbe4_source::fanout::work::run_message(
+        &h.app,
+        stale["body"].as_str().unwrap(),
+        1,
+        deadline(60),
+    )
+    .await;
+    assert!(
+        matches!(d, knowbe4_source::fanout::work::Disposition::Gone(_)) && d.delete(),
+        "{d:?}"
+    );
+    assert_eq!(
+        h.sim.requests().len(),
+        requests,
+        "a stale message sends nothing"
+    );
+    assert_eq!(h.sink.event_ids().len(), 5);
     let leased = h
         .app
         .store
