@@ -19,12 +19,13 @@ pub enum Disposition {
     Done(Box<RunReport>),
     /// A duplicate delivery: another run holds the lease. Delete it.
     Leased(Box<RunReport>),
-    /// Nothing to do: the message names a source that does not exist (deleted since
-    /// dispatch), or a run of the source succeeded after it was dispatched (stale).
-    /// Delete it.
+    /// Nothing to do: a run of the source succeeded after the message was dispatched
+    /// (stale: an older copy from a backlog). Delete it.
     Gone(String),
     /// The run could not start for a reason worth retrying soon (the state store failed
-    /// before any KnowBe4 request), or the body is unreadable: leave the message for SQS,
+    /// before any KnowBe4 request), or the message is poison: an unreadable body, or a
+    /// source id the table does not know (never created, or deleted since dispatch — the
+    /// store keeps no tombstone to tell them apart). Leave the message for SQS,
     /// visible again after the queue's retry delay (which moves it to the dead-letter
     /// queue after `maxReceiveCount` receives).
     Retry(String),
@@ -65,8 +66,10 @@ pub fn parse_body(body: &str) -> Result<WorkMessage> {
 /// [`RunReport::not_started`], never by its wording.
 pub fn disposition(report: RunReport) -> Disposition {
     match report.not_started {
+        // A poison message: offered again up to the redrive count, then it waits in the
+        // dead-letter queue (as the issue asks), never in a loop. No KnowBe4 request.
         Some(NotStarted::NoSource) => {
-            Disposition::Gone(format!("no source {} (deleted?)", report.source_id))
+            Disposition::Retry(format!("no source {} (deleted?)", report.source_id))
         }
         Some(NotStarted::Stale) => Disposition::Gone(report.detail),
         Some(NotStarted::Leased) => Disposition::Leased(Box::new(report)),
@@ -224,10 +227,10 @@ mod tests {
             ));
             assert!(matches!(d, Disposition::Retry(_)) && !d.delete());
         }
-        for why in [NotStarted::NoSource, NotStarted::Stale] {
-            let gone = disposition(report(Outcome::Skipped, Some(why), false));
-            assert!(matches!(gone, Disposition::Gone(_)) && gone.delete());
-        }
+        let unknown = disposition(report(Outcome::Skipped, Some(NotStarted::NoSource), false));
+        assert!(matches!(unknown, Disposition::Retry(_)) && !unknown.delete());
+        let stale = disposition(report(Outcome::Skipped, Some(NotStarted::Stale), false));
+        assert!(matches!(stale, Disposition::Gone(_)) && stale.delete());
         let leased = disposition(report(Outcome::Skipped, Some(NotStarted::Leased), true));
         assert!(matches!(leased, Disposition::Leased(_)) && leased.delete());
         // KnowBe4 or the destination failed (or the store, after requests were sent):

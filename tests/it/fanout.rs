@@ -361,10 +361,10 @@ async fn a_killed_workers_message_reappears_and_another_worker_collects_the_sour
     assert_rate_respected(&h.sim);
 }
 
-/// A message that is not a work message is offered again after the retry delay (not the
-/// queue's long visibility timeout), up to the redrive count, then waits in the
-/// dead-letter queue, not in a loop. A message naming no source (deleted since dispatch)
-/// is simply deleted.
+/// Poison messages — one that is not a work message, one naming a source id the table does
+/// not know — are offered again after the retry delay (not the queue's long visibility
+/// timeout), up to the redrive count, then wait in the dead-letter queue, not in a loop,
+/// and never reach KnowBe4.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn poison_messages_go_to_the_dead_letter_queue_after_the_redrive_count() {
     let h = harness(SimConfig::default()).await;
@@ -383,19 +383,21 @@ async fn poison_messages_go_to_the_dead_letter_queue_after_the_redrive_count() {
             .unwrap(),
     )
     .await;
-    // The unreadable one was received twice (the redrive count) and failed to start each
-    // time; the one naming no source once, and deleted.
-    assert_eq!(report.received, 3, "{report:?}");
-    assert_eq!(report.failed_to_start, 2, "{report:?}");
-    assert_eq!(report.skipped_gone, 1, "{report:?}");
+    // Each was received twice (the redrive count) and failed to start each time.
+    assert_eq!(report.received, 4, "{report:?}");
+    assert_eq!(report.failed_to_start, 4, "{report:?}");
+    assert_eq!(report.skipped_gone, 0, "{report:?}");
     assert_eq!(report.started, 0);
+    assert!(h.sim.requests().is_empty(), "poison never reaches KnowBe4");
     assert!(bodies(&url).await.is_empty());
-    assert_eq!(bodies(&dlq).await, ["not a work message"]);
+    let mut dead = bodies(&dlq).await;
+    dead.sort();
+    assert_eq!(dead, ["not a work message".to_string(), gone.to_string()]);
 }
 
 /// The Lambda SQS event: the response names only the records whose run could not start
-/// (the state store failing), not a duplicate delivery (lease held), a deleted source,
-/// nor a source whose KnowBe4 refused the key (its health event and streak govern it);
+/// (the state store failing, or a poison message naming an unknown source), not a
+/// duplicate delivery (lease held), nor a source whose KnowBe4 refused the key (its health event and streak govern it);
 /// with the work queue, a named record is offered again after the retry delay.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_sqs_event_reports_only_runs_that_could_not_start() {
@@ -442,7 +444,11 @@ async fn the_sqs_event_reports_only_runs_that_could_not_start() {
     let response = handle_sqs_payload(&h.app, None, event.clone(), deadline(60))
         .await
         .unwrap();
-    assert_eq!(response, serde_json::json!({"batchItemFailures": []}));
+    assert_eq!(
+        response,
+        serde_json::json!({"batchItemFailures": [{"itemIdentifier": "m4"}]}),
+        "only the unknown source's record (poison: to the dead-letter queue after the redrive count)"
+    );
     assert_eq!(h.sink.event_ids().len(), 5, "good was collected");
 
     // A copy of good's message dispatched before that run is stale: dropped after the
