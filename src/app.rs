@@ -269,29 +269,24 @@ impl App {
         }
     }
 
-    /// A source's secrets, from the cache unless `force`.
+    /// A source's secrets, from the cache unless `force` (see
+    /// [`RunContext::source_secrets`]).
     pub async fn source_secrets(
         &self,
         record: &SourceRecord,
         force: bool,
     ) -> Result<SourceSecrets> {
-        self.secrets.source_secrets(record, force).await
+        self.run_context().source_secrets(record, force).await
     }
 
     /// The destination for a source: its own, or the deployment's default (see
-    /// [`crate::sink::resolve`]).
+    /// [`RunContext::destination_for`]).
     pub fn destination_for(
         &self,
         record: &SourceRecord,
         secrets: &SourceSecrets,
     ) -> Result<Destination> {
-        crate::sink::resolve(
-            record.spec.destination.as_ref().map(|own| own.format),
-            secrets,
-            &self.default_destination,
-            &self.destination_http,
-            self.settings.validation.allow_custom_base_url,
-        )
+        self.run_context().destination_for(record, secrets)
     }
 
     /// What a run borrows from the app: its clients, stores and tunables.

@@ -52,7 +52,7 @@ pub async fn handle(
 ) -> Result<serde_json::Value, Error> {
     let deadline = deadline_of(event.context.deadline);
     if crate::fanout::is_sqs_event(&event.payload) {
-        return crate::fanout::work::handle_sqs_payload(app, event.payload, deadline).await;
+        return crate::fanout::work::handle_sqs_payload(app, queue, event.payload, deadline).await;
     }
     let action = Action::from_payload(event.payload)?;
     if let (

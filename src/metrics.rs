@@ -159,6 +159,7 @@ mod tests {
             state: Some(Lifecycle::Error),
             undated_events: 0,
             full_walk: None,
+            not_started: None,
             lag_seconds: Some(42),
         };
         let line = run_line(&report, 1_700_000_000_000);

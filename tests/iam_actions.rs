@@ -323,7 +323,33 @@ fn fan_out_is_scoped_to_the_work_queue_and_retries_into_a_dead_letter_queue() {
         "visibility {visibility} s < 6 x {max_timeout} s"
     );
     assert!(queue.contains("deadLetterTargetArn: !GetAtt WorkDeadLetterQueue.Arn"));
-    assert!(queue.contains("maxReceiveCount:"));
+    let max_receive: u64 = key(&queue, "maxReceiveCount")
+        .expect("maxReceiveCount")
+        .parse()
+        .unwrap();
+    // A message must outlive its receives, or a failing one expires before it reaches the
+    // dead-letter queue. Each receive ends at worst after the visibility timeout (a killed
+    // run); a run that could not start comes back sooner (the retry delay), and the
+    // dead-letter queue keeps what it gets longer than the queue did.
+    let retention: u64 = key(&queue, "MessageRetentionPeriod")
+        .expect("the queue's MessageRetentionPeriod")
+        .parse()
+        .unwrap();
+    assert!(
+        retention >= max_receive * visibility + 600,
+        "retention {retention} s < {max_receive} receives x {visibility} s + 10 min"
+    );
+    let retry_delay = knowbe4_source::fanout::queue::RETRY_DELAY_SECS as u64;
+    assert!(retry_delay < visibility && max_receive * retry_delay < retention);
+    let dlq = block_text(&lines, resource(&lines, "WorkDeadLetterQueue"));
+    let dlq_retention: u64 = key(&dlq, "MessageRetentionPeriod")
+        .expect("the dead-letter queue's MessageRetentionPeriod")
+        .parse()
+        .unwrap();
+    assert!(
+        dlq_retention > retention,
+        "the dead-letter queue keeps messages longer ({dlq_retention} s) than the queue ({retention} s)"
+    );
     let alarm = block_text(&lines, resource(&lines, "WorkDeadLetterAlarm"));
     assert!(
         alarm.contains("!GetAtt WorkDeadLetterQueue.QueueName"),

@@ -18,6 +18,24 @@ pub enum Outcome {
     Failed,
 }
 
+/// Why a run did not start its work, when it did not: typed, so callers (the fan-out's
+/// message handling) act on it without reading the report's wording.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NotStarted {
+    /// The source does not exist (deleted, or never was).
+    NoSource,
+    /// Another run holds the source's lease (it is being collected now).
+    Leased,
+    /// The state store failed (unavailable, throttled, timed out) before the run sent any
+    /// KnowBe4 request. Nothing was counted against the source (no health event, no retry
+    /// streak): the store, not the source, failed, and retrying soon is right.
+    StoreFailed,
+    /// A queued run whose work was already done: a run of the source succeeded after the
+    /// message was dispatched (a backlog's older copy). Nothing was sent.
+    Stale,
+}
+
 /// The one-line summary of a run, logged and returned to the caller.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct RunReport {
@@ -62,6 +80,9 @@ pub struct RunReport {
     /// the freshness planner decided); `None` when no walk started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub full_walk: Option<bool>,
+    /// Set when the run did not start its work, saying why (see [`NotStarted`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_started: Option<NotStarted>,
 }
 
 impl RunReport {
@@ -86,6 +107,7 @@ impl RunReport {
             lag_seconds: None,
             undated_events: 0,
             full_walk: None,
+            not_started: None,
         }
     }
 }

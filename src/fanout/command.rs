@@ -28,6 +28,8 @@ pub async fn run(app: &App, command: &Command) -> Result<Option<i32>> {
         } => (*once, usize::from(*concurrency), *wait_seconds),
         _ => return Ok(None),
     };
+    // Handlers first: from here on, SIGINT or SIGTERM stops the worker cleanly.
+    let stop = stop_signal();
     let queue = queue().await?;
     let options = WorkerOptions {
         once,
@@ -36,7 +38,10 @@ pub async fn run(app: &App, command: &Command) -> Result<Option<i32>> {
         idle: Duration::from_millis(200),
         run_timeout: app.settings.cli_run_timeout,
     };
-    let report = worker::run_until(app, &queue, options, stop_signal()).await?;
+    // One line on stderr when the worker polls and a signal stops it cleanly (scripts and
+    // tests wait for it before signalling).
+    eprintln!("worker ready: polling the work queue; SIGINT or SIGTERM stops it cleanly");
+    let report = worker::run_until(app, &queue, options, stop).await?;
     println!("{}", serde_json::to_string(&report).unwrap_or_default());
     Ok(Some(0))
 }
@@ -50,19 +55,26 @@ async fn queue() -> Result<WorkQueue> {
     })
 }
 
-/// Completes at the first SIGINT (Ctrl-C) or SIGTERM.
-async fn stop_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-    let terminated = async {
-        match term.as_mut() {
-            Some(term) => {
-                term.recv().await;
-            }
-            None => std::future::pending::<()>().await,
+/// Completes at the first SIGINT (Ctrl-C) or SIGTERM. The handlers are installed when
+/// this is called, not when the future is first polled.
+fn stop_signal() -> impl std::future::Future<Output = ()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).ok();
+    let mut interrupt = signal(SignalKind::interrupt()).ok();
+    async move {
+        tokio::select! {
+            () = wait(term.as_mut()) => {}
+            () = wait(interrupt.as_mut()) => {}
         }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        () = terminated => {}
+    }
+}
+
+/// Waits for a signal; forever when its handler could not be installed.
+async fn wait(signal: Option<&mut tokio::signal::unix::Signal>) {
+    match signal {
+        Some(signal) => {
+            signal.recv().await;
+        }
+        None => std::future::pending::<()>().await,
     }
 }

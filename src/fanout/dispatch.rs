@@ -40,6 +40,9 @@ pub enum NotDue {
     /// The freshness plan saves this interval's budget (nothing due), or the interval's
     /// allowance is spent.
     NothingDue,
+    /// An item of the source could not be read (logged by id): left out, not failing the
+    /// dispatch of the others.
+    Unreadable,
 }
 
 /// What one dispatch did.
@@ -137,9 +140,14 @@ pub async fn dispatch(app: &App, queue: &WorkQueue) -> Result<DispatchReport> {
     let now_ms = (now.unix_timestamp_nanos() / 1_000_000) as Millis;
     let snapshot = app.store.snapshot(&utc_day(now), now_ms).await?;
     let mut report = DispatchReport {
-        sources: snapshot.sources.len(),
+        sources: snapshot.sources.len() + snapshot.unreadable,
         ..DispatchReport::default()
     };
+    if snapshot.unreadable > 0 {
+        report
+            .not_due
+            .insert(NotDue::Unreadable, snapshot.unreadable);
+    }
     let dispatched_at = crate::domain::status::rfc3339_ms(now_ms);
     let mut messages = Vec::new();
     for source in &snapshot.sources {

@@ -1,6 +1,6 @@
 //! EMF lines of the fan-out (namespace [`crate::metrics::NAMESPACE`], no dimension):
 //! `SourcesQueued` per dispatch, and per message one of `RunsStarted`,
-//! `RunsSkippedLeased` and `RunsFailedToStart`. The dashboard and alarms read these.
+//! `RunsSkippedLeased`, `RunsSkippedGone` and `RunsFailedToStart`. The dashboard and alarms read these.
 
 use serde_json::{Value, json};
 
@@ -13,6 +13,8 @@ pub enum MessageOutcome {
     Started,
     /// Another run held the source's lease: a duplicate delivery, dropped.
     SkippedLeased,
+    /// The message's source does not exist (deleted since dispatch): dropped.
+    SkippedGone,
     /// The run could not start; the message is left for SQS to retry.
     FailedToStart,
 }
@@ -23,6 +25,7 @@ impl MessageOutcome {
         match self {
             MessageOutcome::Started => "RunsStarted",
             MessageOutcome::SkippedLeased => "RunsSkippedLeased",
+            MessageOutcome::SkippedGone => "RunsSkippedGone",
             MessageOutcome::FailedToStart => "RunsFailedToStart",
         }
     }

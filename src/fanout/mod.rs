@@ -11,12 +11,17 @@
 //!   ten per `SendMessageBatch`. Its answer is `{"queued": N, ...}`.
 //! - **Work** ([`work`]): each message is one scheduled run of one source
 //!   ([`crate::run::collect_source_with`]) under the source's lease. A message is
-//!   deleted (done) unless its run could not *start* for a reason worth retrying soon:
-//!   the state store failed before the run held the lease, or the message names no
-//!   source (a poison message: SQS retries it `maxReceiveCount` times, then moves it to
-//!   the dead-letter queue). A run whose KnowBe4 or destination failed recorded its
-//!   health event and retry streak; SQS does not retry it. A delivery that finds the lease
-//!   held is a duplicate (another run is collecting the source now) and is dropped.
+//!   deleted (done) unless its run could not *start* for a reason worth retrying soon
+//!   ([`crate::run::NotStarted::StoreFailed`]: the state store failed before any KnowBe4
+//!   request, and nothing was counted against the source), or its body is unreadable (a
+//!   poison message). Such a message is made visible again after the retry delay
+//!   (`ChangeMessageVisibility`, [`queue::RETRY_DELAY_SECS`]); after `maxReceiveCount`
+//!   receives SQS moves it to the dead-letter queue. A run whose KnowBe4 or destination
+//!   failed recorded its health event and retry streak; SQS does not retry it. A
+//!   delivery that finds the lease held is a duplicate (another run is collecting the
+//!   source now) and is dropped; a message naming a deleted source, or dispatched before
+//!   the source's last successful run (stale: [`crate::run::NotStarted::Stale`]), is
+//!   deleted.
 //! - **Limits**: the account's rate (send slots) and daily quota (ledger) are items in the
 //!   state table that every process conditions its writes on (see [`crate::store`]), so
 //!   any number of concurrent invocations keep each account within 4 requests per second

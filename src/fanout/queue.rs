@@ -13,6 +13,14 @@ pub const WORK_QUEUE_URL: &str = "WORK_QUEUE_URL";
 pub const SEND_BATCH: usize = 10;
 /// `ReceiveMessage` returns at most ten messages.
 pub const RECEIVE_BATCH: i32 = 10;
+/// The environment variable overriding [`RETRY_DELAY_SECS`].
+pub const WORK_RETRY_DELAY_SECS: &str = "WORK_RETRY_DELAY_SECS";
+/// How long a message whose run could not start stays invisible before SQS offers it
+/// again (`ChangeMessageVisibility`), instead of the queue's visibility timeout (which
+/// is long, so that a killed run is not re-run while its lease may be held). The
+/// template's retention covers `maxReceiveCount` receives at the visibility timeout,
+/// so a failing message reaches the dead-letter queue rather than expiring.
+pub const RETRY_DELAY_SECS: i32 = 60;
 
 /// An SQS queue of work messages.
 #[derive(Clone, Debug)]
@@ -21,6 +29,8 @@ pub struct WorkQueue {
     client: Client,
     /// The queue's URL.
     url: String,
+    /// Seconds before a message left for retry is offered again.
+    retry_delay_secs: i32,
 }
 
 /// One received message.
@@ -60,7 +70,14 @@ impl WorkQueue {
         WorkQueue {
             client,
             url: url.into(),
+            retry_delay_secs: RETRY_DELAY_SECS,
         }
+    }
+
+    /// The same queue with another retry delay (0..=900 s; see [`RETRY_DELAY_SECS`]).
+    pub fn with_retry_delay(mut self, secs: i32) -> Self {
+        self.retry_delay_secs = secs.clamp(0, 900);
+        self
     }
 
     /// The queue named by `WORK_QUEUE_URL`, or `None` when it is unset (the schedule then
@@ -82,8 +99,22 @@ impl WorkQueue {
                 "needs STATE_TABLE: the processes working the queue share leases, quotas and checkpoints through DynamoDB; unset WORK_QUEUE_URL to collect from one process with a local state file",
             ));
         }
+        let retry_delay = match std::env::var(WORK_RETRY_DELAY_SECS) {
+            Ok(v) if !v.trim().is_empty() => match v.trim().parse::<i32>() {
+                Ok(secs) if (0..=900).contains(&secs) => secs,
+                _ => {
+                    return Err(Error::config(
+                        WORK_RETRY_DELAY_SECS,
+                        "must be a whole number of seconds from 0 to 900",
+                    ));
+                }
+            },
+            _ => RETRY_DELAY_SECS,
+        };
         let aws = crate::store::aws_env::load_checked().await?;
-        Ok(Some(WorkQueue::new(Client::new(&aws), url)))
+        Ok(Some(
+            WorkQueue::new(Client::new(&aws), url).with_retry_delay(retry_delay),
+        ))
     }
 
     /// The queue's URL.
@@ -160,6 +191,23 @@ impl WorkQueue {
             .await
             .map_err(|e| Error::store("SQS DeleteMessage from the work queue", e))?;
         Ok(())
+    }
+
+    /// Makes a received message visible again after the retry delay (its run could not
+    /// start). Failing to is logged: the message then comes back after the queue's
+    /// visibility timeout instead.
+    pub async fn retry_later(&self, receipt_handle: &str) {
+        if let Err(err) = self
+            .client
+            .change_message_visibility()
+            .queue_url(&self.url)
+            .receipt_handle(receipt_handle)
+            .visibility_timeout(self.retry_delay_secs)
+            .send()
+            .await
+        {
+            tracing::warn!(error = %Error::store("SQS ChangeMessageVisibility on the work queue", err).chain(), "Could not shorten a message's visibility; it is retried after the queue's visibility timeout.");
+        }
     }
 
     /// The queue's approximate counts.

@@ -6,14 +6,10 @@ use tokio::time::Instant;
 
 use super::WorkMessage;
 use super::emf::{MessageOutcome, message_line};
+use super::queue::WorkQueue;
 use crate::app::App;
 use crate::error::{Error, Result};
-use crate::run::{Outcome, RunReport, Trigger, collect_source_with};
-
-/// What the collector says when the message's source does not exist.
-const NOT_FOUND: &str = "source not found";
-/// What the collector says when another run holds the lease.
-const LEASED: &str = "another run holds the lease";
+use crate::run::{NotStarted, RunReport, Trigger, collect_queued};
 
 /// What to do with a message after its run.
 #[derive(Clone, Debug)]
@@ -23,9 +19,15 @@ pub enum Disposition {
     Done(Box<RunReport>),
     /// A duplicate delivery: another run holds the lease. Delete it.
     Leased(Box<RunReport>),
-    /// The run could not start for a reason worth retrying soon (the state store, or no
-    /// such source): leave the message for SQS (which moves it to the dead-letter queue
-    /// after `maxReceiveCount` receives).
+    /// Nothing to do: a run of the source succeeded after the message was dispatched
+    /// (stale: an older copy from a backlog). Delete it.
+    Gone(String),
+    /// The run could not start for a reason worth retrying soon (the state store failed
+    /// before any KnowBe4 request), or the message is poison: an unreadable body, or a
+    /// source id the table does not know (never created, or deleted since dispatch — the
+    /// store keeps no tombstone to tell them apart). Leave the message for SQS,
+    /// visible again after the queue's retry delay (which moves it to the dead-letter
+    /// queue after `maxReceiveCount` receives).
     Retry(String),
 }
 
@@ -35,6 +37,7 @@ impl Disposition {
         match self {
             Disposition::Done(_) => MessageOutcome::Started,
             Disposition::Leased(_) => MessageOutcome::SkippedLeased,
+            Disposition::Gone(_) => MessageOutcome::SkippedGone,
             Disposition::Retry(_) => MessageOutcome::FailedToStart,
         }
     }
@@ -59,20 +62,22 @@ pub fn parse_body(body: &str) -> Result<WorkMessage> {
     Ok(message)
 }
 
-/// Classifies a run's report (see [`Disposition`]).
+/// Classifies a run's report (see [`Disposition`]) by its typed
+/// [`RunReport::not_started`], never by its wording.
 pub fn disposition(report: RunReport) -> Disposition {
-    if report.outcome == Outcome::Skipped && report.detail == NOT_FOUND {
-        return Disposition::Retry(format!("no source {} (deleted?)", report.source_id));
+    match report.not_started {
+        // A poison message: offered again up to the redrive count, then it waits in the
+        // dead-letter queue (as the issue asks), never in a loop. No KnowBe4 request.
+        Some(NotStarted::NoSource) => {
+            Disposition::Retry(format!("no source {} (deleted?)", report.source_id))
+        }
+        Some(NotStarted::Stale) => Disposition::Gone(report.detail),
+        Some(NotStarted::Leased) => Disposition::Leased(Box::new(report)),
+        // The state store failed before any KnowBe4 request; nothing was counted
+        // against the source, so SQS retries it.
+        Some(NotStarted::StoreFailed) => Disposition::Retry(report.detail),
+        None => Disposition::Done(Box::new(report)),
     }
-    if report.outcome == Outcome::Skipped && report.detail == LEASED {
-        return Disposition::Leased(Box::new(report));
-    }
-    // Failed before its state was read: the store failed reading the source or taking
-    // the lease; nothing was recorded, so SQS retries it.
-    if report.outcome == Outcome::Failed && report.state.is_none() {
-        return Disposition::Retry(report.detail);
-    }
-    Disposition::Done(Box::new(report))
 }
 
 /// Runs the message's source as a scheduled run would, until `deadline`; logs the run and
@@ -92,11 +97,19 @@ pub async fn run_message(
             return d;
         }
     };
-    let report = collect_source_with(
+    // A message whose source was collected since it was dispatched is stale (a backlog
+    // holds several copies per source): dropped after the state read.
+    let dispatched_at = message.dispatched_at.as_deref().and_then(|at| {
+        time::OffsetDateTime::parse(at, &time::format_description::well_known::Rfc3339)
+            .ok()
+            .map(|t| (t.unix_timestamp_nanos() / 1_000_000) as i64)
+    });
+    let report = collect_queued(
         app.run_context(),
         &message.source_id,
         deadline,
         Trigger::Schedule,
+        dispatched_at,
     )
     .await;
     crate::app::log_run(&report);
@@ -108,6 +121,9 @@ pub async fn run_message(
             .emit(&crate::metrics::run_line(report, now_ms())),
         Disposition::Leased(_) => {
             tracing::info!(source_id = %message.source_id, "Another run holds the lease: duplicate delivery dropped.");
+        }
+        Disposition::Gone(reason) => {
+            tracing::info!(source_id = %message.source_id, reason = %reason, "Nothing to do for the message (source deleted, or collected since): dropped.");
         }
         Disposition::Retry(reason) => {
             tracing::warn!(source_id = %message.source_id, receive_count, reason = %reason, dispatched_at = ?message.dispatched_at, "Run could not start; the message is left for SQS to retry.");
@@ -128,8 +144,16 @@ fn now_ms() -> i64 {
 }
 
 /// Handles a Lambda SQS event: runs its records (at most `COLLECT_CONCURRENCY` at once)
-/// and names, as batch item failures, the records whose run could not start.
-pub async fn handle_sqs_event(app: &App, event: SqsEvent, deadline: Instant) -> SqsBatchResponse {
+/// and names, as batch item failures, the records whose run could not start. With the
+/// work queue (`WORK_QUEUE_URL`, set by the template), such a record is made visible
+/// again after the queue's retry delay rather than the (long) visibility timeout, so
+/// SQS retries it soon and, after `maxReceiveCount` receives, dead-letters it.
+pub async fn handle_sqs_event(
+    app: &App,
+    queue: Option<&WorkQueue>,
+    event: SqsEvent,
+    deadline: Instant,
+) -> SqsBatchResponse {
     let failures: Vec<String> = futures::stream::iter(event.records)
         .map(|record| async move {
             let id = record.message_id.clone().unwrap_or_default();
@@ -140,7 +164,13 @@ pub async fn handle_sqs_event(app: &App, event: SqsEvent, deadline: Instant) -> 
                 .unwrap_or(1);
             let body = record.body.unwrap_or_default();
             let d = run_message(app, &body, count, deadline).await;
-            (!d.delete()).then_some(id)
+            if d.delete() {
+                return None;
+            }
+            if let (Some(queue), Some(handle)) = (queue, record.receipt_handle.as_deref()) {
+                queue.retry_later(handle).await;
+            }
+            Some(id)
         })
         .buffer_unordered(app.settings.concurrency)
         .filter_map(|id| async move { id })
@@ -154,12 +184,13 @@ pub async fn handle_sqs_event(app: &App, event: SqsEvent, deadline: Instant) -> 
 /// Handles a Lambda payload that [`super::is_sqs_event`] recognised.
 pub async fn handle_sqs_payload(
     app: &App,
+    queue: Option<&WorkQueue>,
     payload: serde_json::Value,
     deadline: Instant,
 ) -> Result<serde_json::Value> {
     let event: SqsEvent = serde_json::from_value(payload)
         .map_err(|e| Error::config("Records", format!("not an SQS event: {e}")))?;
-    let response = handle_sqs_event(app, event, deadline).await;
+    let response = handle_sqs_event(app, queue, event, deadline).await;
     serde_json::to_value(response).map_err(|e| Error::store("serialising the batch response", e))
 }
 
@@ -167,7 +198,9 @@ pub async fn handle_sqs_payload(
 mod tests {
     use super::*;
 
-    fn report(outcome: Outcome, detail: &str, state: bool) -> RunReport {
+    use crate::run::Outcome;
+
+    fn report(outcome: Outcome, not_started: Option<NotStarted>, state: bool) -> RunReport {
         let mut r: RunReport = serde_json::from_value(serde_json::json!({
             "source_id": "acme", "outcome": "skipped", "detail": "", "health": null,
             "fetched": 0, "forwarded": 0, "duplicates_dropped": 0, "requests": 0,
@@ -176,28 +209,38 @@ mod tests {
         }))
         .unwrap();
         r.outcome = outcome;
-        r.detail = detail.into();
+        r.detail = "whatever the collector says".into();
+        r.not_started = not_started;
         r.state = state.then_some(crate::domain::state::Lifecycle::Collecting);
         r
     }
 
     #[test]
     fn only_runs_that_could_not_start_are_retried() {
-        assert!(matches!(
-            disposition(report(Outcome::Skipped, NOT_FOUND, false)),
-            Disposition::Retry(_)
-        ));
-        assert!(matches!(
-            disposition(report(Outcome::Failed, "DynamoDB throttled", false)),
-            Disposition::Retry(_)
-        ));
-        let leased = disposition(report(Outcome::Skipped, LEASED, true));
+        // The state store failed before any KnowBe4 request, before or after the state
+        // loaded: retried by SQS.
+        for state in [false, true] {
+            let d = disposition(report(
+                Outcome::Failed,
+                Some(NotStarted::StoreFailed),
+                state,
+            ));
+            assert!(matches!(d, Disposition::Retry(_)) && !d.delete());
+        }
+        let unknown = disposition(report(Outcome::Skipped, Some(NotStarted::NoSource), false));
+        assert!(matches!(unknown, Disposition::Retry(_)) && !unknown.delete());
+        let stale = disposition(report(Outcome::Skipped, Some(NotStarted::Stale), false));
+        assert!(matches!(stale, Disposition::Gone(_)) && stale.delete());
+        let leased = disposition(report(Outcome::Skipped, Some(NotStarted::Leased), true));
         assert!(matches!(leased, Disposition::Leased(_)) && leased.delete());
-        // KnowBe4 or the destination failed: the source's own streak retries it.
-        let failed = disposition(report(Outcome::Failed, "KnowBe4 answered 503", true));
-        assert!(matches!(failed, Disposition::Done(_)) && failed.delete());
-        assert!(disposition(report(Outcome::Collected, "caught up", true)).delete());
-        assert!(disposition(report(Outcome::Skipped, "source is in Error", true)).delete());
+        // KnowBe4 or the destination failed (or the store, after requests were sent):
+        // the source's own streak retries it.
+        for state in [false, true] {
+            let failed = disposition(report(Outcome::Failed, None, state));
+            assert!(matches!(failed, Disposition::Done(_)) && failed.delete());
+        }
+        assert!(disposition(report(Outcome::Collected, None, true)).delete());
+        assert!(disposition(report(Outcome::Skipped, None, true)).delete());
     }
 
     #[test]
@@ -215,11 +258,12 @@ mod tests {
         let payload: serde_json::Value = serde_json::from_str(text).unwrap();
         assert!(super::super::is_sqs_event(&payload));
         let event: SqsEvent = serde_json::from_value(payload).unwrap();
-        let ids: Vec<String> = event
+        let bodies: Vec<_> = event
             .records
             .iter()
-            .map(|r| parse_body(r.body.as_deref().unwrap()).unwrap().source_id)
+            .map(|r| parse_body(r.body.as_deref().unwrap()))
             .collect();
-        assert_eq!(ids, ["knowbe4-prod", "no-such-source"]);
+        assert_eq!(bodies[0].as_ref().unwrap().source_id, "knowbe4-prod");
+        assert!(bodies[1].is_err(), "the second record is unreadable");
     }
 }

@@ -1,5 +1,6 @@
 //! The local worker: polls the work queue and handles each message as the event source
-//! mapping would (delete when done, leave for SQS to retry when the run could not start).
+//! mapping would (delete when done; when the run could not start, leave it for SQS to
+//! offer again after the retry delay).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -44,6 +45,8 @@ pub struct WorkerReport {
     pub started: u64,
     /// Duplicate deliveries dropped (lease held elsewhere).
     pub skipped_leased: u64,
+    /// Messages dropped because their source no longer exists.
+    pub skipped_gone: u64,
     /// Messages left for SQS to retry.
     pub failed_to_start: u64,
     /// Messages whose delete failed (they come back; the lease makes that harmless).
@@ -160,6 +163,7 @@ fn tally(report: &mut WorkerReport, d: &Disposition, deleted: bool) {
             report.run_ms_max = report.run_ms_max.max(run.duration_ms);
         }
         Disposition::Leased(_) => report.skipped_leased += 1,
+        Disposition::Gone(_) => report.skipped_gone += 1,
         Disposition::Retry(_) => report.failed_to_start += 1,
     }
     if d.delete() && !deleted {
@@ -177,6 +181,7 @@ async fn handle(
     let deadline = Instant::now() + run_timeout;
     let d = run_message(app, &message.body, message.receive_count, deadline).await;
     if !d.delete() {
+        queue.retry_later(&message.receipt_handle).await;
         return (d, false);
     }
     match queue.delete(&message.receipt_handle).await {

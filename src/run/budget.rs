@@ -30,16 +30,25 @@ impl Run<'_> {
 
     /// Reserves one request in the account's quota ledger for the day before it is sent.
     pub(super) async fn reserve(
-        &self,
+        &mut self,
         day: &str,
         limit: u32,
     ) -> std::result::Result<(), FetchFailure> {
+        if std::mem::take(&mut self.prereserved) {
+            // Reserved when the run read the ledger (`collect_events`).
+            return Ok(());
+        }
         let account = self
             .account
             .as_deref()
             .expect("the account is known before requests");
         match self.ctx.store.reserve_request(account, day, limit).await {
-            Ok(Reservation::Granted(_)) => Ok(()),
+            Ok(Reservation::Granted(used)) => {
+                if let Some(seen) = self.quota_seen.as_mut() {
+                    seen.used = used;
+                }
+                Ok(())
+            }
             Ok(Reservation::Exhausted) => Err(FetchFailure::Quota),
             Err(err) => Err(FetchFailure::Other(err)),
         }
@@ -57,6 +66,14 @@ impl Run<'_> {
         }
     }
 
+    /// Gives back the reservation made with the ledger read if no request used it.
+    pub(super) async fn give_back_prereserved(&mut self, day: &str) {
+        if std::mem::take(&mut self.prereserved) {
+            self.report.requests += 1; // `unreserve` counts it off again
+            self.unreserve(day).await;
+        }
+    }
+
     /// Gives back the reservation of a request that never reached KnowBe4.
     pub(super) async fn unreserve(&mut self, day: &str) {
         self.report.requests = self.report.requests.saturating_sub(1);
@@ -64,9 +81,17 @@ impl Run<'_> {
             .account
             .as_deref()
             .expect("the account is known before requests");
-        if let Err(err) = self.ctx.store.release_request(account, day).await {
-            // Keeping the reservation only over-counts: the ledger stays on the safe side.
-            tracing::warn!(source_id = %self.record.id, error = %err, "Could not give back an unsent request's quota reservation.");
+        match self.ctx.store.release_request(account, day).await {
+            Ok(()) => {
+                if let Some(seen) = self.quota_seen.as_mut() {
+                    seen.used = seen.used.saturating_sub(1);
+                }
+            }
+            Err(err) => {
+                // Keeping the reservation only over-counts: the ledger stays on the safe
+                // side.
+                tracing::warn!(source_id = %self.record.id, error = %err, "Could not give back an unsent request's quota reservation.");
+            }
         }
     }
 }

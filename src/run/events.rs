@@ -19,6 +19,7 @@ use crate::domain::state::{Lifecycle, SourceRecord};
 use crate::error::{Error, Result};
 use crate::knowbe4::{ApiError, KnowBe4Client};
 use crate::sink::Destination;
+use crate::store::Reservation;
 use secrecy::SecretString;
 
 /// The source's User Event API key: a secret without one (edited, or written for another
@@ -87,7 +88,26 @@ impl Run<'_> {
         let limit = members
             .limit()
             .unwrap_or(self.record.spec.daily_request_limit);
-        let used = self.ctx.store.quota_used(&account, &day).await?;
+        // The first request's reservation doubles as the read of the account's ledger:
+        // its answer is the day's count, this reservation included (one write instead of
+        // a read and a write). Unused, it is given back below; a run that fails before
+        // its first request keeps it, which only over-counts (the safe side).
+        let used = match self
+            .ctx
+            .store
+            .reserve_request(&account, &day, limit)
+            .await?
+        {
+            Reservation::Granted(count) => {
+                self.prereserved = true;
+                count.saturating_sub(1)
+            }
+            Reservation::Exhausted => limit,
+        };
+        self.quota_seen = Some(super::QuotaSeen {
+            used: used + u32::from(self.prereserved),
+            limit,
+        });
         let state = &self.state.as_ref().expect("loaded").value;
         let checkpoint = state.checkpoint.clone();
         // Sources sharing the account take equal turns at each interval's allowance, so
@@ -110,10 +130,11 @@ impl Run<'_> {
             Trigger::Schedule => (plan.budget, plan.head),
             Trigger::OnDemand => (plan.available, HeadWalk::Full),
         };
-        if budget == 0 && plan.available > 0 {
-            return Ok(Stop::NothingDue(plan.head_every_secs));
-        }
         if budget == 0 {
+            self.give_back_prereserved(&day).await;
+            if plan.available > 0 {
+                return Ok(Stop::NothingDue(plan.head_every_secs));
+            }
             return Ok(Stop::Budget);
         }
         let spec = &self.record.spec;
@@ -222,10 +243,12 @@ impl Run<'_> {
             });
         };
         self.discard(&mut ahead, &day).await;
+        self.give_back_prereserved(&day).await;
         if fetched_pages > 0 {
             self.state_mut().counters.page_size = Some(walker.page_size());
         }
-        self.flush(destination, &meta, &mut buffer, &walker, deadline)
+        // Saved with the outcome (`succeed`), which follows directly.
+        self.flush_last(destination, &meta, &mut buffer, &walker, deadline)
             .await?;
         self.report.fetched = fetched_total;
         Ok(stop)

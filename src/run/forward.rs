@@ -41,10 +41,44 @@ impl Run<'_> {
         walker: &Walker,
         deadline: Instant,
     ) -> Result<()> {
+        self.forward(destination, meta, buffer, walker, deadline)
+            .await?;
+        self.save().await
+    }
+
+    /// The walk's last flush when it ended without error: forwards the buffer and moves
+    /// the checkpoint in memory only; the run's outcome saves it (one write, still after
+    /// the destination accepted the events; a crash before it re-reads the batch).
+    pub(super) async fn flush_last(
+        &mut self,
+        destination: &crate::sink::Destination,
+        meta: &crate::sink::SourceMeta,
+        buffer: &mut Vec<RawEvent>,
+        walker: &Walker,
+        deadline: Instant,
+    ) -> Result<()> {
+        if self
+            .forward(destination, meta, buffer, walker, deadline)
+            .await?
+        {
+            self.checkpoint_unsaved = true;
+        }
+        Ok(())
+    }
+
+    /// Forwards the buffer and moves the checkpoint in memory; whether anything changed.
+    async fn forward(
+        &mut self,
+        destination: &crate::sink::Destination,
+        meta: &crate::sink::SourceMeta,
+        buffer: &mut Vec<RawEvent>,
+        walker: &Walker,
+        deadline: Instant,
+    ) -> Result<bool> {
         let snapshot = walker.snapshot();
         let unchanged = snapshot == self.state.as_ref().expect("loaded").value.checkpoint;
         if buffer.is_empty() && unchanged {
-            return Ok(());
+            return Ok(false);
         }
         if !buffer.is_empty() {
             crate::failpoint::hit("after_fetch_before_forward");
@@ -72,6 +106,6 @@ impl Run<'_> {
             counters.newest_forwarded =
                 Some(counters.newest_forwarded.map_or(newest, |n| n.max(newest)));
         }
-        self.save().await
+        Ok(true)
     }
 }

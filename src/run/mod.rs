@@ -22,7 +22,7 @@ mod forward;
 mod phishing;
 pub mod progress;
 
-pub use crate::domain::report::{Outcome, RunReport};
+pub use crate::domain::report::{NotStarted, Outcome, RunReport};
 pub use budget::{Admission, admit_reporting_request};
 
 use std::sync::Arc;
@@ -145,7 +145,7 @@ pub async fn collect_source_with(
     deadline: Instant,
     trigger: Trigger,
 ) -> RunReport {
-    collect_source_types(ctx, id, deadline, trigger, None).await
+    collect_run(ctx, id, deadline, trigger, None, None).await
 }
 
 /// Runs one source under one lease: the user-event stream, then the phishing stream when
@@ -158,6 +158,30 @@ pub async fn collect_source_types(
     trigger: Trigger,
     only: Option<DataType>,
 ) -> RunReport {
+    collect_run(ctx, id, deadline, trigger, only, None).await
+}
+
+/// [`collect_source_with`] for a queued request made at `requested_at` (epoch ms): when a
+/// run of the source succeeded after that, the request is stale and the run stops after
+/// reading the state ([`NotStarted::Stale`]), sending nothing.
+pub async fn collect_queued(
+    ctx: RunContext<'_>,
+    id: &str,
+    deadline: Instant,
+    trigger: Trigger,
+    requested_at: Option<i64>,
+) -> RunReport {
+    collect_run(ctx, id, deadline, trigger, None, requested_at).await
+}
+
+async fn collect_run(
+    ctx: RunContext<'_>,
+    id: &str,
+    deadline: Instant,
+    trigger: Trigger,
+    only: Option<DataType>,
+    requested_at: Option<i64>,
+) -> RunReport {
     let started = Instant::now();
     let mut report = RunReport::new(id);
     let run_id = uuid::Uuid::new_v4().to_string();
@@ -165,6 +189,7 @@ pub async fn collect_source_types(
         Ok(Some(record)) => record,
         Ok(None) => {
             report.detail = "source not found".into();
+            report.not_started = Some(NotStarted::NoSource);
             return report;
         }
         Err(err) => return failed_without_state(report, err),
@@ -178,6 +203,7 @@ pub async fn collect_source_types(
         Ok(Some(lease)) => lease,
         Ok(None) => {
             report.detail = "another run holds the lease".into();
+            report.not_started = Some(NotStarted::Leased);
             describe_untouched(ctx, &record, &mut report).await;
             return report;
         }
@@ -192,6 +218,10 @@ pub async fn collect_source_types(
         state: None,
         pacing_chain: None,
         account: None,
+        quota_seen: None,
+        checkpoint_unsaved: false,
+        prereserved: false,
+        requested_at,
         trigger,
         only,
     };
@@ -270,7 +300,11 @@ fn lease_ttl_ms(ctx: RunContext<'_>, deadline: Instant) -> i64 {
     (ctx.settings.lease_ttl.as_millis() as i64).min(to_deadline + 30_000)
 }
 
+/// A run that failed before it loaded its state: nothing was recorded for the source.
 fn failed_without_state(mut report: RunReport, err: Error) -> RunReport {
+    if matches!(err, Error::Store { .. }) {
+        report.not_started = Some(NotStarted::StoreFailed);
+    }
     report.outcome = Outcome::Failed;
     report.health = Some(err.health_kind());
     report.detail = err.chain();
@@ -294,6 +328,25 @@ struct Run<'a> {
     /// The KnowBe4 account (API host + key) whose ledger and send slots this run uses;
     /// known once the key is loaded (the stored one until then, for `fill_quota`).
     account: Option<String>,
+    /// The account's requests today and its limit as this run last saw them (the ledger
+    /// read before planning, then each reservation's answer): the report's quota figures,
+    /// without reading the ledger and members again.
+    quota_seen: Option<QuotaSeen>,
+    /// The walk ended without error and its last batch was forwarded, but the checkpoint
+    /// that covers it is saved with the run's outcome (one write instead of two).
+    checkpoint_unsaved: bool,
+    /// One request of the account's day is reserved (with the ledger read) and not yet
+    /// used by a request.
+    prereserved: bool,
+    /// When the queued request for this run was made (see [`collect_queued`]).
+    requested_at: Option<i64>,
+}
+
+/// The account's requests today and its daily limit, as the run last saw them.
+#[derive(Clone, Copy, Debug)]
+struct QuotaSeen {
+    used: u32,
+    limit: u32,
 }
 
 /// The data types a source collects, each a stream that the run loop drives: the loop
@@ -359,7 +412,17 @@ impl Run<'_> {
                 return;
             }
         };
+        let done_since = match (self.requested_at, state.value.last_success) {
+            (Some(requested), Some(success)) => success > requested,
+            _ => false,
+        };
         self.state = Some(state);
+        if done_since {
+            self.report.detail =
+                "a run succeeded after this request was queued; nothing to do".into();
+            self.report.not_started = Some(NotStarted::Stale);
+            return;
+        }
         let events = self.record.spec.collect_events && self.only != Some(DataType::Phishing);
         let phishing = self.record.spec.phishing.is_some() && self.only != Some(DataType::Events);
         if !events && !phishing {
@@ -505,11 +568,19 @@ impl Run<'_> {
         let checkpoint = &self.state.as_ref().expect("loaded").value.checkpoint;
         self.report.checkpoint = checkpoint.high.map(EventTime::to_rfc3339);
         self.report.backlog = !checkpoint.gaps.is_empty();
+        // One write: the outcome and, when the walk's last batch was forwarded, the
+        // checkpoint that covers it.
+        let unsaved = std::mem::take(&mut self.checkpoint_unsaved);
         if let Err(err) = self.save().await {
             self.report.outcome = Outcome::Failed;
             self.report.health = Some(err.health_kind());
             self.report.detail = format!(
-                "progress was forwarded but the final state could not be saved: {}",
+                "progress was forwarded but the final state could not be saved{}: {}",
+                if unsaved {
+                    " (the last batch is read again next run)"
+                } else {
+                    ""
+                },
                 err.chain()
             );
         }
@@ -524,6 +595,15 @@ impl Run<'_> {
         self.report.detail = message.clone();
         if matches!(err, Error::Conflict(_)) {
             // The lease was lost or the source deleted: another run owns the state now.
+            return;
+        }
+        if matches!(err, Error::Store { .. }) && self.report.requests == 0 {
+            // The state store failed (unavailable, throttled) before any KnowBe4 request:
+            // the store, not the source, failed. Nothing is counted against the source
+            // (no retry streak, no health event: the store would likely refuse them too);
+            // the caller retries soon (the fan-out leaves the message for SQS).
+            self.report.not_started = Some(NotStarted::StoreFailed);
+            tracing::warn!(source_id = %self.record.id, error = %message, "The state store failed before any KnowBe4 request; the run is retried without counting against the source.");
             return;
         }
         let window_ms = (self.record.spec.retry_window_secs as i64) * 1000;
@@ -579,6 +659,11 @@ impl Run<'_> {
     }
 
     async fn fill_quota(&mut self) {
+        if let Some(seen) = self.quota_seen {
+            self.report.quota_used = seen.used;
+            self.report.quota_left = seen.limit.saturating_sub(seen.used);
+            return;
+        }
         let account = self
             .account
             .clone()

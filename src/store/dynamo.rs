@@ -875,6 +875,7 @@ impl StateStore for DynamoStore {
         let mut records: HashMap<String, SourceRecord> = HashMap::new();
         let mut states: HashMap<String, SourceState> = HashMap::new();
         let mut leases: HashMap<String, Millis> = HashMap::new();
+        let mut unreadable: std::collections::HashSet<String> = std::collections::HashSet::new();
         let mut snapshot = super::StoreSnapshot::default();
         let mut start: Option<Item> = None;
         loop {
@@ -906,25 +907,47 @@ impl StateStore for DynamoStore {
                             .members
                             .insert(account.to_string(), members_of(&item, now));
                     } else if sk == quota_sk {
-                        let used = number(&item, "used", &sk, &pk)?;
-                        snapshot.quota_used.insert(account.to_string(), used);
+                        // Unreadable: counted as nothing used; each run's reservation
+                        // still holds the account to its quota.
+                        match number(&item, "used", &sk, &pk) {
+                            Ok(used) => {
+                                snapshot.quota_used.insert(account.to_string(), used);
+                            }
+                            Err(err) => {
+                                tracing::warn!(account, error = %err.chain(), "Dispatch: an account's quota item is unreadable.");
+                            }
+                        }
                     }
                     continue;
                 }
                 let Some(id) = pk.strip_prefix("SOURCE#") else {
                     continue;
                 };
-                match sk.as_str() {
-                    SK_CONFIG => {
-                        records.insert(id.to_string(), from_doc("CONFIG", id, &item)?);
-                    }
-                    SK_STATE => {
-                        states.insert(id.to_string(), from_doc("STATE", id, &item)?);
-                    }
-                    SK_LEASE => {
-                        leases.insert(id.to_string(), number(&item, "expires_at_ms", "LEASE", id)?);
-                    }
-                    _ => {}
+                // One malformed item leaves its source out (logged, counted), not the
+                // whole dispatch.
+                let read = match sk.as_str() {
+                    SK_CONFIG => from_doc("CONFIG", id, &item)
+                        .map(|record| {
+                            records.insert(id.to_string(), record);
+                        }),
+                    SK_STATE => from_doc("STATE", id, &item)
+                        .map(|state| {
+                            states.insert(id.to_string(), state);
+                        }),
+                    // Unreadable: unknown; the run finds the lease held or free.
+                    SK_LEASE => number(&item, "expires_at_ms", "LEASE", id)
+                        .map(|at| {
+                            leases.insert(id.to_string(), at);
+                        })
+                        .or_else(|err| {
+                            tracing::warn!(source_id = id, error = %err.chain(), "Dispatch: a source's lease item is unreadable.");
+                            Ok(())
+                        }),
+                    _ => Ok(()),
+                };
+                if let Err(err) = read {
+                    tracing::warn!(source_id = id, item = %sk, error = %err.chain(), "Dispatch: a source's item is unreadable; the source is left out.");
+                    unreadable.insert(id.to_string());
                 }
             }
             start = out.last_evaluated_key;
@@ -934,12 +957,14 @@ impl StateStore for DynamoStore {
         }
         let mut sources: Vec<super::SourceSnapshot> = records
             .into_iter()
+            .filter(|(id, _)| !unreadable.contains(id))
             .map(|(id, record)| super::SourceSnapshot {
                 state: states.remove(&id),
-                lease_expires_at: Some(leases.remove(&id).unwrap_or(0)),
+                lease_expires_at: leases.remove(&id).or(Some(0)),
                 record,
             })
             .collect();
+        snapshot.unreadable = unreadable.len();
         sources.sort_by(|a, b| a.record.id.cmp(&b.record.id));
         snapshot.sources = sources;
         Ok(snapshot)

@@ -109,6 +109,8 @@ pub struct StoreSnapshot {
     pub quota_used: HashMap<String, u32>,
     /// The members of each account seen in the snapshot, by account id.
     pub members: HashMap<String, AccountMembers>,
+    /// Sources left out because an item of theirs could not be read (logged by id).
+    pub unreadable: usize,
 }
 
 /// Persistence of sources, their state, leases, quota ledger and health events.

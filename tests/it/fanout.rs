@@ -130,11 +130,16 @@ fn worker_with(
     command
 }
 
-/// Waits for a worker; returns its report (asserting it exited 0).
+/// Waits (up to 4 minutes) for a worker; returns its report (asserting it exited 0).
 async fn finished(child: tokio::process::Child) -> WorkerReport {
-    let out = tokio::time::timeout(Duration::from_secs(240), child.wait_with_output())
+    finished_within(child, Duration::from_secs(240)).await
+}
+
+/// Waits up to `limit` for a worker; returns its report (asserting it exited 0).
+async fn finished_within(child: tokio::process::Child, limit: Duration) -> WorkerReport {
+    let out = tokio::time::timeout(limit, child.wait_with_output())
         .await
-        .expect("the worker finished within 4 minutes")
+        .unwrap_or_else(|_| panic!("the worker finished within {limit:?}"))
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "worker failed: {stderr}");
@@ -146,6 +151,7 @@ async fn finished(child: tokio::process::Child) -> WorkerReport {
         received: report["received"].as_u64().unwrap(),
         started: report["started"].as_u64().unwrap(),
         skipped_leased: report["skippedLeased"].as_u64().unwrap(),
+        skipped_gone: report["skippedGone"].as_u64().unwrap(),
         failed_to_start: report["failedToStart"].as_u64().unwrap(),
         delete_failures: report["deleteFailures"].as_u64().unwrap(),
         ..WorkerReport::default()
@@ -184,7 +190,12 @@ async fn create_sources(h: &Harness, sims: &[(Simulator, String)], per_account: 
 /// 300 sources, about 2 minutes against moto; 4 gives 120 sources in about 50 s),
 /// one dispatch, 4 worker processes of 4 runs each: every source is run exactly once,
 /// nothing is lost, and no account sees more than 4 requests in a second.
+///
+/// `scripts/test.sh` runs it on its own after the rest (`--ignored`): its thousands of calls
+/// to the one-request-at-a-time moto would otherwise delay the other tests' calls by
+/// seconds, and several of them check deadlines.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "run alone by scripts/test.sh (it loads the shared moto for minutes)"]
 async fn dispatch_and_four_workers_collect_every_source_once_within_each_accounts_rate() {
     const ACCOUNTS: usize = 30;
     const EVENTS: usize = 3;
@@ -218,9 +229,12 @@ async fn dispatch_and_four_workers_collect_every_source_once_within_each_account
     let children: Vec<_> = (0..4)
         .map(|_| worker(&h, &url, &[]).spawn().expect("worker started"))
         .collect();
+    // A bound, not a measure (benches/fanout.rs measures): 300 sources take about two
+    // minutes here; a loaded 2-core machine gets several times that.
+    let limit = Duration::from_secs(180 + 3 * (ACCOUNTS * per_account) as u64);
     let mut total = WorkerReport::default();
     for child in children {
-        let r = finished(child).await;
+        let r = finished_within(child, limit).await;
         total.received += r.received;
         total.started += r.started;
         total.skipped_leased += r.skipped_leased;
@@ -305,10 +319,13 @@ async fn a_killed_workers_message_reappears_and_another_worker_collects_the_sour
         )
         .await
         .unwrap();
-    let (queue, url, dlq) = queues(4, 5).await;
+    // The dead run's lease (10 s) lapses well before its message reappears (20 s), and
+    // the takeover run (one to three requests) ends well before the message could
+    // reappear again; the second worker polls until the message is back.
+    let (queue, url, dlq) = queues(20, 5).await;
     assert_eq!(dispatch(&h.app, &queue).await.unwrap().queued, 1);
 
-    let lease = [("LEASE_TTL_SECS", "2")];
+    let lease = [("LEASE_TTL_SECS", "10")];
     let out = worker(
         &h,
         &url,
@@ -339,6 +356,7 @@ async fn a_killed_workers_message_reappears_and_another_worker_collects_the_sour
 
     let report = finished(worker(&h, &url, &lease).spawn().unwrap()).await;
     assert_eq!(report.started, 1, "{report:?}");
+    assert_eq!(report.received, 1, "{report:?}");
     assert_eq!(report.failed_to_start, 0, "{report:?}");
     let ids = h.sink.event_ids();
     assert_eq!(ids.len(), 40, "every event, once");
@@ -348,37 +366,44 @@ async fn a_killed_workers_message_reappears_and_another_worker_collects_the_sour
     assert_rate_respected(&h.sim);
 }
 
-/// A message naming no source, and one that is not a work message, are retried by SQS
-/// up to the redrive count and then wait in the dead-letter queue, not in a loop.
+/// Poison messages — one that is not a work message, one naming a source id the table does
+/// not know — are offered again after the retry delay (not the queue's long visibility
+/// timeout), up to the redrive count, then wait in the dead-letter queue, not in a loop,
+/// and never reach KnowBe4.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn poison_messages_go_to_the_dead_letter_queue_after_the_redrive_count() {
     let h = harness(SimConfig::default()).await;
-    let (queue, url, dlq) = queues(1, 2).await;
+    // Ten minutes of visibility: only ChangeMessageVisibility (1 s here) brings a message
+    // back within the worker's time limit.
+    let (queue, url, dlq) = queues(600, 2).await;
+    let gone = r#"{"sourceId":"no-such-source","dispatchedAt":"2026-12-06T00:00:00.000Z"}"#;
     let poison = [
-        (
-            "0".to_string(),
-            r#"{"sourceId":"no-such-source","dispatchedAt":"2026-12-06T00:00:00.000Z"}"#
-                .to_string(),
-        ),
+        ("0".to_string(), gone.to_string()),
         ("1".to_string(), "not a work message".to_string()),
     ];
     assert!(queue.send_batch(&poison).await.unwrap().is_empty());
-    let report = finished(worker(&h, &url, &[]).spawn().unwrap()).await;
-    // Each was received twice (the redrive count), failed to start, and was not deleted.
+    let report = finished(
+        worker(&h, &url, &[("WORK_RETRY_DELAY_SECS", "1")])
+            .spawn()
+            .unwrap(),
+    )
+    .await;
+    // Each was received twice (the redrive count) and failed to start each time.
     assert_eq!(report.received, 4, "{report:?}");
     assert_eq!(report.failed_to_start, 4, "{report:?}");
+    assert_eq!(report.skipped_gone, 0, "{report:?}");
     assert_eq!(report.started, 0);
+    assert!(h.sim.requests().is_empty(), "poison never reaches KnowBe4");
     assert!(bodies(&url).await.is_empty());
     let mut dead = bodies(&dlq).await;
     dead.sort();
-    let mut expected: Vec<String> = poison.iter().map(|(_, b)| b.clone()).collect();
-    expected.sort();
-    assert_eq!(dead, expected);
+    assert_eq!(dead, ["not a work message".to_string(), gone.to_string()]);
 }
 
 /// The Lambda SQS event: the response names only the records whose run could not start
-/// (no such source; the state store failing), not a duplicate delivery (lease held) nor a
-/// source whose KnowBe4 refused the key (its health event and streak govern it).
+/// (the state store failing, or a poison message naming an unknown source), not a
+/// duplicate delivery (lease held), nor a source whose KnowBe4 refused the key (its health event and streak govern it);
+/// with the work queue, a named record is offered again after the retry delay.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_sqs_event_reports_only_runs_that_could_not_start() {
     let (key, h) = harness_with_canary_key(5).await;
@@ -391,6 +416,8 @@ async fn the_sqs_event_reports_only_runs_that_could_not_start() {
     };
     create("good", &key).await.unwrap();
     create("leased", &key).await.unwrap();
+    // Before any run (seconds, rounded down).
+    let before = now_ms() - 1000;
     create("wrong-key", "not-the-key").await.unwrap();
     let held = h
         .app
@@ -419,14 +446,46 @@ async fn the_sqs_event_reports_only_runs_that_could_not_start() {
         record("m4", "gone"),
     ]});
     assert!(knowbe4_source::fanout::is_sqs_event(&event));
-    let response = handle_sqs_payload(&h.app, event.clone(), deadline(60))
+    let response = handle_sqs_payload(&h.app, None, event.clone(), deadline(60))
         .await
         .unwrap();
     assert_eq!(
         response,
-        serde_json::json!({"batchItemFailures": [{"itemIdentifier": "m4"}]})
+        serde_json::json!({"batchItemFailures": [{"itemIdentifier": "m4"}]}),
+        "only the unknown source's record (poison: to the dead-letter queue after the redrive count)"
     );
     assert_eq!(h.sink.event_ids().len(), 5, "good was collected");
+
+    // A copy of good's message dispatched before that run is stale: dropped after the
+    // state read, nothing sent.
+    let requests = h.sim.requests().len();
+    let mut stale = record("m6", "good");
+    stale["body"] = serde_json::json!({
+        "sourceId": "good",
+        "dispatchedAt": time::OffsetDateTime::from_unix_timestamp(before / 1000)
+            .unwrap()
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap(),
+    })
+    .to_string()
+    .into();
+    let d = knowbe4_source::fanout::work::run_message(
+        &h.app,
+        stale["body"].as_str().unwrap(),
+        1,
+        deadline(60),
+    )
+    .await;
+    assert!(
+        matches!(d, knowbe4_source::fanout::work::Disposition::Gone(_)) && d.delete(),
+        "{d:?}"
+    );
+    assert_eq!(
+        h.sim.requests().len(),
+        requests,
+        "a stale message sends nothing"
+    );
+    assert_eq!(h.sink.event_ids().len(), 5);
     let leased = h
         .app
         .store
@@ -462,7 +521,7 @@ async fn the_sqs_event_reports_only_runs_that_could_not_start() {
         },
         test_settings(&h.prefix),
     );
-    let response = handle_sqs_payload(&broken, event, deadline(60))
+    let response = handle_sqs_payload(&broken, None, event, deadline(60))
         .await
         .unwrap();
     let mut failed: Vec<String> = response["batchItemFailures"]
@@ -473,12 +532,52 @@ async fn the_sqs_event_reports_only_runs_that_could_not_start() {
         .collect();
     failed.sort();
     assert_eq!(failed, ["m1", "m2", "m3", "m4"]);
+
+    // Through a real queue (ten minutes of visibility): the failed record's message is
+    // made visible again after the retry delay, so SQS offers it again soon.
+    let (queue, url, _dlq) = queues(600, 5).await;
+    let queue = queue.with_retry_delay(1);
+    let body = serde_json::json!({"sourceId": "good"}).to_string();
+    assert!(
+        queue
+            .send_batch(&[("0".into(), body.clone())])
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let received = queue.receive(1, 1).await.unwrap();
+    assert_eq!(received.len(), 1);
+    let mut live = record("m5", "good");
+    live["receiptHandle"] = received[0].receipt_handle.clone().into();
+    let response = handle_sqs_payload(
+        &broken,
+        Some(&queue),
+        serde_json::json!({"Records": [live]}),
+        deadline(60),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        response,
+        serde_json::json!({"batchItemFailures": [{"itemIdentifier": "m5"}]})
+    );
+    let until = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        if bodies(&url).await == [body.clone()] {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < until,
+            "the message was offered again within a minute, not after the visibility timeout"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }
 
 /// `events/sqs.json` (the Lambda smoke test's payload) in local mode: the known source's
-/// run starts, the unknown source's record is the one batch item failure.
+/// run starts, the unreadable record is the one batch item failure.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_sample_sqs_event_runs_its_source_and_reports_the_unknown_one() {
+async fn the_sample_sqs_event_runs_its_source_and_reports_the_unreadable_one() {
     let key = canary("key");
     let sim = Simulator::spawn(SimConfig {
         api_key: key.clone(),
@@ -503,7 +602,9 @@ async fn the_sample_sqs_event_runs_its_source_and_reports_the_unknown_one() {
         &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/events/sqs.json")).unwrap(),
     )
     .unwrap();
-    let response = handle_sqs_payload(&app, event, deadline(60)).await.unwrap();
+    let response = handle_sqs_payload(&app, None, event, deadline(60))
+        .await
+        .unwrap();
     assert_eq!(
         response,
         serde_json::json!({"batchItemFailures": [
@@ -514,16 +615,183 @@ async fn the_sample_sqs_event_runs_its_source_and_reports_the_unknown_one() {
 }
 
 /// A worker without `--once` runs until SIGTERM (or Ctrl-C), then finishes its runs in
-/// progress and exits 0 with its report.
+/// progress and exits 0 with its report. The test signals once the worker said it is
+/// ready and its message is in flight (a slow KnowBe4: the run is most likely still in
+/// progress; if it already ended, the assertions hold all the same).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_stops_cleanly_on_sigterm() {
-    let h = harness(SimConfig::default()).await;
-    let (_queue, url, _dlq) = queues(30, 3).await;
-    let child = worker_with(&h, &url, &[], false).spawn().unwrap();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    use tokio::io::AsyncBufReadExt;
+    let key = canary("key");
+    let h = harness(SimConfig {
+        api_key: key.clone(),
+        events: 5,
+        latency_ms: 1500,
+        ..SimConfig::default()
+    })
+    .await;
+    h.app
+        .create_with(
+            source_json(&h.sim.base_url(), &key, serde_json::json!({})),
+            Some("slow".into()),
+            false,
+        )
+        .await
+        .unwrap();
+    let (queue, url, _dlq) = queues(120, 3).await;
+    let mut command = worker_with(&h, &url, &[], false);
+    command.stderr(std::process::Stdio::piped());
+    let mut child = command.spawn().unwrap();
+    let mut stderr = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let ready = tokio::time::timeout(Duration::from_secs(120), async {
+        while let Some(line) = stderr.next_line().await.unwrap() {
+            if line.starts_with("worker ready") {
+                return true;
+            }
+        }
+        false
+    })
+    .await
+    .expect("the worker said it is ready within 2 minutes");
+    assert!(ready, "the worker exited before it was ready");
+    // Keep reading its stderr so that the pipe never fills.
+    let drain = tokio::spawn(async move { while let Ok(Some(_)) = stderr.next_line().await {} });
+
+    assert_eq!(dispatch(&h.app, &queue).await.unwrap().queued, 1);
+    let until = tokio::time::Instant::now() + Duration::from_secs(120);
+    while queue.depth().await.unwrap().visible > 0 || h.sim.requests().is_empty() {
+        assert!(
+            tokio::time::Instant::now() < until,
+            "the worker took the message and asked KnowBe4 within 2 minutes"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let pid = child.id().expect("running") as libc::pid_t;
     // SAFETY: signals the worker this test started, by its id.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
     let report = finished(child).await;
-    assert_eq!(report.received, 0, "{report:?}");
+    drain.abort();
+    assert_eq!((report.received, report.started), (1, 1), "{report:?}");
+    assert_eq!(h.sink.event_ids().len(), 5, "the run in progress finished");
+    assert!(bodies(&url).await.is_empty(), "its message was deleted");
+}
+
+/// A malformed item leaves its source out of the dispatch (counted as unreadable), not
+/// the whole dispatch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_item_leaves_its_source_out_of_the_dispatch() {
+    let (key, h) = harness_with_canary_key(1).await;
+    h.app
+        .create_with(
+            source_json(&h.sim.base_url(), &key, serde_json::json!({})),
+            Some("fine".into()),
+            false,
+        )
+        .await
+        .unwrap();
+    use aws_sdk_dynamodb::types::AttributeValue;
+    for (sk, doc) in [("CONFIG", "{not json"), ("STATE", "{}")] {
+        h.dynamo
+            .put_item()
+            .table_name(&h.table)
+            .item("pk", AttributeValue::S("SOURCE#broken".into()))
+            .item("sk", AttributeValue::S(sk.into()))
+            .item("doc", AttributeValue::S(doc.into()))
+            .send()
+            .await
+            .unwrap();
+    }
+    let (queue, url, _dlq) = queues(60, 3).await;
+    let report = dispatch(&h.app, &queue).await.expect("dispatch");
+    assert_eq!((report.sources, report.queued), (2, 1), "{report:?}");
+    assert_eq!(
+        report
+            .not_due
+            .get(&knowbe4_source::fanout::dispatch::NotDue::Unreadable),
+        Some(&1),
+        "{report:?}"
+    );
+    assert_eq!(bodies(&url).await.len(), 1);
+}
+
+/// The state store failing after the run loaded its state but before any KnowBe4 request
+/// (here: the account's quota item is unreadable, so the reservation fails): the record is
+/// a batch item failure, and nothing is counted against the source (no retry streak, no
+/// health event, no request).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_failure_before_any_request_is_retried_and_not_counted_against_the_source() {
+    use aws_sdk_dynamodb::types::AttributeValue;
+    let (key, h) = harness_with_canary_key(3).await;
+    h.app
+        .create_with(
+            source_json(&h.sim.base_url(), &key, serde_json::json!({})),
+            Some("acme".into()),
+            true,
+        )
+        .await
+        .unwrap();
+    let record = |id: &str| {
+        serde_json::json!({"Records": [{
+            "messageId": id,
+            "receiptHandle": format!("handle-{id}"),
+            "body": serde_json::json!({"sourceId": "acme"}).to_string(),
+            "attributes": {"ApproximateReceiveCount": "1"},
+            "messageAttributes": {},
+            "md5OfBody": "",
+            "eventSource": "aws:sqs",
+            "eventSourceARN": "arn:aws:sqs:us-east-1:123456789012:work",
+            "awsRegion": "us-east-1"
+        }]})
+    };
+    let response = handle_sqs_payload(&h.app, None, record("m1"), deadline(60))
+        .await
+        .unwrap();
+    assert_eq!(response, serde_json::json!({"batchItemFailures": []}));
+    assert_eq!(h.sink.event_ids().len(), 3);
+    let state = h.app.store.load_state("acme").await.unwrap().unwrap().value;
+    let account = state.account.clone().expect("the run joined its account");
+    let requests = h.sim.requests().len();
+
+    // Today's and tomorrow's ledger items hold a string count: ADD fails (not a
+    // condition), so the reservation before the first request fails.
+    let today = time::OffsetDateTime::now_utc();
+    for day in [today, today + time::Duration::days(1)] {
+        h.dynamo
+            .put_item()
+            .table_name(&h.table)
+            .item("pk", AttributeValue::S(format!("ACCOUNT#{account}")))
+            .item(
+                "sk",
+                AttributeValue::S(format!(
+                    "QUOTA#{}",
+                    knowbe4_source::domain::quota::utc_day(day)
+                )),
+            )
+            .item("used", AttributeValue::S("not a number".into()))
+            .send()
+            .await
+            .unwrap();
+    }
+    let response = handle_sqs_payload(&h.app, None, record("m2"), deadline(60))
+        .await
+        .unwrap();
+    assert_eq!(
+        response,
+        serde_json::json!({"batchItemFailures": [{"itemIdentifier": "m2"}]})
+    );
+    assert_eq!(h.sim.requests().len(), requests, "no KnowBe4 request");
+    let after = h.app.store.load_state("acme").await.unwrap().unwrap().value;
+    assert!(
+        after.streak.is_none(),
+        "no retry streak: {:?}",
+        after.streak
+    );
+    assert_eq!(after.lifecycle, state.lifecycle);
+    assert!(
+        h.app
+            .store
+            .list_health("acme", 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }

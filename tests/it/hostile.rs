@@ -593,7 +593,7 @@ async fn a_destination_failing_forever_keeps_the_checkpoint() {
     let before = h.app.status(Some(&id)).await.unwrap().remove(0);
     h.sim.add_events(40, 0);
     h.sink.set_down(Some(500));
-    let failed = run(&h, &mut watch, 9, "500 forever").await;
+    let failed = run(&h, &mut watch, 20, "500 forever").await;
     assert_failed(
         &h,
         &failed,
@@ -645,7 +645,7 @@ async fn a_destination_slower_than_the_deadline_fails_in_time() {
     )
     .await;
     let mut watch = CheckpointWatch::new(&id);
-    let failed = run(&h, &mut watch, 9, "hanging destination").await;
+    let failed = run(&h, &mut watch, 20, "hanging destination").await;
     assert_failed(
         &h,
         &failed,
