@@ -61,7 +61,7 @@ use aws_sdk_dynamodb::error::SdkError;
 use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
 use aws_sdk_dynamodb::operation::update_item::UpdateItemError;
 use aws_sdk_dynamodb::types::{
-    AttributeDefinition, AttributeValue, BillingMode, ConditionCheck, DeleteRequest,
+    AttributeDefinition, AttributeValue, BillingMode, ConditionCheck, Delete, DeleteRequest,
     KeySchemaElement, KeyType, Put, ReturnValue, ReturnValuesOnConditionCheckFailure,
     ScalarAttributeType, TableStatus, TimeToLiveSpecification, TimeToLiveStatus, TransactWriteItem,
     WriteRequest,
@@ -978,24 +978,7 @@ impl StateStore for DynamoStore {
         shard: &str,
         lease: &Lease,
     ) -> Result<()> {
-        // Fenced like `save_state`: the lease still held, the source not deleted.
-        let lease_held = ConditionCheck::builder()
-            .table_name(&self.table)
-            .set_key(Some(Self::key(id, SK_LEASE)))
-            .condition_expression("#owner = :owner AND #fence = :fence")
-            .expression_attribute_names("#owner", "owner")
-            .expression_attribute_names("#fence", "fence")
-            .expression_attribute_values(":owner", s(&lease.owner))
-            .expression_attribute_values(":fence", n(lease.fence))
-            .build()
-            .map_err(|e| Error::store("building the lease check", e))?;
-        let config_exists = ConditionCheck::builder()
-            .table_name(&self.table)
-            .set_key(Some(Self::key(id, SK_CONFIG)))
-            .condition_expression("attribute_exists(#pk)")
-            .expression_attribute_names("#pk", PK)
-            .build()
-            .map_err(|e| Error::store("building the source check", e))?;
+        let [lease_held, config_exists] = self.digest_fence(id, lease)?;
         let mut item = Self::key(id, crate::store::digest_shard_key(list, page));
         item.insert("digests".into(), s(shard));
         let put = Put::builder()
@@ -1032,6 +1015,55 @@ impl StateStore for DynamoStore {
         Ok(())
     }
 
+    async fn delete_digest_shards(
+        &self,
+        id: &str,
+        list: &str,
+        pages: &[u32],
+        lease: &Lease,
+    ) -> Result<()> {
+        // A transaction holds at most 100 items: the two checks and 98 deletes.
+        for chunk in pages.chunks(98) {
+            let [lease_held, config_exists] = self.digest_fence(id, lease)?;
+            let mut request = self
+                .client
+                .transact_write_items()
+                .transact_items(
+                    TransactWriteItem::builder()
+                        .condition_check(lease_held)
+                        .build(),
+                )
+                .transact_items(
+                    TransactWriteItem::builder()
+                        .condition_check(config_exists)
+                        .build(),
+                );
+            for page in chunk {
+                let delete = Delete::builder()
+                    .table_name(&self.table)
+                    .set_key(Some(Self::key(
+                        id,
+                        crate::store::digest_shard_key(list, *page),
+                    )))
+                    .build()
+                    .map_err(|e| Error::store("building the digest shard delete", e))?;
+                request =
+                    request.transact_items(TransactWriteItem::builder().delete(delete).build());
+            }
+            request.send().await.map_err(|e| {
+                transaction_error(
+                    format!("DynamoDB TransactWriteItems deleting digests of {id}"),
+                    &[
+                        format!("the lease of {id} (fence {}) was lost", lease.fence),
+                        format!("source {id} was deleted"),
+                    ],
+                    e,
+                )
+            })?;
+        }
+        Ok(())
+    }
+
     async fn load_digest_shards(&self, id: &str, list: &str) -> Result<Vec<(u32, String)>> {
         let prefix = crate::store::digest_list_prefix(list);
         let mut shards = self
@@ -1057,6 +1089,31 @@ impl StateStore for DynamoStore {
             .collect::<Result<Vec<_>>>()?;
         shards.sort_by_key(|(page, _)| *page);
         Ok(shards)
+    }
+}
+
+impl DynamoStore {
+    /// The two checks that fence a digest write like `save_state`: the lease still held
+    /// and the source not deleted.
+    fn digest_fence(&self, id: &str, lease: &Lease) -> Result<[ConditionCheck; 2]> {
+        let lease_held = ConditionCheck::builder()
+            .table_name(&self.table)
+            .set_key(Some(Self::key(id, SK_LEASE)))
+            .condition_expression("#owner = :owner AND #fence = :fence")
+            .expression_attribute_names("#owner", "owner")
+            .expression_attribute_names("#fence", "fence")
+            .expression_attribute_values(":owner", s(&lease.owner))
+            .expression_attribute_values(":fence", n(lease.fence))
+            .build()
+            .map_err(|e| Error::store("building the lease check", e))?;
+        let config_exists = ConditionCheck::builder()
+            .table_name(&self.table)
+            .set_key(Some(Self::key(id, SK_CONFIG)))
+            .condition_expression("attribute_exists(#pk)")
+            .expression_attribute_names("#pk", PK)
+            .build()
+            .map_err(|e| Error::store("building the source check", e))?;
+        Ok([lease_held, config_exists])
     }
 }
 

@@ -588,6 +588,36 @@ impl StateStore for FileStore {
         .await
     }
 
+    async fn delete_digest_shards(
+        &self,
+        id: &str,
+        list: &str,
+        pages: &[u32],
+        lease: &Lease,
+    ) -> Result<()> {
+        let id = id.to_string();
+        let keys: Vec<String> = pages
+            .iter()
+            .map(|page| crate::store::digest_shard_key(list, *page))
+            .collect();
+        let lease = lease.clone();
+        self.with_doc(true, move |d| {
+            if !d.sources.contains_key(&id) {
+                return Err(Error::Conflict(format!("source {id} was deleted")));
+            }
+            if !lease_is_held(d, &lease) {
+                return Err(Error::Conflict(format!("lease on {id} was lost")));
+            }
+            if let Some(shards) = d.digests.get_mut(&id) {
+                for key in &keys {
+                    shards.remove(key);
+                }
+            }
+            Ok(())
+        })
+        .await
+    }
+
     async fn load_digest_shards(&self, id: &str, list: &str) -> Result<Vec<(u32, String)>> {
         let id = id.to_string();
         let prefix = crate::store::digest_list_prefix(list);
@@ -675,6 +705,19 @@ mod tests {
         saved.sort();
         assert_eq!(store.load_digest_shards("p", "77").await.unwrap(), saved);
         assert!(store.load_digest_shards("p", "7").await.unwrap().is_empty());
+        store
+            .delete_digest_shards("p", "77", &[2, 3], &lease)
+            .await
+            .unwrap();
+        let left: Vec<u32> = store
+            .load_digest_shards("p", "77")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(page, _)| page)
+            .collect();
+        assert_eq!(left, vec![1, 10]);
+        saved.retain(|(page, _)| *page != 2);
         store.release_lease(&lease, 0).await.unwrap();
         store
             .acquire_lease("p", "run-2", 2_000, 600_000)
@@ -685,6 +728,10 @@ mod tests {
             store
                 .save_digest_shard("p", "77", 1, &saved[0].1, &lease)
                 .await,
+            Err(Error::Conflict(_))
+        ));
+        assert!(matches!(
+            store.delete_digest_shards("p", "77", &[1], &lease).await,
             Err(Error::Conflict(_))
         ));
         store.delete_source("p").await.unwrap();

@@ -246,6 +246,16 @@ pub trait StateStore: Send + Sync {
     /// Every digest shard of `list` of source `id`, as `(page, encoded shard)`, in page
     /// order.
     async fn load_digest_shards(&self, id: &str, list: &str) -> Result<Vec<(u32, String)>>;
+
+    /// Deletes the digest shards `pages` of `list` of source `id` (those already gone are
+    /// no error). Fenced like [`save_digest_shard`](Self::save_digest_shard).
+    async fn delete_digest_shards(
+        &self,
+        id: &str,
+        list: &str,
+        pages: &[u32],
+        lease: &Lease,
+    ) -> Result<()>;
 }
 
 /// The key of one digest shard under its source: `DIGEST#<list>#<page, 5 digits>`.

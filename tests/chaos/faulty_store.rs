@@ -223,4 +223,16 @@ impl StateStore for FaultyStore {
     async fn load_digest_shards(&self, id: &str, list: &str) -> Result<Vec<(u32, String)>> {
         self.inner.load_digest_shards(id, list).await
     }
+
+    async fn delete_digest_shards(
+        &self,
+        id: &str,
+        list: &str,
+        pages: &[u32],
+        lease: &Lease,
+    ) -> Result<()> {
+        self.inner
+            .delete_digest_shards(id, list, pages, lease)
+            .await
+    }
 }
