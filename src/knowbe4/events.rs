@@ -66,6 +66,12 @@ pub enum ApiError {
     /// The body is not the documented shape.
     #[error("KnowBe4 sent a malformed response: {0}")]
     Malformed(String),
+    /// The body is larger than the client reads (a smaller page may fit).
+    #[error("KnowBe4's response is larger than {limit} bytes")]
+    TooLarge {
+        /// The cap, in bytes.
+        limit: usize,
+    },
 }
 
 impl ApiError {
@@ -93,6 +99,7 @@ impl ApiError {
             ApiError::Status { .. } => "http_status",
             ApiError::Transport(_) | ApiError::NotSent(_) => "transport",
             ApiError::Malformed(_) => "malformed",
+            ApiError::TooLarge { .. } => "too_large",
         }
     }
 

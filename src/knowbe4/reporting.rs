@@ -24,6 +24,9 @@ use super::events::{ApiError, MAX_BODY_BYTES};
 
 /// Items asked for per page: the most the API is recorded to accept.
 pub const REPORTING_PER_PAGE: u32 = 500;
+/// The page size a list falls back to when a page of [`REPORTING_PER_PAGE`] records is
+/// too large to read (the documented default page size).
+pub const REPORTING_FALLBACK_PER_PAGE: u32 = 100;
 /// Spacing between two requests to one account's Reporting API: 60 s / 50 requests =
 /// 1.2 s keeps any minute at 50 or fewer, and any second far below 4; 50 ms more absorbs
 /// scheduling jitter. One spacing satisfies both documented limits, whichever window
@@ -156,27 +159,42 @@ impl ReportingClient {
 
     /// `GET /v1/phishing/security_tests?page=N&per_page=500`. The caller has reserved
     /// the request in the account's ledger and waited for [`pace`](Self::pace).
-    pub async fn security_tests_page(&self, page: u32) -> Result<ReportingPage, ApiError> {
-        self.list("/v1/phishing/security_tests".to_string(), page)
+    pub async fn security_tests_page(
+        &self,
+        page: u32,
+        per_page: u32,
+    ) -> Result<ReportingPage, ApiError> {
+        self.list("/v1/phishing/security_tests".to_string(), page, per_page)
             .await
     }
 
     /// `GET /v1/phishing/security_tests/{pst_id}/recipients?page=N&per_page=500`.
-    pub async fn recipients_page(&self, pst_id: u64, page: u32) -> Result<ReportingPage, ApiError> {
+    pub async fn recipients_page(
+        &self,
+        pst_id: u64,
+        page: u32,
+        per_page: u32,
+    ) -> Result<ReportingPage, ApiError> {
         self.list(
             format!("/v1/phishing/security_tests/{pst_id}/recipients"),
             page,
+            per_page,
         )
         .await
     }
 
-    async fn list(&self, path: String, page: u32) -> Result<ReportingPage, ApiError> {
+    async fn list(
+        &self,
+        path: String,
+        page: u32,
+        per_page: u32,
+    ) -> Result<ReportingPage, ApiError> {
         let response = self
             .http
             .get(format!("{}{path}", self.base))
             .query(&[
                 ("page", page.to_string()),
-                ("per_page", REPORTING_PER_PAGE.to_string()),
+                ("per_page", per_page.to_string()),
             ])
             .bearer_auth(self.token.expose_secret())
             .header("accept", "application/json")
@@ -213,9 +231,9 @@ async fn read_capped(response: reqwest::Response) -> Result<Vec<u8>, ApiError> {
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(|e| ApiError::Transport(e.without_url().to_string()))?;
         if body.len() + chunk.len() > MAX_BODY_BYTES {
-            return Err(ApiError::Malformed(format!(
-                "the response is larger than {MAX_BODY_BYTES} bytes"
-            )));
+            return Err(ApiError::TooLarge {
+                limit: MAX_BODY_BYTES,
+            });
         }
         body.extend_from_slice(&chunk);
     }

@@ -248,7 +248,7 @@ async fn tests_and_recipients_arrive_in_their_latest_state_and_unchanged_ones_ar
         .await
         .unwrap();
     assert_eq!(used, 18);
-    assert_eq!(phishing.tests.len(), 4);
+    assert_eq!(phishing.tests_tracked, 4);
     assert!(phishing.next_poll.unwrap() > phishing.last_poll.unwrap());
     assert_eq!(
         state.lifecycle,

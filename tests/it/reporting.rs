@@ -44,8 +44,8 @@ async fn read_all(
             Admission::QuotaExhausted => return None,
         }
         let answer = match pst_id {
-            None => client.security_tests_page(page).await,
-            Some(id) => client.recipients_page(id, page).await,
+            None => client.security_tests_page(page, 500).await,
+            Some(id) => client.recipients_page(id, page, 500).await,
         }
         .unwrap();
         if answer.ends_list() {
@@ -157,7 +157,7 @@ async fn the_daily_limit_stops_requests_before_they_are_sent_and_a_bad_token_is_
             .unwrap(),
         Admission::Granted
     );
-    let refused = wrong.security_tests_page(1).await.unwrap_err();
+    let refused = wrong.security_tests_page(1, 500).await.unwrap_err();
     assert!(matches!(refused, ApiError::Unauthorized(_)), "{refused}");
     let last = h.sim.reporting_requests().pop().unwrap();
     assert_eq!((last.status, last.authorized), (200, false));
