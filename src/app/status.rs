@@ -200,7 +200,7 @@ impl App {
                 history: state.history.iter().map(TransitionView::from).collect(),
                 health: health
                     .iter()
-                    .map(|e| HealthView::new(e, state.last_success))
+                    .map(|e| HealthView::new(e, state.last_success_of(e.data_type.as_deref())))
                     .collect(),
                 phishing: match &record.spec.phishing {
                     None => None,

@@ -141,6 +141,9 @@ pub struct PhishingState {
     /// No request before this time (ms): the Reporting API's `Retry-After`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub not_before: Option<i64>,
+    /// When a poll (or part of one) last ended without an error (ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_success: Option<i64>,
     /// Tests the last complete poll listed.
     #[serde(default)]
     pub tests_tracked: u64,

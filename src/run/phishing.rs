@@ -820,6 +820,7 @@ impl Run<'_> {
         let phishing_only = !self.record.spec.collect_events;
         let ps = self.phishing_mut();
         ps.streak = None;
+        ps.last_success = Some(now);
         ps.last_poll_requests = poll.requests;
         ps.last_poll_forwarded = poll.forwarded;
         ps.forwarded_total += poll.forwarded;
