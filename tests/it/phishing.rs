@@ -627,3 +627,113 @@ async fn bench_phishing_requests_per_poll() {
             "recipient_digest_items": shards, "polls": polls})
     );
 }
+
+/// The `page` parameter of a recorded request.
+fn page_of(record: &RequestRecord) -> u32 {
+    record
+        .query
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("page="))
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The review's defect 2: a test whose recipients take more than one run restarted at
+/// page 1 every run and never finished. Here each run may send 3 Reporting requests (the
+/// daily limit, raised by an update after each run): the tests list (2) and one page of
+/// recipients. The 1,200-recipient test's pages are asked for 1, 2, 3, then the empty 4 —
+/// each once — and every recipient arrives exactly once. The stream's state item stays
+/// the same size whatever the number of tests (tracks and digests are in the change
+/// store, review defect 1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_test_larger_than_one_run_goes_on_where_it_stopped() {
+    let h = harness(SimConfig {
+        events: 0,
+        ..SimConfig::default()
+    })
+    .await;
+    let big = h.sim.add_phishing_test(1_200);
+    let mut json = middle_example(&h.sim.base_url());
+    json["source"]["config"]
+        .as_object_mut()
+        .unwrap()
+        .remove("apiKey");
+    let mut limit = 3;
+    let mut create = middle_example(&h.sim.base_url());
+    create["source"]["config"]["reportingDailyRequestLimit"] = limit.into();
+    let id = h.app.create(create, Some("resume".into())).await.unwrap();
+    let mut state_sizes = Vec::new();
+    for run in 0..4 {
+        if run > 0 {
+            limit += 3;
+            json["source"]["config"]["reportingDailyRequestLimit"] = limit.into();
+            h.app.update(&id, json.clone()).await.unwrap();
+        }
+        let report = collect_source_types(
+            h.app.run_context(),
+            &id,
+            deadline(60),
+            Trigger::Schedule,
+            None,
+        )
+        .await;
+        assert_eq!(report.outcome, Outcome::Collected, "run {run}: {report:?}");
+        let state = h.app.store.load_state(&id).await.unwrap().unwrap().value;
+        let phishing = state.phishing.expect("phishing state");
+        state_sizes.push(serde_json::to_string(&phishing).unwrap().len());
+        if run < 3 {
+            assert!(
+                report.detail.contains("daily limit"),
+                "run {run}: {report:?}"
+            );
+            assert_eq!(
+                phishing.resume.map(|r| (r.pst_id, r.page)),
+                Some((big, run + 2)),
+                "run {run}"
+            );
+        } else {
+            assert!(report.detail.contains("phishing: polled"), "{report:?}");
+            assert!(phishing.resume.is_none() && phishing.poll_started.is_none());
+        }
+    }
+    let pages: Vec<u32> = h
+        .sim
+        .reporting_requests()
+        .iter()
+        .filter(|r| r.path.contains(&format!("/{big}/")))
+        .map(page_of)
+        .collect();
+    assert_eq!(pages, [1, 2, 3, 4], "each page once, in order");
+    let got = Received::of(&h.sink);
+    got.assert_latest(&h.sim);
+    got.assert_no_unchanged_resent();
+    assert_eq!(got.recipient_messages(), 1_200, "each recipient once");
+
+    // More tests: the state item does not grow with them.
+    for _ in 0..5 {
+        h.sim.add_phishing_test(2);
+    }
+    json["source"]["config"]["reportingDailyRequestLimit"] = 1_000.into();
+    h.app.update(&id, json).await.unwrap();
+    let report = collect_source_types(
+        h.app.run_context(),
+        &id,
+        deadline(60),
+        Trigger::OnDemand,
+        Some(DataType::Phishing),
+    )
+    .await;
+    assert!(report.detail.contains("phishing: polled"), "{report:?}");
+    let state = h.app.store.load_state(&id).await.unwrap().unwrap().value;
+    let phishing = state.phishing.unwrap();
+    assert_eq!(phishing.tests_tracked, 6);
+    let size = serde_json::to_string(&phishing).unwrap().len();
+    let before = *state_sizes.last().unwrap();
+    assert!(
+        size <= before + 16,
+        "the state grew from {before} to {size} bytes with 5 more tests"
+    );
+    let tracks = h.app.store.load_digest_shards(&id, "tracks").await.unwrap();
+    assert!(!tracks.is_empty(), "tracks live in the change store");
+    Received::of(&h.sink).assert_latest(&h.sim);
+}
