@@ -147,6 +147,7 @@ fn both_types(sim: &Simulator) -> Value {
 /// Reporting request).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn tests_and_recipients_arrive_in_their_latest_state_and_unchanged_ones_are_not_resent() {
+    clear_of_midnight(180).await;
     let h = harness(SimConfig {
         api_key: EVENT_KEY.into(),
         events: 50,
@@ -428,6 +429,7 @@ async fn a_crash_between_forwarding_and_saving_digests_repeats_at_most_that_batc
 /// read is not read again, and nothing is forwarded twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_poll_stopped_early_is_continued_not_started_over() {
+    clear_of_midnight(120).await;
     let h = harness(SimConfig {
         events: 0,
         ..SimConfig::default()
@@ -647,6 +649,7 @@ fn page_of(record: &RequestRecord) -> u32 {
 /// store, review defect 1).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_test_larger_than_one_run_goes_on_where_it_stopped() {
+    clear_of_midnight(180).await;
     let h = harness(SimConfig {
         events: 0,
         ..SimConfig::default()
@@ -736,4 +739,63 @@ async fn a_test_larger_than_one_run_goes_on_where_it_stopped() {
     let tracks = h.app.store.load_digest_shards(&id, "tracks").await.unwrap();
     assert!(!tracks.is_empty(), "tracks live in the change store");
     Received::of(&h.sink).assert_latest(&h.sim);
+}
+
+/// Review defect 3: page-indexed shards were never cleaned and a record that moved pages
+/// was compared with a stale digest. Now a page's changes are appended to the list's log
+/// and a complete walk compacts it: by the fourth poll with results moving each time, the
+/// test's change state is back to the one shard its 40 recipients need (the old ones
+/// deleted), it never holds more than that plus the slack, and each change was forwarded
+/// once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_change_log_is_compacted_and_every_change_forwarded_once() {
+    let h = harness(SimConfig {
+        events: 0,
+        ..SimConfig::default()
+    })
+    .await;
+    let test = h.sim.add_phishing_test(40);
+    let id = h
+        .app
+        .create(middle_example(&h.sim.base_url()), Some("compact".into()))
+        .await
+        .unwrap();
+    let mut moved = 0;
+    let mut most_shards = 0;
+    for poll in 0..5 {
+        if poll > 0 {
+            moved += h.sim.progress_phishing(Some(test), 3).len();
+        }
+        let report = collect_source_types(
+            h.app.run_context(),
+            &id,
+            deadline(60),
+            Trigger::OnDemand,
+            Some(DataType::Phishing),
+        )
+        .await;
+        assert!(report.detail.contains("phishing: polled"), "{report:?}");
+        let shards = h
+            .app
+            .store
+            .load_digest_shards(&id, &test.to_string())
+            .await
+            .unwrap();
+        most_shards = most_shards.max(shards.len());
+        let seqs: Vec<u32> = shards.iter().map(|s| s.0).collect();
+        if poll == 3 {
+            // Four shards (one a poll) for 40 entries: compacted to one, past them.
+            assert_eq!(seqs, [5], "compacted");
+        }
+    }
+    assert!(most_shards <= 1 + knowbe4_source::domain::changes::COMPACT_SLACK);
+    let got = Received::of(&h.sink);
+    got.assert_latest(&h.sim);
+    got.assert_no_unchanged_resent();
+    assert_eq!(got.recipient_messages(), 40 + moved);
+    assert_eq!(
+        got.tests[&test].len(),
+        5,
+        "the test's counts moved every poll"
+    );
 }
