@@ -220,7 +220,8 @@ fn now_ms() -> i64 {
 
 impl App {
     /// Builds the app from the environment: DynamoDB + Secrets Manager when
-    /// `STATE_TABLE` is set, the local state file (`STATE_FILE`) otherwise.
+    /// `STATE_TABLE` is set (digests in `CHANGE_TABLE`, by default
+    /// `<STATE_TABLE>-changes`), the local state file (`STATE_FILE`) otherwise.
     pub async fn from_env() -> Result<App> {
         let settings = Settings::from_env();
         let http = knowbe4_http_client()?;
@@ -229,8 +230,21 @@ impl App {
                 let aws = crate::store::aws_env::load_checked().await?;
                 let dynamo = aws_sdk_dynamodb::Client::new(&aws);
                 let secrets = aws_sdk_secretsmanager::Client::new(&aws);
+                let change_table = match std::env::var("CHANGE_TABLE") {
+                    Ok(name) if !name.trim().is_empty() => name.trim().to_string(),
+                    _ => crate::store::dynamo::default_change_table(&table),
+                };
+                if change_table == table {
+                    tracing::warn!(
+                        table,
+                        "CHANGE_TABLE is STATE_TABLE: the digests share the state table, and every fan-out dispatch Scan reads (and pays for) them."
+                    );
+                }
                 (
-                    Arc::new(crate::store::dynamo::DynamoStore::new(dynamo, table)),
+                    Arc::new(
+                        crate::store::dynamo::DynamoStore::new(dynamo, table)
+                            .with_change_table(change_table),
+                    ),
                     Vault::SecretsManager(SecretsManagerVault::new(
                         secrets,
                         settings.secret_prefix.clone(),

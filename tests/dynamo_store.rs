@@ -13,9 +13,9 @@ use knowbe4_source::config::SourceSpec;
 use knowbe4_source::domain::secrets::SourceSecrets;
 use knowbe4_source::domain::state::{HealthEvent, Lifecycle, SecretRef, SourceRecord, SourceState};
 use knowbe4_source::error::{Error, HealthKind};
-use knowbe4_source::store::dynamo::DynamoStore;
+use knowbe4_source::store::dynamo::{DynamoStore, default_change_table};
 use knowbe4_source::store::secrets_manager::SecretsManagerVault;
-use knowbe4_source::store::{Reservation, StateStore};
+use knowbe4_source::store::{MAX_ITEM_BYTES, Reservation, StateStore, digest_shard_item_bytes};
 use secrecy::{ExposeSecret, SecretString};
 
 /// The SDK configuration, pointed at moto.
@@ -715,14 +715,353 @@ async fn digest_shards_of_fifty_thousand_recipients_round_trip_fenced() {
     );
 
     store.delete_source("p").await.unwrap();
-    let left = client
+    for table in [table.clone(), default_change_table(&table)] {
+        assert_eq!(
+            partition(&client, &table, "p").await,
+            0,
+            "left over in {table}"
+        );
+    }
+}
+
+/// The number of items of source `id` in `table`.
+async fn partition(client: &aws_sdk_dynamodb::Client, table: &str, id: &str) -> i32 {
+    client
         .query()
-        .table_name(&table)
+        .table_name(table)
         .consistent_read(true)
         .key_condition_expression("pk = :pk")
-        .expression_attribute_values(":pk", AttributeValue::S("SOURCE#p".into()))
+        .expression_attribute_values(":pk", AttributeValue::S(format!("SOURCE#{id}")))
         .send()
         .await
+        .unwrap()
+        .count()
+}
+
+/// The sort keys of source `id`'s items in `table`.
+async fn sort_keys(client: &aws_sdk_dynamodb::Client, table: &str, id: &str) -> Vec<String> {
+    client
+        .query()
+        .table_name(table)
+        .consistent_read(true)
+        .key_condition_expression("pk = :pk")
+        .expression_attribute_values(":pk", AttributeValue::S(format!("SOURCE#{id}")))
+        .send()
+        .await
+        .unwrap()
+        .items()
+        .iter()
+        .map(|item| item["sk"].as_s().unwrap().clone())
+        .collect()
+}
+
+/// Review item 9: digest shards live in the change table (none in the state table),
+/// round-trip per list, are deleted page by page, fenced by the lease in the state table,
+/// and go with their source (only theirs).
+#[tokio::test]
+async fn digest_shards_live_in_the_change_table_fenced_and_go_with_their_source() {
+    let (store, client, table) = store().await;
+    let changes = default_change_table(&table);
+    create(&store, "a").await;
+    create(&store, "b").await;
+    let lease = store
+        .acquire_lease("a", "run-1", 1_000, 600_000)
+        .await
+        .unwrap()
         .unwrap();
-    assert_eq!(left.count(), 0, "digest items left over");
+    let lease_b = store
+        .acquire_lease("b", "run-b", 1_000, 600_000)
+        .await
+        .unwrap()
+        .unwrap();
+    for page in 1..=5u32 {
+        store
+            .save_digest_shard("a", "tests", page, &format!("t{page}"), &lease)
+            .await
+            .unwrap();
+        store
+            .save_digest_shard("a", "tracks", page, &format!("k{page}"), &lease)
+            .await
+            .unwrap();
+    }
+    store
+        .save_digest_shard("b", "tests", 1, "b1", &lease_b)
+        .await
+        .unwrap();
+    assert!(
+        !sort_keys(&client, &table, "a")
+            .await
+            .iter()
+            .any(|sk| sk.starts_with("DIGEST#")),
+        "no digest item in the state table"
+    );
+    assert_eq!(partition(&client, &changes, "a").await, 10);
+    let pages = |shards: Vec<(u32, String)>| shards.into_iter().map(|(p, _)| p).collect::<Vec<_>>();
+    assert_eq!(
+        store.load_digest_shards("a", "tracks").await.unwrap(),
+        (1..=5).map(|p| (p, format!("k{p}"))).collect::<Vec<_>>()
+    );
+
+    // Deleting pages: those gone already are no error; other lists are untouched.
+    store
+        .delete_digest_shards("a", "tests", &[2, 4, 99], &lease)
+        .await
+        .unwrap();
+    assert_eq!(
+        pages(store.load_digest_shards("a", "tests").await.unwrap()),
+        [1, 3, 5]
+    );
+    assert_eq!(
+        pages(store.load_digest_shards("a", "tracks").await.unwrap()),
+        [1, 2, 3, 4, 5]
+    );
+    // More than one transaction's worth (98 deletes each).
+    let many: Vec<u32> = (1..=250).collect();
+    store
+        .delete_digest_shards("a", "tracks", &many, &lease)
+        .await
+        .unwrap();
+    assert!(
+        store
+            .load_digest_shards("a", "tracks")
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    // A run that lost its lease can neither write nor delete digests.
+    store.release_lease(&lease, 0).await.unwrap();
+    let newer = store
+        .acquire_lease("a", "run-2", 2_000, 600_000)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_conflict(
+        store.delete_digest_shards("a", "tests", &[1], &lease).await,
+        "lease",
+    );
+    assert_conflict(
+        store
+            .save_digest_shard("a", "tests", 1, "stale", &lease)
+            .await,
+        "lease",
+    );
+    assert_eq!(
+        pages(store.load_digest_shards("a", "tests").await.unwrap()),
+        [1, 3, 5]
+    );
+    assert_eq!(
+        store.load_digest_shards("a", "tests").await.unwrap()[0].1,
+        "t1"
+    );
+
+    // Deleting the source removes its change-table items, and only its.
+    store.delete_source("a").await.unwrap();
+    assert_eq!(partition(&client, &changes, "a").await, 0);
+    assert_eq!(partition(&client, &table, "a").await, 0);
+    assert_conflict(
+        store
+            .save_digest_shard("a", "tests", 1, "late", &newer)
+            .await,
+        "deleted",
+    );
+    assert_conflict(
+        store.delete_digest_shards("a", "tests", &[1], &newer).await,
+        "deleted",
+    );
+    assert_eq!(partition(&client, &changes, "a").await, 0);
+    assert_eq!(
+        store.load_digest_shards("b", "tests").await.unwrap(),
+        [(1, "b1".to_string())]
+    );
+}
+
+/// Digests an interrupted delete left in the change table are removed when the id is
+/// created again: a new source never compares its records with another's digests.
+#[tokio::test]
+async fn creating_a_source_removes_digests_left_under_its_id() {
+    let (store, client, table) = store().await;
+    let changes = default_change_table(&table);
+    for sk in ["DIGEST#tests#00001", "DIGEST#77#00002"] {
+        client
+            .put_item()
+            .table_name(&changes)
+            .item("pk", AttributeValue::S("SOURCE#r".into()))
+            .item("sk", AttributeValue::S(sk.into()))
+            .item("digests", AttributeValue::S("old".into()))
+            .send()
+            .await
+            .unwrap();
+    }
+    create(&store, "r").await;
+    assert_eq!(partition(&client, &changes, "r").await, 0);
+    // Creating an existing source is refused and leaves its digests alone.
+    let lease = store
+        .acquire_lease("r", "run-1", 1_000, 600_000)
+        .await
+        .unwrap()
+        .unwrap();
+    store
+        .save_digest_shard("r", "tests", 1, "new", &lease)
+        .await
+        .unwrap();
+    assert_conflict(
+        store
+            .create_source(&record("r"), &SourceState::new(1_000))
+            .await,
+        "exists",
+    );
+    assert_eq!(partition(&client, &changes, "r").await, 1);
+}
+
+/// Test gap "400 KB": a shard whose item is just under DynamoDB's 400 KB item limit is
+/// stored and read back; one over it is refused by the store before any call, with an
+/// error naming the source, the list and the page (moto itself refuses items above
+/// 405,000 bytes, DynamoDB above 409,600, neither naming the item).
+#[tokio::test]
+async fn a_shard_near_the_item_limit_is_stored_and_one_over_it_refused_by_name() {
+    let (store, client, table) = store().await;
+    create(&store, "big").await;
+    let lease = store
+        .acquire_lease("big", "run-1", 1_000, 600_000)
+        .await
+        .unwrap()
+        .unwrap();
+    let overhead = digest_shard_item_bytes("big", "509579", 1, "");
+    let near = "A".repeat(400_000 - overhead);
+    assert_eq!(digest_shard_item_bytes("big", "509579", 1, &near), 400_000);
+    store
+        .save_digest_shard("big", "509579", 1, &near, &lease)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.load_digest_shards("big", "509579").await.unwrap(),
+        [(1, near)]
+    );
+
+    let over = "A".repeat(MAX_ITEM_BYTES + 1 - overhead);
+    match store
+        .save_digest_shard("big", "509579", 2, &over, &lease)
+        .await
+    {
+        Err(Error::Store { message, .. }) => {
+            for part in ["big", "list 509579", "page 2", "400 KB"] {
+                assert!(message.contains(part), "{message:?} should name {part:?}");
+            }
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert_eq!(
+        partition(&client, &default_change_table(&table), "big").await,
+        1,
+        "nothing written"
+    );
+}
+
+/// Scan figures of every Scan a client made: (calls, items scanned, items returned).
+#[derive(Debug, Default)]
+struct ScanFigures(std::sync::Mutex<(u32, i64, i64)>);
+
+#[derive(Debug)]
+struct CountScans(Arc<ScanFigures>);
+
+impl aws_sdk_dynamodb::config::Intercept for CountScans {
+    fn name(&self) -> &'static str {
+        "CountScans"
+    }
+
+    fn read_after_deserialization(
+        &self,
+        context: &aws_smithy_runtime_api::client::interceptors::context::AfterDeserializationInterceptorContextRef<'_>,
+        _components: &aws_sdk_dynamodb::config::RuntimeComponents,
+        _cfg: &mut aws_sdk_dynamodb::config::ConfigBag,
+    ) -> Result<(), aws_smithy_runtime_api::box_error::BoxError> {
+        if let Ok(output) = context.output_or_error()
+            && let Some(scan) =
+                output.downcast_ref::<aws_sdk_dynamodb::operation::scan::ScanOutput>()
+        {
+            let mut figures = self.0.0.lock().unwrap();
+            figures.0 += 1;
+            figures.1 += i64::from(scan.scanned_count());
+            figures.2 += i64::from(scan.count());
+        }
+        Ok(())
+    }
+}
+
+/// Review item 9, measured: the dispatch snapshot's Scan reads the same number of items
+/// whether the sources have no digest shards or many; before the change table it read
+/// every digest item too (ScannedCount grew by sources x shards).
+#[tokio::test]
+async fn the_dispatch_scan_reads_no_digest_items() {
+    const SOURCES: usize = 6;
+    const SHARDS: u32 = 40;
+    let (plain, _, table) = store().await;
+    let figures = Arc::new(ScanFigures::default());
+    let client = aws_sdk_dynamodb::Client::from_conf(
+        aws_sdk_dynamodb::config::Builder::from(&aws_config().await)
+            .interceptor(CountScans(figures.clone()))
+            .build(),
+    );
+    let store = DynamoStore::new(client, &table);
+    let mut leases = Vec::new();
+    for i in 0..SOURCES {
+        let id = format!("s{i}");
+        create(&plain, &id).await;
+        leases.push(
+            plain
+                .acquire_lease(&id, "run-1", 1_000, 600_000)
+                .await
+                .unwrap()
+                .unwrap(),
+        );
+    }
+    let measure = || {
+        let store = store.clone();
+        let figures = figures.clone();
+        async move {
+            *figures.0.lock().unwrap() = (0, 0, 0);
+            let snapshot = store.snapshot("2024-05-01", 2_000).await.unwrap();
+            assert_eq!(snapshot.sources.len(), SOURCES);
+            *figures.0.lock().unwrap()
+        }
+    };
+    let before = measure().await;
+    for (i, lease) in leases.iter().enumerate() {
+        for page in 1..=SHARDS {
+            plain
+                .save_digest_shard(&format!("s{i}"), "tests", page, &"A".repeat(10_668), lease)
+                .await
+                .unwrap();
+        }
+    }
+    let after = measure().await;
+    eprintln!(
+        "dispatch Scan, {SOURCES} sources: (calls, ScannedCount, Count) = {before:?} with no \
+         digest shard, {after:?} with {SHARDS} shards of 10,668 bytes each ({} digest items)",
+        SOURCES * SHARDS as usize
+    );
+    // CONFIG, STATE and LEASE per source.
+    assert_eq!(before.1, 3 * SOURCES as i64);
+    assert_eq!(after, before, "the Scan read digest items");
+
+    // The measure sees digest items when they are in the state table (CHANGE_TABLE set
+    // to STATE_TABLE, as before the change table): one per shard, filtered out after
+    // being read (and billed).
+    let shared = plain.clone().with_change_table(&table);
+    for (i, lease) in leases.iter().enumerate() {
+        for page in 1..=SHARDS {
+            shared
+                .save_digest_shard(&format!("s{i}"), "tests", page, &"A".repeat(10_668), lease)
+                .await
+                .unwrap();
+        }
+    }
+    let shared_figures = measure().await;
+    eprintln!("dispatch Scan with the digests in the state table: {shared_figures:?}");
+    assert_eq!(
+        shared_figures.1,
+        before.1 + (SOURCES * SHARDS as usize) as i64
+    );
+    assert_eq!(shared_figures.2, before.2);
 }

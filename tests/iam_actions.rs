@@ -21,13 +21,30 @@ use std::path::{Path, PathBuf};
 
 /// Functions in `src/` that make AWS calls the deployed function never makes: the file,
 /// the function, and why it is left out of the policy.
-const TEST_ONLY_FUNCTIONS: &[(&str, &str, &str)] = &[(
-    "src/store/dynamo.rs",
-    "create_table",
-    "DynamoStore::create_table (CreateTable, DescribeTable, DescribeTimeToLive, \
-     UpdateTimeToLive) sets up tables for the tests; the SAM template creates the deployed \
-     table, and nothing in src/ outside tests calls it (checked below)",
-)];
+const TEST_ONLY_FUNCTIONS: &[(&str, &str, &str)] = &[
+    (
+        "src/store/dynamo.rs",
+        "create_table",
+        "DynamoStore::create_table sets up the tables for the tests (through \
+         create_tables); the SAM template creates the deployed tables, and nothing in src/ \
+         outside tests calls it (checked below)",
+    ),
+    (
+        "src/store/dynamo.rs",
+        "create_tables",
+        "DynamoStore::create_tables creates the state and change tables for the tests \
+         (through create_one_table)",
+    ),
+    (
+        "src/store/dynamo.rs",
+        "create_one_table",
+        "DynamoStore::create_one_table (CreateTable, DescribeTable, DescribeTimeToLive, \
+         UpdateTimeToLive) creates one table for the tests",
+    ),
+];
+
+/// The only file whose code touches the change table (`CHANGE_TABLE`).
+const CHANGE_TABLE_FILE: &str = "src/store/dynamo/changes.rs";
 
 /// DynamoDB operations of `aws-sdk-dynamodb` (the fluent method names of its client).
 const DYNAMODB_OPERATIONS: &[&str] = &[
@@ -357,6 +374,112 @@ fn fan_out_is_scoped_to_the_work_queue_and_retries_into_a_dead_letter_queue() {
     );
     let function = block_text(&lines, resource(&lines, "Function"));
     assert!(function.contains("WORK_QUEUE_URL: !If [FanOut, !Ref WorkQueue, !Ref AWS::NoValue]"));
+}
+
+/// Review item 9: the change table is granted exactly the actions of the code that uses
+/// it (src/store/dynamo/changes.rs, and the shared helpers it hands that table to), on
+/// that table alone; it is kept like the state table; the function is told its name.
+#[test]
+fn the_change_table_is_granted_exactly_what_its_code_calls() {
+    let sources = stripped_sources(&root());
+    for (path, code) in &sources {
+        let names_it = code.contains("self.change_table");
+        assert_eq!(
+            names_it,
+            path == Path::new(CHANGE_TABLE_FILE),
+            "{}: only {CHANGE_TABLE_FILE} may use the change table",
+            path.display()
+        );
+    }
+    let (_, changes) = sources
+        .iter()
+        .find(|(path, _)| path == Path::new(CHANGE_TABLE_FILE))
+        .expect("the change table's file");
+    assert!(
+        !changes.contains("self.table"),
+        "{CHANGE_TABLE_FILE} must not call on the state table (its fence checks are built in dynamo.rs)"
+    );
+    let mut called = sdk_actions_in_code(Path::new(CHANGE_TABLE_FILE), changes);
+    // Helpers of dynamo.rs it passes the change table to: `self.helper(&self.change_table`.
+    let (_, dynamo) = sources
+        .iter()
+        .find(|(path, _)| path == Path::new("src/store/dynamo.rs"))
+        .expect("src/store/dynamo.rs");
+    for (at, _) in changes.match_indices("(&self.change_table") {
+        let name: String = changes[..at]
+            .chars()
+            .rev()
+            .take_while(|c| c.is_alphanumeric() || *c == '_')
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
+        if !changes[..at].ends_with(&format!("self.{name}")) {
+            // An SDK builder's argument (`.table_name(&self.change_table)`).
+            continue;
+        }
+        let body = function_text(dynamo, &name).unwrap_or_else(|| {
+            panic!("{CHANGE_TABLE_FILE} passes the change table to {name}, not a fn of dynamo.rs")
+        });
+        called.extend(sdk_actions_in_code(
+            Path::new("src/store/dynamo.rs"),
+            &format!("use aws_sdk_dynamodb;\n{body}"),
+        ));
+    }
+    assert!(!called.is_empty(), "no call found in {CHANGE_TABLE_FILE}");
+
+    let text = template();
+    let lines = lines(&text);
+    let role = resource(&lines, "FunctionRole");
+    let statements: Vec<usize> = (role..block_end(&lines, role))
+        .filter(|&i| {
+            block_text(&lines, i).contains("ChangeTable") && lines[i].text.starts_with("- Sid:")
+        })
+        .collect();
+    assert_eq!(statements.len(), 1, "one statement names ChangeTable");
+    let statement = statements[0];
+    assert_eq!(lines[statement].text, "- Sid: ChangeTableItems");
+    let granted: BTreeSet<String> = actions_in(&lines, statement).into_iter().collect();
+    assert_eq!(
+        granted, called,
+        "ChangeTableItems vs the change table's calls"
+    );
+    let body = block_text(&lines, statement);
+    let resource_line = body
+        .lines()
+        .find(|l| l.trim_start().starts_with("Resource:"))
+        .expect("a Resource");
+    assert_eq!(resource_line.trim(), "Resource: !GetAtt ChangeTable.Arn");
+
+    // Kept, encrypted, recoverable and protected like the state table.
+    let state = block_text(&lines, resource(&lines, "StateTable"));
+    let change = block_text(&lines, resource(&lines, "ChangeTable"));
+    for setting in [
+        "DeletionPolicy: Retain",
+        "UpdateReplacePolicy: Retain",
+        "BillingMode: PAY_PER_REQUEST",
+        "PointInTimeRecoveryEnabled: true",
+        "DeletionProtectionEnabled: !If [DeletionProtection, true, false]",
+        "SSEEnabled: true",
+    ] {
+        assert!(state.contains(setting), "StateTable: {setting}");
+        assert!(change.contains(setting), "ChangeTable: {setting}");
+    }
+    let function = block_text(&lines, resource(&lines, "Function"));
+    assert!(
+        function.contains("CHANGE_TABLE: !Ref ChangeTable"),
+        "{function}"
+    );
+}
+
+/// The text of `fn name` (signature and body) in `code`.
+fn function_text(code: &str, name: &str) -> Option<String> {
+    let at = code
+        .match_indices("fn ")
+        .map(|(i, _)| i)
+        .find(|&i| find_ident(&code[i + 3..], name) == Some(0))?;
+    let open = at + code[at..].find('{')?;
+    Some(code[at..=matching_brace(code, open)].to_string())
 }
 
 /// The template's text and its meaningful lines.
@@ -789,10 +912,19 @@ fn module_files(file: &Path, name: &str) -> [PathBuf; 2] {
 fn sdk_actions_in(root: &Path) -> BTreeSet<String> {
     let mut actions = BTreeSet::new();
     for (path, code) in stripped_sources(root) {
+        actions.extend(sdk_actions_in_code(&path, &code));
+    }
+    actions
+}
+
+/// The AWS actions of the SDK calls in one file's stripped `code`.
+fn sdk_actions_in_code(path: &Path, code: &str) -> BTreeSet<String> {
+    let mut actions = BTreeSet::new();
+    {
         let uses_dynamodb = code.contains("aws_sdk_dynamodb");
         let uses_secrets = code.contains("aws_sdk_secretsmanager");
         let uses_sqs = code.contains("aws_sdk_sqs");
-        for (name, position) in empty_calls(&code) {
+        for (name, position) in empty_calls(code) {
             let in_dynamodb = uses_dynamodb && DYNAMODB_OPERATIONS.contains(&name.as_str());
             let in_secrets = uses_secrets && SECRETSMANAGER_OPERATIONS.contains(&name.as_str());
             let in_sqs = uses_sqs && SQS_OPERATIONS.contains(&name.as_str());
@@ -810,7 +942,7 @@ fn sdk_actions_in(root: &Path) -> BTreeSet<String> {
             if in_sqs {
                 actions.insert(sqs_action(&name));
             } else if in_dynamodb {
-                actions.extend(dynamodb_actions(&name, &code, &path, line));
+                actions.extend(dynamodb_actions(&name, code, path, line));
             } else if in_secrets {
                 actions.insert(format!("secretsmanager:{}", pascal_case(&name)));
                 // Tags given on CreateSecret are authorised as TagResource too.

@@ -1,4 +1,6 @@
-//! The DynamoDB state store: one table (named by `STATE_TABLE`), one partition per source.
+//! The DynamoDB state store: the state table (named by `STATE_TABLE`), one partition per
+//! source, and the change table (`CHANGE_TABLE`, by default `<STATE_TABLE>-changes`) for
+//! the change-detection digests, which can be many (see [`changes`]).
 //!
 //! ## Key design
 //!
@@ -12,7 +14,16 @@
 //! | `STATE`               | `doc` (JSON of `SourceState`), `version`                       | `create_source` (version 1), `save_state`       |
 //! | `LEASE`               | `owner`, `fence`, `expires_at_ms`, `quiet_until`               | `acquire_lease`, `renew_lease`, `release_lease` |
 //! | `HEALTH#<streak_key>` | `doc` (JSON of `HealthEvent`), `last_seen`, `expires_at` (TTL) | `put_health`                                    |
-//! | `DIGEST#<list>#<page>`| `digests` (base64 of 16-byte id + digest records, ≤ 10,668 B) | `save_digest_shard`                             |
+//!
+//! The digest shards live in the change table, under the same keys (`pk = "SOURCE#<id>"`):
+//!
+//! | `sk`                  | Attributes                                                     | Written by                                      |
+//! |-----------------------|----------------------------------------------------------------|-------------------------------------------------|
+//! | `DIGEST#<list>#<page>`| `digests` (base64 of 16-byte id + digest records, ≤ 10,668 B) | `save_digest_shard`, `delete_digest_shards`     |
+//!
+//! They are kept out of the state table because the fan-out dispatch reads that table
+//! with one `Scan`, and a Scan reads (and bills) every item before its filter applies:
+//! with the digests there, every dispatch would read every digest of every source.
 //!
 //! The limits belong to the KnowBe4 account (API host + key, see [`crate::domain::account`]), so
 //! its items live in the partition `pk = "ACCOUNT#<account id>"`:
@@ -33,8 +44,14 @@
 //!   caller's `owner` and `fence` (when a lease is given), a `ConditionCheck` that
 //!   `CONFIG` exists (a deleted source is never resurrected), and the `STATE` put
 //!   conditioned on `version = expected`. Any failed condition is `Error::Conflict`.
-//! - `save_digest_shard` is one transaction with the same two `ConditionCheck`s and the
-//!   shard's put.
+//! - `save_digest_shard` is one transaction with the same two `ConditionCheck`s (on the
+//!   state table) and the shard's put (in the change table); `delete_digest_shards` the
+//!   same with up to 98 deletes. A shard whose item would pass DynamoDB's 400 KB item
+//!   limit is refused before any call, naming the source and list.
+//! - `delete_source` deletes `CONFIG` first (every later digest or state write fails its
+//!   check), then the source's items in the change table, then the rest of its
+//!   partition. `create_source` first removes change-table items an interrupted delete
+//!   may have left under the id, so a re-created source never inherits old digests.
 //! - `acquire_lease` is an `UpdateItem` conditioned on the lease being absent or expired
 //!   (`expires_at_ms < now`); it `ADD`s 1 to `fence`, so the fencing token strictly grows
 //!   over every acquisition. `release_lease` sets `expires_at_ms = 0` and keeps `fence`.
@@ -52,6 +69,8 @@
 //! Reads use `ConsistentRead`. Throttling is retried by the SDK's standard retry
 //! configuration, not here.
 
+mod changes;
+
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -61,7 +80,7 @@ use aws_sdk_dynamodb::error::SdkError;
 use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
 use aws_sdk_dynamodb::operation::update_item::UpdateItemError;
 use aws_sdk_dynamodb::types::{
-    AttributeDefinition, AttributeValue, BillingMode, ConditionCheck, Delete, DeleteRequest,
+    AttributeDefinition, AttributeValue, BillingMode, ConditionCheck, DeleteRequest,
     KeySchemaElement, KeyType, Put, ReturnValue, ReturnValuesOnConditionCheckFailure,
     ScalarAttributeType, TableStatus, TimeToLiveSpecification, TimeToLiveStatus, TransactWriteItem,
     WriteRequest,
@@ -105,28 +124,63 @@ const BATCH_ATTEMPTS: u32 = 8;
 /// How long `create_table` waits for a new table to become active.
 const TABLE_ACTIVE_TIMEOUT: Duration = Duration::from_secs(300);
 
-/// The state store backed by one DynamoDB table (see the module docs for the key design).
+/// The change table's name when `CHANGE_TABLE` is not set: `<state table>-changes`.
+pub fn default_change_table(state_table: &str) -> String {
+    format!("{state_table}-changes")
+}
+
+/// The state store backed by the state table and the change table (see the module docs
+/// for the key design).
 #[derive(Clone, Debug)]
 pub struct DynamoStore {
     /// The SDK client, built once per process and shared (it pools connections).
     client: Client,
-    /// The table holding every source's items.
+    /// The table holding every source's items except its digests.
     table: String,
+    /// The table holding the change-detection digests (only [`changes`] uses it).
+    change_table: String,
 }
 
 impl DynamoStore {
-    /// A store over `table`, which must exist (see [`DynamoStore::create_table`]).
+    /// A store over the state table `table` and the change table
+    /// [`default_change_table`]`(table)`, which must exist (see
+    /// [`DynamoStore::create_table`]).
     pub fn new(client: Client, table: impl Into<String>) -> Self {
+        let table = table.into();
         DynamoStore {
             client,
-            table: table.into(),
+            change_table: default_change_table(&table),
+            table,
         }
     }
 
-    /// Creates the table (on-demand billing, string `pk`/`sk`, TTL on `expires_at`) and
-    /// waits until it is active. Idempotent: an existing table is left as is, and TTL is
-    /// only enabled when it is not already.
+    /// The same store with its digests in `change_table` instead of the default.
+    pub fn with_change_table(self, change_table: impl Into<String>) -> Self {
+        DynamoStore {
+            change_table: change_table.into(),
+            ..self
+        }
+    }
+
+    /// Creates the state table `table` and the change table under its default name
+    /// ([`default_change_table`]), as [`DynamoStore::new`] expects them: see
+    /// [`DynamoStore::create_tables`].
     pub async fn create_table(client: &Client, table: &str) -> Result<()> {
+        Self::create_tables(client, table, &default_change_table(table)).await
+    }
+
+    /// Creates the state table (on-demand billing, string `pk`/`sk`, TTL on
+    /// `expires_at`) and the change table (the same keys, no TTL: nothing there expires)
+    /// and waits until both are active. Idempotent: an existing table is left as is, and
+    /// TTL is only enabled when it is not already.
+    pub async fn create_tables(client: &Client, table: &str, change_table: &str) -> Result<()> {
+        Self::create_one_table(client, table, true).await?;
+        Self::create_one_table(client, change_table, false).await
+    }
+
+    /// Creates one table with string `pk`/`sk` keys and waits until it is active, then
+    /// enables TTL on `expires_at` when `ttl`.
+    async fn create_one_table(client: &Client, table: &str, ttl: bool) -> Result<()> {
         let key_attr = |name: &str| {
             AttributeDefinition::builder()
                 .attribute_name(name)
@@ -152,13 +206,13 @@ impl DynamoStore {
             .send()
             .await;
         match created {
-            Ok(_) => tracing::info!(table, "Created the state table."),
+            Ok(_) => tracing::info!(table, "Created the table."),
             Err(err)
                 if err
                     .as_service_error()
                     .is_some_and(|e| e.is_resource_in_use_exception()) =>
             {
-                tracing::debug!(table, "The state table already exists.");
+                tracing::debug!(table, "The table already exists.");
             }
             Err(err) => return Err(Error::store(format!("DynamoDB CreateTable {table}"), err)),
         }
@@ -183,6 +237,9 @@ impl DynamoStore {
                 });
             }
             tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+        if !ttl {
+            return Ok(());
         }
 
         let ttl = client
@@ -289,9 +346,9 @@ impl DynamoStore {
         }
     }
 
-    /// Deletes `keys` with BatchWriteItem, 25 at a time, retrying unprocessed items
-    /// with a short backoff.
-    async fn delete_keys(&self, id: &str, keys: Vec<Item>) -> Result<()> {
+    /// Deletes `keys` of source `id` from `table` with BatchWriteItem, 25 at a time,
+    /// retrying unprocessed items with a short backoff.
+    async fn batch_delete(&self, table: &str, id: &str, keys: Vec<Item>) -> Result<()> {
         let mut requests = Vec::with_capacity(keys.len());
         for key in keys {
             let delete = DeleteRequest::builder()
@@ -310,7 +367,7 @@ impl DynamoStore {
                 if attempt == BATCH_ATTEMPTS {
                     return Err(Error::Store {
                         message: format!(
-                            "DynamoDB BatchWriteItem on {id}: {} deletes still unprocessed after {BATCH_ATTEMPTS} attempts",
+                            "DynamoDB BatchWriteItem on {id} in {table}: {} deletes still unprocessed after {BATCH_ATTEMPTS} attempts",
                             pending.len()
                         ),
                         source: None,
@@ -320,13 +377,15 @@ impl DynamoStore {
                 let out = self
                     .client
                     .batch_write_item()
-                    .request_items(&self.table, pending)
+                    .request_items(table, pending)
                     .send()
                     .await
-                    .map_err(|e| Error::store(format!("DynamoDB BatchWriteItem on {id}"), e))?;
+                    .map_err(|e| {
+                        Error::store(format!("DynamoDB BatchWriteItem on {id} in {table}"), e)
+                    })?;
                 pending = out
                     .unprocessed_items
-                    .and_then(|mut left| left.remove(&self.table))
+                    .and_then(|mut left| left.remove(table))
                     .unwrap_or_default();
             }
         }
@@ -398,6 +457,18 @@ impl DynamoStore {
 impl StateStore for DynamoStore {
     async fn create_source(&self, record: &SourceRecord, state: &SourceState) -> Result<()> {
         let id = record.id.as_str();
+        // Digests an interrupted delete left under this id would make the new source skip
+        // records as unchanged. No run writes any while CONFIG is absent.
+        if self.get(id, SK_CONFIG).await?.is_none() {
+            let purged = self.purge_digests(id).await?;
+            if purged > 0 {
+                tracing::info!(
+                    source_id = id,
+                    purged,
+                    "Removed digest items a previous delete of this id left behind."
+                );
+            }
+        }
         let mut config = Self::key(id, SK_CONFIG);
         config.insert("doc".into(), s(to_json("CONFIG", id, record)?));
         config.insert("name".into(), s(&record.spec.name));
@@ -522,8 +593,8 @@ impl StateStore for DynamoStore {
     }
 
     /// Deletes CONFIG first, so a run still going sees the source gone (its next state
-    /// write fails), then every other item of the partition. Deleting a source that does
-    /// not exist is not an error.
+    /// or digest write fails), then its digests in the change table, then every other
+    /// item of the partition. Deleting a source that does not exist is not an error.
     async fn delete_source(&self, id: &str) -> Result<()> {
         self.client
             .delete_item()
@@ -532,6 +603,7 @@ impl StateStore for DynamoStore {
             .send()
             .await
             .map_err(|e| Error::store(format!("DynamoDB DeleteItem on CONFIG of {id}"), e))?;
+        self.purge_digests(id).await?;
         let keys = self
             .query_partition(id, None)
             .await?
@@ -542,7 +614,7 @@ impl StateStore for DynamoStore {
                     .collect::<Item>()
             })
             .collect::<Vec<_>>();
-        self.delete_keys(id, keys).await
+        self.batch_delete(&self.table, id, keys).await
     }
 
     async fn load_state(&self, id: &str) -> Result<Option<Versioned<SourceState>>> {
@@ -867,9 +939,11 @@ impl StateStore for DynamoStore {
         Ok(events)
     }
 
-    /// One paginated Scan of the table, filtered to the items dispatch reads (`CONFIG`,
-    /// `STATE`, `LEASE`, and each account's `MEMBERS` and `QUOTA#<day>`): about one call
-    /// per megabyte of them, however many sources there are.
+    /// One paginated Scan of the state table, filtered to the items dispatch reads
+    /// (`CONFIG`, `STATE`, `LEASE`, and each account's `MEMBERS` and `QUOTA#<day>`): about
+    /// one call per megabyte of the table, however many sources there are. A Scan reads
+    /// every item before its filter applies; the digests are in the change table, so it
+    /// never reads them.
     async fn snapshot(&self, day: &str, now: Millis) -> Result<super::StoreSnapshot> {
         let quota_sk = format!("{SK_QUOTA_PREFIX}{day}");
         let mut records: HashMap<String, SourceRecord> = HashMap::new();
@@ -978,41 +1052,7 @@ impl StateStore for DynamoStore {
         shard: &str,
         lease: &Lease,
     ) -> Result<()> {
-        let [lease_held, config_exists] = self.digest_fence(id, lease)?;
-        let mut item = Self::key(id, crate::store::digest_shard_key(list, page));
-        item.insert("digests".into(), s(shard));
-        let put = Put::builder()
-            .table_name(&self.table)
-            .set_item(Some(item))
-            .build()
-            .map_err(|e| Error::store("building the digest shard put", e))?;
-        self.client
-            .transact_write_items()
-            .transact_items(
-                TransactWriteItem::builder()
-                    .condition_check(lease_held)
-                    .build(),
-            )
-            .transact_items(
-                TransactWriteItem::builder()
-                    .condition_check(config_exists)
-                    .build(),
-            )
-            .transact_items(TransactWriteItem::builder().put(put).build())
-            .send()
-            .await
-            .map_err(|e| {
-                transaction_error(
-                    format!("DynamoDB TransactWriteItems saving digests of {id}"),
-                    &[
-                        format!("the lease of {id} (fence {}) was lost", lease.fence),
-                        format!("source {id} was deleted"),
-                        String::new(),
-                    ],
-                    e,
-                )
-            })?;
-        Ok(())
+        self.put_digest_shard(id, list, page, shard, lease).await
     }
 
     async fn delete_digest_shards(
@@ -1022,73 +1062,11 @@ impl StateStore for DynamoStore {
         pages: &[u32],
         lease: &Lease,
     ) -> Result<()> {
-        // A transaction holds at most 100 items: the two checks and 98 deletes.
-        for chunk in pages.chunks(98) {
-            let [lease_held, config_exists] = self.digest_fence(id, lease)?;
-            let mut request = self
-                .client
-                .transact_write_items()
-                .transact_items(
-                    TransactWriteItem::builder()
-                        .condition_check(lease_held)
-                        .build(),
-                )
-                .transact_items(
-                    TransactWriteItem::builder()
-                        .condition_check(config_exists)
-                        .build(),
-                );
-            for page in chunk {
-                let delete = Delete::builder()
-                    .table_name(&self.table)
-                    .set_key(Some(Self::key(
-                        id,
-                        crate::store::digest_shard_key(list, *page),
-                    )))
-                    .build()
-                    .map_err(|e| Error::store("building the digest shard delete", e))?;
-                request =
-                    request.transact_items(TransactWriteItem::builder().delete(delete).build());
-            }
-            request.send().await.map_err(|e| {
-                transaction_error(
-                    format!("DynamoDB TransactWriteItems deleting digests of {id}"),
-                    &[
-                        format!("the lease of {id} (fence {}) was lost", lease.fence),
-                        format!("source {id} was deleted"),
-                    ],
-                    e,
-                )
-            })?;
-        }
-        Ok(())
+        self.remove_digest_shards(id, list, pages, lease).await
     }
 
     async fn load_digest_shards(&self, id: &str, list: &str) -> Result<Vec<(u32, String)>> {
-        let prefix = crate::store::digest_list_prefix(list);
-        let mut shards = self
-            .query_partition(id, Some(&prefix))
-            .await?
-            .iter()
-            .map(|item| {
-                let key = match item.get(SK) {
-                    Some(AttributeValue::S(key)) => key.clone(),
-                    _ => String::new(),
-                };
-                let page = key
-                    .strip_prefix(&prefix)
-                    .and_then(|p| p.parse::<u32>().ok());
-                match (page, item.get("digests")) {
-                    (Some(page), Some(AttributeValue::S(shard))) => Ok((page, shard.clone())),
-                    _ => Err(Error::Store {
-                        message: format!("digest shard item {key} of {id} is malformed"),
-                        source: None,
-                    }),
-                }
-            })
-            .collect::<Result<Vec<_>>>()?;
-        shards.sort_by_key(|(page, _)| *page);
-        Ok(shards)
+        self.query_digest_shards(id, list).await
     }
 }
 

@@ -12,6 +12,28 @@
 //! refuses any existing path, symlinks included) with `O_NOFOLLOW` and mode 0600 from the
 //! start, so nothing placed in the directory beforehand receives the secrets; the lock
 //! file is opened with `O_NOFOLLOW` too.
+//!
+//! ## Digest shards
+//!
+//! The change-detection digests (an account with thousands of tests has thousands of
+//! shards of up to 10.7 KB) are not in the document, which would otherwise be rewritten
+//! whole, every digest included, on every write of anything. Each shard is a file of its
+//! own beside it:
+//!
+//! ```text
+//! <state file>.digests/<source id>/<list>/<page, 5 digits>
+//! ```
+//!
+//! (ids and list names escaped to `[a-z0-9_-]` and `%XX`, so no name is `.`, `..`, holds a
+//! separator, or differs from another only by case). A shard is written like the document
+//! (random temporary name created exclusively with `O_NOFOLLOW` and mode 0600, fsync,
+//! rename, fsync of the directory) into directories created 0700 and refused when they are
+//! symlinks. Every digest operation holds the document's lock and reads the document for
+//! the fence (the source exists, the lease is held) but never rewrites it: writing a shard
+//! writes that shard's file and nothing else. `delete_source` removes the source's
+//! directory before the document stops listing the source (a crash in between leaves the
+//! source without digests: records re-sent, never skipped), and `create_source` removes one
+//! left under the id.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
@@ -47,9 +69,6 @@ struct Document {
     health: BTreeMap<String, BTreeMap<String, StoredHealth>>,
     #[serde(default)]
     secrets: BTreeMap<String, SecretDocument>,
-    /// source id → digest shard key (`DIGEST#<list>#<page>`) → encoded shard.
-    #[serde(default)]
-    digests: BTreeMap<String, BTreeMap<String, String>>,
 }
 
 /// What the file keeps of one KnowBe4 account besides its ledger.
@@ -95,6 +114,8 @@ pub struct FileStore {
     path: PathBuf,
     /// The lock file serialising writers (processes and tasks alike).
     lock_path: PathBuf,
+    /// The directory of the digest shards (`<path>.digests`).
+    digests_path: PathBuf,
 }
 
 impl FileStore {
@@ -103,9 +124,12 @@ impl FileStore {
         let path = path.into();
         let mut lock = path.clone().into_os_string();
         lock.push(".lock");
+        let mut digests = path.clone().into_os_string();
+        digests.push(".digests");
         FileStore {
             path,
             lock_path: PathBuf::from(lock),
+            digests_path: PathBuf::from(digests),
         }
     }
 
@@ -165,30 +189,33 @@ impl FileStore {
     fn write_atomically(&self, doc: &Document) -> Result<()> {
         let bytes = serde_json::to_vec_pretty(doc)
             .map_err(|e| Error::store("serialising the state file", e))?;
-        // A name nobody can guess, created exclusively: a file or symlink planted at a
-        // predictable name would otherwise receive the document (and its secrets).
-        let mut tmp = self.path.clone().into_os_string();
-        tmp.push(format!(".tmp-{}", uuid::Uuid::new_v4().simple()));
-        let tmp = PathBuf::from(tmp);
-        let result = (|| -> std::io::Result<()> {
-            let mut options = OpenOptions::new();
-            options.write(true).create_new(true);
-            // The file may hold API keys in local mode: owner-only from its creation.
-            no_follow(&mut options, 0o600);
-            let mut file = options.open(&tmp)?;
-            file.write_all(&bytes)?;
-            file.sync_all()?;
-            crate::failpoint::hit("state_file_before_rename");
-            fs::rename(&tmp, &self.path)?;
-            if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                File::open(dir)?.sync_all()?;
-            }
-            Ok(())
-        })();
-        result.map_err(|e| {
-            let _ = fs::remove_file(&tmp);
-            Error::store(format!("writing {}", self.path.display()), e)
+        write_file_atomically(&self.path, &bytes, || {
+            crate::failpoint::hit("state_file_before_rename")
         })
+    }
+
+    /// The directory of source `id`'s digest shards.
+    fn source_digests(&self, id: &str) -> Result<PathBuf> {
+        Ok(self.digests_path.join(file_name("source id", id)?))
+    }
+
+    /// The directory of the shards of `list` of source `id`.
+    fn list_digests(&self, id: &str, list: &str) -> Result<PathBuf> {
+        Ok(self.source_digests(id)?.join(file_name("list", list)?))
+    }
+
+    /// Removes source `id`'s digest shards (all lists); none is no error.
+    fn remove_source_digests(&self, id: &str) -> Result<()> {
+        let dir = self.source_digests(id)?;
+        match fs::symlink_metadata(&dir) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(Error::store(format!("reading {}", dir.display()), e)),
+            // remove_dir_all removes a symlink itself, never what it points to.
+            Ok(_) => {}
+        }
+        fs::remove_dir_all(&dir)
+            .and_then(|()| sync_dir(&self.digests_path))
+            .map_err(|e| Error::store(format!("removing {}", dir.display()), e))
     }
 
     /// Stores a source's secrets in the file (local mode only).
@@ -232,6 +259,88 @@ fn create_private_dir(dir: &Path) -> std::io::Result<()> {
     builder.create(dir)
 }
 
+/// Writes `bytes` to `path` through a temporary file with a random name in the same
+/// directory, created exclusively with `O_NOFOLLOW` and mode 0600, fsynced, renamed over
+/// `path` (after `before_rename`), and the directory fsynced: a crash leaves the old file
+/// or the new one, and nothing planted in the directory receives the bytes.
+fn write_file_atomically(path: &Path, bytes: &[u8], before_rename: impl FnOnce()) -> Result<()> {
+    // A name nobody can guess, created exclusively: a file or symlink planted at a
+    // predictable name would otherwise receive the document (and its secrets).
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".tmp-{}", uuid::Uuid::new_v4().simple()));
+    let tmp = PathBuf::from(tmp);
+    let result = (|| -> std::io::Result<()> {
+        let mut options = OpenOptions::new();
+        options.write(true).create_new(true);
+        // The file may hold API keys in local mode: owner-only from its creation.
+        no_follow(&mut options, 0o600);
+        let mut file = options.open(&tmp)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        before_rename();
+        fs::rename(&tmp, path)?;
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            sync_dir(dir)?;
+        }
+        Ok(())
+    })();
+    result.map_err(|e| {
+        let _ = fs::remove_file(&tmp);
+        Error::store(format!("writing {}", path.display()), e)
+    })
+}
+
+/// Fsyncs a directory (its entries: a rename or removal in it).
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Creates `dir` privately (see [`create_private_dir`]) and refuses it when it is not a
+/// directory of its own (a symlink, planted or not, is refused rather than followed).
+fn private_real_dir(dir: &Path) -> Result<()> {
+    create_private_dir(dir).map_err(|e| Error::store(format!("creating {}", dir.display()), e))?;
+    let meta = fs::symlink_metadata(dir)
+        .map_err(|e| Error::store(format!("reading {}", dir.display()), e))?;
+    if !meta.file_type().is_dir() {
+        return Err(Error::Store {
+            message: format!("{} is not a directory (a symlink?)", dir.display()),
+            source: None,
+        });
+    }
+    Ok(())
+}
+
+/// `name` as one path component: `[a-z0-9_-]` kept, every other byte `%XX`, so the
+/// result is never empty, `.` or `..`, has no separator, and two names never differ only
+/// by case (case-insensitive file systems).
+fn file_name(what: &str, name: &str) -> Result<String> {
+    if name.is_empty() {
+        return Err(Error::Store {
+            message: format!("an empty {what} cannot name a digest file"),
+            source: None,
+        });
+    }
+    let mut out = String::with_capacity(name.len());
+    for byte in name.bytes() {
+        match byte {
+            b'a'..=b'z' | b'0'..=b'9' | b'_' | b'-' => out.push(byte as char),
+            _ => out.push_str(&format!("%{byte:02X}")),
+        }
+    }
+    Ok(out)
+}
+
+/// The fence of every digest write: the source exists and `lease` is still held.
+fn digest_fence(doc: &Document, id: &str, lease: &Lease) -> Result<()> {
+    if !doc.sources.contains_key(id) {
+        return Err(Error::Conflict(format!("source {id} was deleted")));
+    }
+    if !lease_is_held(doc, lease) {
+        return Err(Error::Conflict(format!("lease on {id} was lost")));
+    }
+    Ok(())
+}
+
 /// On Unix: open with `O_NOFOLLOW` (a symlink at the path is an error, not followed) and
 /// create with `mode`.
 fn no_follow(options: &mut OpenOptions, mode: u32) {
@@ -255,6 +364,7 @@ impl StateStore for FileStore {
     async fn create_source(&self, record: &SourceRecord, state: &SourceState) -> Result<()> {
         let record = record.clone();
         let state = state.clone();
+        let store = self.clone();
         self.with_doc(true, move |d| {
             if d.sources.contains_key(&record.id) {
                 return Err(Error::Conflict(format!(
@@ -262,6 +372,8 @@ impl StateStore for FileStore {
                     record.id
                 )));
             }
+            // Digests a crashed delete left under the id are not the new source's.
+            store.remove_source_digests(&record.id)?;
             d.states.insert(
                 record.id.clone(),
                 StoredState {
@@ -302,7 +414,10 @@ impl StateStore for FileStore {
 
     async fn delete_source(&self, id: &str) -> Result<()> {
         let id = id.to_string();
+        let store = self.clone();
         self.with_doc(true, move |d| {
+            // Before the document forgets the source (see the module docs).
+            store.remove_source_digests(&id)?;
             d.sources.remove(&id);
             d.states.remove(&id);
             d.leases.remove(&id);
@@ -313,7 +428,6 @@ impl StateStore for FileStore {
             }
             d.health.remove(&id);
             d.secrets.remove(&id);
-            d.digests.remove(&id);
             Ok(())
         })
         .await
@@ -571,19 +685,20 @@ impl StateStore for FileStore {
         shard: &str,
         lease: &Lease,
     ) -> Result<()> {
+        super::check_digest_shard_size(id, list, page, shard)?;
+        let dir = self.list_digests(id, list)?;
+        let source_dir = self.source_digests(id)?;
+        let digests_dir = self.digests_path.clone();
         let id = id.to_string();
-        let key = crate::store::digest_shard_key(list, page);
         let shard = shard.to_string();
         let lease = lease.clone();
-        self.with_doc(true, move |d| {
-            if !d.sources.contains_key(&id) {
-                return Err(Error::Conflict(format!("source {id} was deleted")));
+        // The document is read for the fence, not written.
+        self.with_doc(false, move |d| {
+            digest_fence(d, &id, &lease)?;
+            for dir in [&digests_dir, &source_dir, &dir] {
+                private_real_dir(dir)?;
             }
-            if !lease_is_held(d, &lease) {
-                return Err(Error::Conflict(format!("lease on {id} was lost")));
-            }
-            d.digests.entry(id).or_default().insert(key, shard);
-            Ok(())
+            write_file_atomically(&dir.join(format!("{page:05}")), shard.as_bytes(), || {})
         })
         .await
     }
@@ -595,23 +710,26 @@ impl StateStore for FileStore {
         pages: &[u32],
         lease: &Lease,
     ) -> Result<()> {
+        let dir = self.list_digests(id, list)?;
         let id = id.to_string();
-        let keys: Vec<String> = pages
-            .iter()
-            .map(|page| crate::store::digest_shard_key(list, *page))
-            .collect();
+        let pages = pages.to_vec();
         let lease = lease.clone();
-        self.with_doc(true, move |d| {
-            if !d.sources.contains_key(&id) {
-                return Err(Error::Conflict(format!("source {id} was deleted")));
-            }
-            if !lease_is_held(d, &lease) {
-                return Err(Error::Conflict(format!("lease on {id} was lost")));
-            }
-            if let Some(shards) = d.digests.get_mut(&id) {
-                for key in &keys {
-                    shards.remove(key);
+        self.with_doc(false, move |d| {
+            digest_fence(d, &id, &lease)?;
+            let mut removed = false;
+            for page in pages {
+                let path = dir.join(format!("{page:05}"));
+                match fs::remove_file(&path) {
+                    Ok(()) => removed = true,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => {
+                        return Err(Error::store(format!("removing {}", path.display()), e));
+                    }
                 }
+            }
+            if removed {
+                sync_dir(&dir)
+                    .map_err(|e| Error::store(format!("syncing {}", dir.display()), e))?;
             }
             Ok(())
         })
@@ -619,25 +737,55 @@ impl StateStore for FileStore {
     }
 
     async fn load_digest_shards(&self, id: &str, list: &str) -> Result<Vec<(u32, String)>> {
+        let dir = self.list_digests(id, list)?;
         let id = id.to_string();
-        let prefix = crate::store::digest_list_prefix(list);
-        self.with_doc(false, move |d| {
-            let Some(shards) = d.digests.get(&id) else {
-                return Ok(Vec::new());
+        self.with_doc(false, move |_| {
+            let entries = match fs::symlink_metadata(&dir) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+                Err(e) => return Err(Error::store(format!("reading {}", dir.display()), e)),
+                Ok(meta) if !meta.file_type().is_dir() => {
+                    return Err(Error::Store {
+                        message: format!("{} is not a directory (a symlink?)", dir.display()),
+                        source: None,
+                    });
+                }
+                Ok(_) => fs::read_dir(&dir)
+                    .map_err(|e| Error::store(format!("reading {}", dir.display()), e))?,
             };
-            shards
-                .range(prefix.clone()..)
-                .take_while(|(key, _)| key.starts_with(&prefix))
-                .map(|(key, shard)| {
-                    let page = key[prefix.len()..]
-                        .parse::<u32>()
-                        .map_err(|_| Error::Store {
-                            message: format!("digest shard key {key} of {id} has no page number"),
-                            source: None,
-                        })?;
-                    Ok((page, shard.clone()))
-                })
-                .collect()
+            let mut shards = Vec::new();
+            for entry in entries {
+                let entry =
+                    entry.map_err(|e| Error::store(format!("reading {}", dir.display()), e))?;
+                let name = entry.file_name();
+                // Anything else (a crashed writer's temporary file) is not a shard.
+                let Some(page) = name
+                    .to_str()
+                    .filter(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+                    .and_then(|n| n.parse::<u32>().ok())
+                else {
+                    continue;
+                };
+                let path = entry.path();
+                let mut options = OpenOptions::new();
+                options.read(true);
+                no_follow(&mut options, 0o600);
+                let mut text = String::new();
+                std::io::Read::read_to_string(
+                    &mut options
+                        .open(&path)
+                        .map_err(|e| Error::store(format!("reading {}", path.display()), e))?,
+                    &mut text,
+                )
+                .map_err(|e| {
+                    Error::store(
+                        format!("reading digest shard {page} of {id} ({})", path.display()),
+                        e,
+                    )
+                })?;
+                shards.push((page, text));
+            }
+            shards.sort_by_key(|(page, _)| *page);
+            Ok(shards)
         })
         .await
     }
@@ -743,6 +891,166 @@ mod tests {
                 .unwrap()
                 .is_empty()
         );
+    }
+
+    /// Review item 10: a shard is a file of its own; writing one rewrites neither the
+    /// document nor another shard (same bytes, same modification time, same inode); the
+    /// files and directories are private; a source's shards go with it, and a re-created
+    /// id starts without the ones a crashed delete left.
+    #[tokio::test]
+    async fn a_digest_shard_write_touches_only_its_own_file() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        let store = FileStore::new(&path);
+        for id in ["a", "B"] {
+            store
+                .create_source(&record(id), &SourceState::new(0))
+                .await
+                .unwrap();
+        }
+        let lease_a = store
+            .acquire_lease("a", "run-a", 1_000, 600_000)
+            .await
+            .unwrap()
+            .unwrap();
+        let lease_b = store
+            .acquire_lease("B", "run-b", 1_000, 600_000)
+            .await
+            .unwrap()
+            .unwrap();
+        store
+            .save_digest_shard("B", "tests", 1, "b-one", &lease_b)
+            .await
+            .unwrap();
+        store
+            .save_digest_shard("a", "tests", 1, "a-one", &lease_a)
+            .await
+            .unwrap();
+        let digests = dir.path().join("state.json.digests");
+        let b_shard = digests.join("%42").join("tests").join("00001");
+        let a_shard = digests.join("a").join("tests").join("00001");
+        assert_eq!(std::fs::read_to_string(&b_shard).unwrap(), "b-one");
+        let doc_before = std::fs::read(&path).unwrap();
+        let doc_meta = std::fs::metadata(&path).unwrap();
+        let b_meta = std::fs::metadata(&b_shard).unwrap();
+        let a_meta = std::fs::metadata(&a_shard).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+
+        store
+            .save_digest_shard("a", "tests", 2, "a-two", &lease_a)
+            .await
+            .unwrap();
+        store
+            .save_digest_shard("a", "77", 1, "a-77", &lease_a)
+            .await
+            .unwrap();
+        store
+            .delete_digest_shards("a", "77", &[1, 5], &lease_a)
+            .await
+            .unwrap();
+        let unchanged = |p: &Path, before: &std::fs::Metadata| {
+            let now = std::fs::metadata(p).unwrap();
+            assert_eq!(
+                (now.ino(), now.mtime(), now.mtime_nsec(), now.len()),
+                (
+                    before.ino(),
+                    before.mtime(),
+                    before.mtime_nsec(),
+                    before.len()
+                ),
+                "{} was rewritten",
+                p.display()
+            );
+        };
+        assert_eq!(std::fs::read(&path).unwrap(), doc_before);
+        unchanged(&path, &doc_meta);
+        unchanged(&b_shard, &b_meta);
+        unchanged(&a_shard, &a_meta);
+        assert!(
+            !String::from_utf8(doc_before).unwrap().contains("a-one"),
+            "no digest in the document"
+        );
+        assert_eq!(
+            store.load_digest_shards("a", "tests").await.unwrap(),
+            [(1, "a-one".to_string()), (2, "a-two".to_string())]
+        );
+        assert!(
+            store
+                .load_digest_shards("a", "77")
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        // Private: directories 0700, shard files 0600; a crashed writer's temporary file
+        // is not a shard.
+        for d in [
+            &digests,
+            &digests.join("a"),
+            &digests.join("a").join("tests"),
+        ] {
+            let mode = std::fs::metadata(d).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o700, "{}", d.display());
+        }
+        assert_eq!(
+            std::fs::metadata(&a_shard).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        std::fs::write(a_shard.with_file_name("00003.tmp-dead"), "torn").unwrap();
+        assert_eq!(
+            store.load_digest_shards("a", "tests").await.unwrap().len(),
+            2
+        );
+
+        // A symlink planted as a list directory is refused, not followed.
+        let elsewhere = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(elsewhere.path(), digests.join("a").join("planted")).unwrap();
+        assert!(matches!(
+            store
+                .save_digest_shard("a", "planted", 1, "x", &lease_a)
+                .await,
+            Err(Error::Store { .. })
+        ));
+        assert_eq!(std::fs::read_dir(elsewhere.path()).unwrap().count(), 0);
+
+        // Gone with the source (the symlink removed, not its target); the other source's
+        // shards stay.
+        store.delete_source("a").await.unwrap();
+        assert!(!digests.join("a").exists());
+        assert!(elsewhere.path().exists());
+        assert_eq!(std::fs::read_to_string(&b_shard).unwrap(), "b-one");
+        assert!(matches!(
+            store
+                .save_digest_shard("a", "tests", 1, "late", &lease_a)
+                .await,
+            Err(Error::Conflict(_))
+        ));
+        assert!(!digests.join("a").exists());
+
+        // A directory a crashed delete left under an id is not the re-created source's.
+        std::fs::create_dir_all(digests.join("c").join("tests")).unwrap();
+        std::fs::write(digests.join("c").join("tests").join("00001"), "old").unwrap();
+        store
+            .create_source(&record("c"), &SourceState::new(0))
+            .await
+            .unwrap();
+        assert!(
+            store
+                .load_digest_shards("c", "tests")
+                .await
+                .unwrap()
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn digest_file_names_are_single_safe_components() {
+        assert_eq!(file_name("list", "tests").unwrap(), "tests");
+        assert_eq!(file_name("list", "509579").unwrap(), "509579");
+        assert_eq!(file_name("id", "Ab-_").unwrap(), "%41b-_");
+        assert_eq!(file_name("id", "../x").unwrap(), "%2E%2E%2Fx");
+        assert_eq!(file_name("id", ".").unwrap(), "%2E");
+        assert!(file_name("id", "").is_err());
     }
 
     #[tokio::test]

@@ -1,9 +1,11 @@
 //! The state store: one trait, two implementations.
 //!
-//! - [`dynamo::DynamoStore`]: one DynamoDB table (selected by `STATE_TABLE`), the
-//!   deployed mode. Key design in the README.
+//! - [`dynamo::DynamoStore`]: the DynamoDB state table (selected by `STATE_TABLE`) and
+//!   change table (`CHANGE_TABLE`, holding the change-detection digests), the deployed
+//!   mode. Key design in the README.
 //! - [`file::FileStore`]: a local JSON file written atomically (write, fsync, rename),
-//!   the embedded default for trying the collector without AWS.
+//!   the embedded default for trying the collector without AWS; its digests are in
+//!   files of their own beside it.
 //!
 //! Every write that records progress is conditioned twice: on the caller holding the
 //! source's lease (its fencing token) and on the state version it read. A late or
@@ -233,7 +235,8 @@ pub trait StateStore: Send + Sync {
     /// ([`crate::domain::changes::DigestShard::encode`]): `list` names the listing (`tests`,
     /// or a test's `pst_id`), `page` the page it covers. Fenced like `save_state`: refused
     /// with `Conflict` once `lease` was lost or the source deleted. One shard is one item,
-    /// at most 10,668 bytes of digests (500 records).
+    /// at most 10,668 bytes of digests (500 records); one whose item would pass
+    /// DynamoDB's item limit is refused ([`check_digest_shard_size`]) by every store.
     async fn save_digest_shard(
         &self,
         id: &str,
@@ -266,4 +269,37 @@ pub fn digest_shard_key(list: &str, page: u32) -> String {
 /// The common start of every digest shard key of `list`.
 pub fn digest_list_prefix(list: &str) -> String {
     format!("DIGEST#{list}#")
+}
+
+/// DynamoDB's item size limit: 400 KB of attribute names and values (UTF-8 lengths).
+pub const MAX_ITEM_BYTES: usize = 400 * 1024;
+
+/// The size of the DynamoDB item of one digest shard: its key attributes (`pk`, `sk`)
+/// and `digests`, names and values.
+pub fn digest_shard_item_bytes(id: &str, list: &str, page: u32, shard: &str) -> usize {
+    "pk".len()
+        + "SOURCE#".len()
+        + id.len()
+        + "sk".len()
+        + digest_shard_key(list, page).len()
+        + "digests".len()
+        + shard.len()
+}
+
+/// Refuses a digest shard whose item would pass [`MAX_ITEM_BYTES`], naming the source,
+/// list and page (DynamoDB's own refusal names none of them). Both stores check, so a
+/// local run fails where a deployed one would.
+pub fn check_digest_shard_size(id: &str, list: &str, page: u32, shard: &str) -> Result<()> {
+    let bytes = digest_shard_item_bytes(id, list, page, shard);
+    if bytes > MAX_ITEM_BYTES {
+        return Err(crate::error::Error::Store {
+            message: format!(
+                "the digest shard of source {id}, list {list}, page {page} is {bytes} bytes as \
+                 an item, over DynamoDB's 400 KB item limit ({MAX_ITEM_BYTES} bytes); a shard \
+                 holds at most 500 records (10,668 bytes)"
+            ),
+            source: None,
+        });
+    }
+    Ok(())
 }
