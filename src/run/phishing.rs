@@ -52,7 +52,7 @@ use crate::domain::secrets::SourceSecrets;
 use crate::domain::state::{HealthEvent, Lifecycle, RetryStreak};
 use crate::error::{Error, Result};
 use crate::knowbe4::ApiError;
-use crate::knowbe4::reporting::{ReportingClient, ReportingPage};
+use crate::knowbe4::reporting::{REPORTING_PER_PAGE, ReportingClient, ReportingPage};
 use crate::sink::{Destination, SOURCETYPE_PHISHING_RECIPIENT, SOURCETYPE_PHISHING_TEST};
 
 /// Most pages of security tests read in one poll (500 each: 100,000 tests).
@@ -479,8 +479,8 @@ impl Run<'_> {
             }
             crate::failpoint::hit("before_knowbe4_request");
             let answer = match pst_id {
-                None => client.security_tests_page(page).await,
-                Some(id) => client.recipients_page(id, page).await,
+                None => client.security_tests_page(page, REPORTING_PER_PAGE).await,
+                Some(id) => client.recipients_page(id, page, REPORTING_PER_PAGE).await,
             };
             if matches!(answer, Err(ApiError::NotSent(_))) {
                 if let Err(err) = self.ctx.store.release_request(client.account(), &day).await {

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use knowbe4_source::domain::quota::utc_day;
 use knowbe4_source::knowbe4::events::ApiError;
-use knowbe4_source::knowbe4::reporting::ReportingClient;
+use knowbe4_source::knowbe4::reporting::{REPORTING_PER_PAGE, ReportingClient};
 use knowbe4_source::run::{Admission, admit_reporting_request};
 use knowbe4_source::testkit::sim::{
     BURST_PER_MINUTE, BURST_PER_SECOND, ReportingConfig, RequestRecord, SimConfig,
@@ -44,8 +44,8 @@ async fn read_all(
             Admission::QuotaExhausted => return None,
         }
         let answer = match pst_id {
-            None => client.security_tests_page(page).await,
-            Some(id) => client.recipients_page(id, page).await,
+            None => client.security_tests_page(page, REPORTING_PER_PAGE).await,
+            Some(id) => client.recipients_page(id, page, REPORTING_PER_PAGE).await,
         }
         .unwrap();
         if answer.ends_list() {
@@ -157,8 +157,12 @@ async fn the_daily_limit_stops_requests_before_they_are_sent_and_a_bad_token_is_
             .unwrap(),
         Admission::Granted
     );
-    let refused = wrong.security_tests_page(1).await.unwrap_err();
+    let refused = wrong
+        .security_tests_page(1, REPORTING_PER_PAGE)
+        .await
+        .unwrap_err();
     assert!(matches!(refused, ApiError::Unauthorized(_)), "{refused}");
+    assert!(!refused.retriable(), "a refusal is not asked again");
     let last = h.sim.reporting_requests().pop().unwrap();
     assert_eq!((last.status, last.authorized), (200, false));
 }
