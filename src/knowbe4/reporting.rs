@@ -46,6 +46,14 @@ pub const REPORTING_FALLBACK_PER_PAGE: u32 = 100;
 /// [`ApiError::TooLarge`], which the caller meets by asking
 /// [`REPORTING_FALLBACK_PER_PAGE`].
 pub const REPORTING_MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
+// What the cap is for, checked at compile time: above the User Event client's, records of
+// 16 KB at 500 a page and of 80 KB at the fallback's 100 fit.
+const _: () = {
+    assert!(REPORTING_MAX_BODY_BYTES >= 4 * super::events::MAX_BODY_BYTES);
+    assert!(REPORTING_FALLBACK_PER_PAGE < REPORTING_PER_PAGE);
+    assert!(REPORTING_PER_PAGE as usize * 16_000 < REPORTING_MAX_BODY_BYTES);
+    assert!(REPORTING_FALLBACK_PER_PAGE as usize * 80_000 < REPORTING_MAX_BODY_BYTES);
+};
 /// Spacing between two requests to one account's Reporting API: 60 s / 50 requests =
 /// 1.2 s keeps any minute at 50 or fewer, and any second far below 4; 50 ms more absorbs
 /// scheduling jitter. One spacing satisfies both documented limits, whichever window
@@ -416,15 +424,6 @@ mod tests {
             reporting_account_id("https://eu.api.knowbe4.com/", &key),
             reporting_account_id("https://EU.api.knowbe4.com", &key)
         );
-    }
-
-    #[test]
-    fn the_cap_takes_a_fallback_page_of_large_records() {
-        assert!(REPORTING_MAX_BODY_BYTES >= 4 * super::super::events::MAX_BODY_BYTES);
-        assert!(REPORTING_FALLBACK_PER_PAGE < REPORTING_PER_PAGE);
-        // Records of 16 KB fit 500 to a page; of 80 KB, 100 to a page.
-        assert!(500 * 16_000 < REPORTING_MAX_BODY_BYTES);
-        assert!(REPORTING_FALLBACK_PER_PAGE as usize * 80_000 < REPORTING_MAX_BODY_BYTES);
     }
 
     #[test]
