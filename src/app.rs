@@ -347,14 +347,15 @@ impl App {
             Action::Status { source_id } => to_json(&self.status(source_id.as_deref()).await?),
             Action::Health { source_id } => {
                 let events = self.health(&source_id).await?;
-                let last_success = self
-                    .store
-                    .load_state(&source_id)
-                    .await?
-                    .and_then(|s| s.value.last_success);
+                let state = self.store.load_state(&source_id).await?.map(|s| s.value);
                 let views: Vec<HealthView> = events
                     .iter()
-                    .map(|e| HealthView::new(e, last_success))
+                    .map(|e| {
+                        let ok = state
+                            .as_ref()
+                            .and_then(|s| s.last_success_of(e.data_type.as_deref()));
+                        HealthView::new(e, ok)
+                    })
                     .collect();
                 to_json(&views)
             }

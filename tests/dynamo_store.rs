@@ -662,12 +662,13 @@ async fn digest_shards_of_fifty_thousand_recipients_round_trip_fenced() {
             .collect();
         let changes = page_changes(
             &known,
+            &mut Default::default(),
             texts
                 .iter()
                 .enumerate()
                 .map(|(i, t)| (u64::from(page) * 1_000 + i as u64, t.as_str())),
         );
-        let encoded = changes.shard.encode();
+        let encoded = changes.delta.encode();
         assert!(encoded.len() <= 10_668);
         store
             .save_digest_shard("p", "509579", page, &encoded, &lease)
@@ -677,11 +678,11 @@ async fn digest_shards_of_fifty_thousand_recipients_round_trip_fenced() {
     }
     let loaded = store.load_digest_shards("p", "509579").await.unwrap();
     assert_eq!(loaded, saved, "every shard back, in page order");
-    let shards: Vec<DigestShard> = loaded
+    let shards: Vec<(u32, DigestShard)> = loaded
         .iter()
-        .map(|(_, s)| DigestShard::decode(s).unwrap())
+        .map(|(seq, s)| (*seq, DigestShard::decode(s).unwrap()))
         .collect();
-    assert_eq!(KnownDigests::from_shards(&shards).len(), 50_000);
+    assert_eq!(KnownDigests::from_log(shards).len(), 50_000);
     // Another list of the same source is separate (the tests list, another test).
     assert!(
         store

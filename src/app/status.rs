@@ -85,7 +85,8 @@ pub struct PhishingStatus {
     pub next_poll: Option<String>,
     /// Security tests tracked (the change state covers each one's recipients).
     pub tests_tracked: usize,
-    /// Tests whose recipients are still read every poll (open, or final for < 7 days).
+    /// Tests whose recipients the last complete poll read (open, changed, final for < 7
+    /// days, or due for their weekly re-read).
     pub tests_live: usize,
     /// Requests of the last poll.
     pub last_poll_requests: u32,
@@ -199,7 +200,7 @@ impl App {
                 history: state.history.iter().map(TransitionView::from).collect(),
                 health: health
                     .iter()
-                    .map(|e| HealthView::new(e, state.last_success))
+                    .map(|e| HealthView::new(e, state.last_success_of(e.data_type.as_deref())))
                     .collect(),
                 phishing: match &record.spec.phishing {
                     None => None,
@@ -209,17 +210,12 @@ impl App {
                             Some(account) => self.store.quota_used(account, &today).await?,
                             None => 0,
                         };
-                        let now_ms = (now.unix_timestamp_nanos() / 1_000_000) as i64;
                         Some(PhishingStatus {
                             poll_interval_hours: spec.poll_interval_hours,
                             last_poll: ps.last_poll.map(rfc3339_ms),
                             next_poll: ps.next_poll.map(rfc3339_ms),
-                            tests_tracked: ps.tests.len(),
-                            tests_live: ps
-                                .tests
-                                .values()
-                                .filter(|t| t.read_recipients(false, now_ms))
-                                .count(),
+                            tests_tracked: ps.tests_tracked as usize,
+                            tests_live: ps.tests_live as usize,
                             last_poll_requests: ps.last_poll_requests,
                             last_poll_forwarded: ps.last_poll_forwarded,
                             forwarded_total: ps.forwarded_total,

@@ -1,6 +1,5 @@
 //! Which phishing security tests a poll reads the recipients of, and when a test stops
-//! being polled. Pure logic, not yet driven by a run (the phishing stream is issue 12's
-//! step 4).
+//! being polled. Pure logic; the phishing stream (`crate::run::phishing`) drives it.
 //!
 //! Every poll (every `phishingPollInterval` hours) reads the whole list of security tests
 //! (one request per 500 tests) and forwards each test that is new or changed. A test's
@@ -30,8 +29,11 @@ pub fn is_final(status: &str) -> bool {
     matches!(status, "Closed" | "Error")
 }
 
-/// What is remembered of one test between polls (Unix milliseconds).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+/// What is remembered of one test between polls (Unix milliseconds). Kept in the change
+/// store as a log of shards (list [`TRACKS_LIST`], 40 bytes a test with its id: an account
+/// with 10,000 tests has 20 items of 27 KB), not in the source's state item, so no number of tests can
+/// push that item past DynamoDB's 400 KB and stop the user-event checkpoint.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TestTrack {
     /// When the test was first seen final; `None` while it is not.
     pub final_since: Option<i64>,
@@ -39,6 +41,33 @@ pub struct TestTrack {
     pub last_changed: i64,
     /// When its recipients were last read completely; `None` if never.
     pub recipients_read: Option<i64>,
+    /// The digest of the test object when its recipients could not be read for a reason
+    /// that repeating the same requests cannot change (a malformed or oversized answer, a
+    /// list that does not end): not read again until the test object changes. 0: none.
+    pub stuck_at: u64,
+}
+
+/// The change-store list the tests' tracks are kept under.
+pub const TRACKS_LIST: &str = "tracks";
+
+impl crate::domain::changes::Entry for TestTrack {
+    const BYTES: usize = 32;
+    fn put(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.final_since.unwrap_or(i64::MIN).to_le_bytes());
+        out.extend_from_slice(&self.last_changed.to_le_bytes());
+        out.extend_from_slice(&self.recipients_read.unwrap_or(i64::MIN).to_le_bytes());
+        out.extend_from_slice(&self.stuck_at.to_le_bytes());
+    }
+    fn get(bytes: &[u8]) -> Self {
+        let word = |i: usize| i64::from_le_bytes(bytes[i * 8..i * 8 + 8].try_into().expect("8"));
+        let optional = |v: i64| (v != i64::MIN).then_some(v);
+        TestTrack {
+            final_since: optional(word(0)),
+            last_changed: word(1),
+            recipients_read: optional(word(2)),
+            stuck_at: word(3) as u64,
+        }
+    }
 }
 
 impl TestTrack {
@@ -53,6 +82,7 @@ impl TestTrack {
             },
             last_changed: if changed { now } else { self.last_changed },
             recipients_read: self.recipients_read,
+            stuck_at: self.stuck_at,
         }
     }
 
@@ -71,13 +101,22 @@ impl TestTrack {
     }
 }
 
-/// What the phishing stream keeps in the source's state document, apart from the digest
-/// shards (their own items): when it polled and is due next, how each known test is
-/// tracked for the poll rule, and its own failure streak, so a failing phishing poll never
-/// stops the user-event stream of the same source (and the other way round).
-///
-/// Size: one entry of `tests` is about 90 bytes of JSON, so an account with 3,000
-/// security tests stays near 270 KB, inside DynamoDB's 400 KB item.
+/// Where a poll that stopped early inside a test's recipients goes on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Resume {
+    /// The test.
+    pub pst_id: u64,
+    /// The next page of its recipients to read.
+    pub page: u32,
+    /// The page size the walk used (pages of another size do not line up).
+    pub per_page: u32,
+}
+
+/// What the phishing stream keeps in the source's state document, apart from the change
+/// store (digests and tests' tracks, their own items): when it polled and is due next,
+/// where an unfinished poll goes on, and its own failure streak, so a failing phishing
+/// poll never stops the user-event stream of the same source (and the other way round).
+/// Its size does not grow with the number of tests or recipients (a few hundred bytes).
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PhishingState {
     /// When the last complete poll started (ms).
@@ -92,9 +131,25 @@ pub struct PhishingState {
     /// than one invocation still completes). `None` once the poll completed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub poll_started: Option<i64>,
-    /// The poll rule's track of every test seen, by `pst_id`.
+    /// Where the poll in progress goes on inside a test's recipients.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resume: Option<Resume>,
+    /// The page size polls use when the largest one (500) was too large to read; `None`:
+    /// 500.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_page: Option<u32>,
+    /// No request before this time (ms): the Reporting API's `Retry-After`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_before: Option<i64>,
+    /// When a poll (or part of one) last ended without an error (ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_success: Option<i64>,
+    /// Tests the last complete poll listed.
     #[serde(default)]
-    pub tests: std::collections::BTreeMap<u64, TestTrack>,
+    pub tests_tracked: u64,
+    /// Tests whose recipients the last complete poll read (the poll rule's live tests).
+    #[serde(default)]
+    pub tests_live: u64,
     /// The Reporting account (hash of host and token) the last poll used, for `status`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub account: Option<String>,
@@ -132,6 +187,13 @@ impl PhishingState {
         self.stopped_config_version != Some(config_version)
             && self.quota_exhausted_day.as_deref() != Some(today)
             && self.due(now)
+            && !self.waiting(now)
+    }
+
+    /// Whether the Reporting API asked (`Retry-After`) for no request before a time
+    /// after `now`.
+    pub fn waiting(&self, now: i64) -> bool {
+        self.not_before.is_some_and(|t| now < t)
     }
 }
 
@@ -173,6 +235,7 @@ mod tests {
             final_since: Some(0),
             last_changed: 0,
             recipients_read: Some(20 * DAY),
+            stuck_at: 0,
         };
         let now = 21 * DAY;
         assert!(
@@ -197,6 +260,7 @@ mod tests {
             final_since: Some(0),
             last_changed: 0,
             recipients_read: Some(10 * DAY),
+            stuck_at: 0,
         };
         let poll = 24 * HOUR; // the longest phishingPollInterval
         let mut now = 10 * DAY;
@@ -216,6 +280,45 @@ mod tests {
             );
         }
         assert!(waited <= SETTLED_RECHECK_MS + poll);
+    }
+
+    #[test]
+    fn tracks_round_trip_through_a_shard() {
+        use crate::domain::changes::Shard;
+        let shard = Shard {
+            entries: vec![
+                (1, TestTrack::default()),
+                (
+                    u64::MAX,
+                    TestTrack {
+                        final_since: Some(-5),
+                        last_changed: i64::MAX,
+                        recipients_read: None,
+                        stuck_at: u64::MAX,
+                    },
+                ),
+            ],
+        };
+        assert_eq!(Shard::<TestTrack>::decode(&shard.encode()).unwrap(), shard);
+        // 500 tracks a shard: 20 KB of base64, far inside an item.
+        assert_eq!(
+            Shard {
+                entries: vec![(1, TestTrack::default()); 500]
+            }
+            .encode()
+            .len(),
+            26_668
+        );
+    }
+
+    #[test]
+    fn a_retry_after_holds_polls_until_it_passes() {
+        let state = PhishingState {
+            not_before: Some(10),
+            ..Default::default()
+        };
+        assert!(!state.ready(1, "d", 9));
+        assert!(state.ready(1, "d", 10));
     }
 
     #[test]

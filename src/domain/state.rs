@@ -161,6 +161,16 @@ pub struct SourceState {
 }
 
 impl SourceState {
+    /// When the stream a health event of `data_type` belongs to last succeeded: the
+    /// phishing stream's own success for `phishing`, the source's otherwise (a user-event
+    /// success does not resolve a phishing failure).
+    pub fn last_success_of(&self, data_type: Option<&str>) -> Option<i64> {
+        match data_type {
+            Some("phishing") => self.phishing.as_ref().and_then(|p| p.last_success),
+            _ => self.last_success,
+        }
+    }
+
     /// The state of a freshly created source.
     pub fn new(now: Millis) -> Self {
         let mut state = SourceState {

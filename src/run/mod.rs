@@ -27,6 +27,7 @@ pub use budget::{Admission, admit_reporting_request};
 
 use std::sync::Arc;
 
+use std::time::Duration;
 use time::OffsetDateTime;
 use tokio::time::Instant;
 
@@ -249,6 +250,27 @@ async fn collect_run(
     run.report
 }
 
+/// Where the user-event walk stops when a phishing poll is due: `deadline` less what the
+/// phishing stream keeps (half of what is left, at least a request's need plus 10 s), or
+/// `deadline` when what is left cannot hold both.
+fn split_for_phishing(
+    settings: &crate::settings::Settings,
+    now: Instant,
+    deadline: Instant,
+) -> Instant {
+    let left = deadline.saturating_duration_since(now);
+    let one_request = settings.deadline_margin
+        + settings.request_timeout
+        + crate::knowbe4::reporting::REPORTING_SPACING
+        + Duration::from_secs(10);
+    let keep = (left / 2).max(one_request);
+    if left < keep + settings.deadline_margin + settings.request_timeout {
+        deadline
+    } else {
+        deadline - keep
+    }
+}
+
 /// Fills a skipped run's report from the store (quota left today, checkpoint, state), so
 /// it says what is true rather than zeros; fields that cannot be read stay unset.
 async fn describe_untouched(ctx: RunContext<'_>, record: &SourceRecord, report: &mut RunReport) {
@@ -431,11 +453,13 @@ impl Run<'_> {
                 None => "the source collects no data type this version runs".into(),
             };
         }
-        // A due phishing poll gets the second half of the invocation at least: a user-event
-        // backlog that would fill every run cannot starve it (the events go on next run).
+        // A due phishing poll keeps the second half of the invocation, and at least what
+        // one Reporting request needs plus 10 s, so a user-event backlog that would fill
+        // every run cannot starve it (the events go on next run). An invocation too short
+        // for both (Timeout 60 s: a request needs DEADLINE_MARGIN + the request timeout,
+        // 50 s) gives the events the whole of it; phishing then polls in what is left.
         let events_deadline = if phishing && self.phishing_ready() {
-            let now = Instant::now();
-            now + deadline.saturating_duration_since(now) / 2
+            split_for_phishing(self.ctx.settings, Instant::now(), deadline)
         } else {
             deadline
         };
@@ -685,5 +709,34 @@ fn error_kind(err: &Error) -> &'static str {
         Error::Secret { .. } => "secret",
         Error::NotFound(_) => "not_found",
         Error::Conflict(_) => "conflict",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Review defect 8: with half the invocation, a short one (Timeout 60 s) gave the
+    /// events 30 s — less than a request needs (50 s) — so neither stream sent anything.
+    #[test]
+    fn a_due_phishing_poll_keeps_half_or_a_request_and_never_starves_both() {
+        let settings = crate::settings::Settings::from_env();
+        let needs = settings.deadline_margin + settings.request_timeout;
+        let now = Instant::now();
+        // 900 s: half each.
+        let long = now + Duration::from_secs(900);
+        assert_eq!(
+            split_for_phishing(&settings, now, long),
+            now + Duration::from_secs(450)
+        );
+        // 60 s: too short for both; the events keep all of it.
+        let short = now + Duration::from_secs(60);
+        assert_eq!(split_for_phishing(&settings, now, short), short);
+        // 150 s: phishing keeps a request's need and 10 s more; the events can still send.
+        let mid = now + Duration::from_secs(150);
+        let split = split_for_phishing(&settings, now, mid);
+        assert!(split < mid && split.saturating_duration_since(now) >= needs);
+        let spacing = crate::knowbe4::reporting::REPORTING_SPACING;
+        assert!(mid.saturating_duration_since(split) >= needs + spacing);
     }
 }

@@ -1,42 +1,57 @@
 //! The phishing stream: security tests and their recipients from the KnowBe4 Reporting
 //! API, polled every `phishingPollInterval` hours.
 //!
-//! One poll:
-//! 1. every page of `GET /v1/phishing/security_tests` (per_page 500, until the empty page);
-//! 2. the tests' tracks ([`TestTrack`]) are updated and saved with the state: whether a
-//!    test changed (its digest differs from the stored one) and which tests' recipients
-//!    the poll rule ([`crate::domain::phishing_poll`]) says to read;
-//! 3. each page of tests: the new and changed tests are forwarded, then the page's digest
-//!    shard is saved ([`crate::store::StateStore::save_digest_shard`]);
-//! 4. for each test to read, every page of its recipients, likewise: the new and changed
-//!    recipients forwarded, then the page's shard saved.
+//! One poll reads the list of security tests page by page; for each page it
+//! 1. updates the tests' tracks ([`TestTrack`]: whether a test changed — its digest differs
+//!    from the stored one — and which tests' recipients the poll rule
+//!    ([`crate::domain::phishing_poll`]) says to read) and saves the changed tracks,
+//! 2. forwards the new and changed tests, then saves their digests;
 //!
-//! A shard is saved only after the destination accepted its page's records, so a crash
+//! then, for each test to read, every page of its recipients likewise (forward the new and
+//! changed ones, then save their digests). Digests and tracks live in the change store as
+//! logs of shards ([`crate::domain::changes`]): keyed by record id, never by page, so
+//! nothing depends on the order of a list, its page size, or pages lining up between
+//! requests. A digest is saved only after the destination accepted the record, so a crash
 //! between the two repeats at most that page's batch (the failpoint
-//! `phishing_after_forward_before_digests` kills the process there; it is not in
-//! `failpoint::POINTS`, which the events-only chaos scenarios draw from). A test's track
-//! is saved as changed before its record is forwarded, so a crash cannot lose the
-//! "changed" signal that makes its recipients read.
+//! `phishing_after_forward_before_digests` kills the process there). A test's track is
+//! saved as changed before the test is forwarded, so a crash cannot lose the "changed"
+//! signal that makes its recipients read.
+//!
+//! Assumptions kept few, each reading of the API's unconfirmed details handled:
+//! - the page size: 500 is asked for; a server answering fewer per page only costs
+//!   requests. A page too large to read (the client's body cap) makes the list start over
+//!   at 100 per page, remembered for later polls; digests keep that from forwarding twice.
+//! - the end of a list: an empty page (recorded). A page with no record new to the walk
+//!   (a server ignoring `page`, or repeating its last page) also ends it; a list still going
+//!   after [`MAX_TEST_RECORDS`] or [`MAX_RECIPIENT_RECORDS`] records' worth of pages is
+//!   refused. Every walk therefore ends within `max / per_page + 1` requests.
+//! - 429: never taken as the daily limit from its wording (documented for the events API
+//!   only); a `Retry-After` is honoured in full — waited within the run when short,
+//!   otherwise saved, and no Reporting request is sent before it passes.
+//! - a record without a numeric id is forwarded (keyed by its digest), not dropped and
+//!   not a reason to stop.
+//!
+//! Deterministic answers are not retried: a malformed page, a page too large even at 100,
+//! or a list that does not end stop the walk of *that* test (its track remembers the test
+//! object it failed on; it is read again when the test changes), with a health event
+//! naming the test, and the poll goes on with the other tests. Transport failures, 408
+//! and 5xx are retried within [`PAGE_TRIES`]; then the poll fails.
 //!
 //! Every request is admitted through the Reporting account's ledger and send slot
 //! ([`super::admit_reporting_request`]): the daily limit reserved first, then at most one
-//! request per 1.25 s across every process (≤ 4 a second, ≤ 50 a minute). A 429 backs off
-//! (its `Retry-After`) and is not a failure; when it persists the poll stops early and stays
-//! due. A poll stopped early (deadline, daily limit, 429s) stays due and is continued by
-//! the next run: the tests list is read again, the tests whose recipients were read since
-//! the poll started are skipped unless they changed again, and the digests keep it from
-//! forwarding anything twice. A poll longer than one invocation therefore completes over
-//! several, each advancing by at least one test (one test's recipients at most
-//! [`MAX_RECIPIENT_PAGES`] requests).
-//!
-//! Bounds: the tests list is read for at most [`MAX_TEST_PAGES`] pages, a test's recipients
-//! for at most [`MAX_RECIPIENT_PAGES`]; each page is tried at most [`PAGE_TRIES`] times.
+//! request per 1.25 s across every process (≤ 4 a second, ≤ 50 a minute). A poll stopped
+//! early (deadline, daily limit, 429s) stays due and is continued by the next run: the tests
+//! list is read again (changes since are caught), the tests whose recipients were read
+//! since the poll started are skipped unless they changed again, and the test in progress
+//! goes on at the page it stopped at ([`Resume`]). Each run reads at least one page, so a
+//! poll longer than one invocation completes over several.
 //!
 //! Failures are the stream's own: a failing phishing poll keeps its own retry streak in
 //! [`PhishingState`] and its health events name the data type `phishing`; it never stops
 //! the user-event stream of the same source. A source that collects only phishing tests
 //! moves through the lifecycle on its polls, as an events source does on its runs.
 
+use std::collections::HashSet;
 use std::time::Duration;
 
 use serde_json::value::RawValue;
@@ -44,30 +59,35 @@ use time::OffsetDateTime;
 use tokio::time::Instant;
 
 use super::{DataType, HEALTH_TTL_SECS, Outcome, Run, now_ms};
-use crate::domain::changes::{DigestShard, KnownDigests, page_changes};
+use crate::domain::changes::{
+    Digest, Entry, KnownDigests, Latest, Shard, compaction, digest, key_without_id, page_changes,
+};
 use crate::domain::event::{EventTime, RawEvent};
-use crate::domain::phishing_poll::PhishingState;
+use crate::domain::phishing_poll::{PhishingState, Resume, TRACKS_LIST, TestTrack};
 use crate::domain::quota::utc_day;
 use crate::domain::secrets::SourceSecrets;
 use crate::domain::state::{HealthEvent, Lifecycle, RetryStreak};
-use crate::error::{Error, Result};
+use crate::error::{Error, HealthKind, Result};
 use crate::knowbe4::ApiError;
-use crate::knowbe4::reporting::{REPORTING_PER_PAGE, ReportingClient, ReportingPage};
+use crate::knowbe4::reporting::{
+    REPORTING_FALLBACK_PER_PAGE, REPORTING_PER_PAGE, ReportingClient, ReportingPage,
+};
 use crate::sink::{Destination, SOURCETYPE_PHISHING_RECIPIENT, SOURCETYPE_PHISHING_TEST};
 
-/// Most pages of security tests read in one poll (500 each: 100,000 tests).
-pub const MAX_TEST_PAGES: u32 = 200;
-/// Most pages of one test's recipients read in one poll (500 each: 250,000 recipients).
-pub const MAX_RECIPIENT_PAGES: u32 = 500;
-/// Tries of one page within a poll (429s and retryable failures).
+/// Most security tests one poll lists (pages: this over the page size, plus the end).
+pub const MAX_TEST_RECORDS: u32 = 100_000;
+/// Most recipients of one test a poll reads.
+pub const MAX_RECIPIENT_RECORDS: u32 = 250_000;
+/// Tries of one page within a run (429s and retryable failures).
 pub const PAGE_TRIES: u32 = 4;
-/// Longest wait after a 429.
-const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// Longest wait for a 429 within a run; a longer `Retry-After` ends the run's poll and is
+/// saved.
+const MAX_WAIT_IN_RUN: Duration = Duration::from_secs(30);
 /// The digest list of the security tests (a test's recipients use its `pst_id`).
 const TESTS_LIST: &str = "tests";
-
-/// The digest shards of one list as stored, by page.
-type Stored = std::collections::BTreeMap<u32, DigestShard>;
+/// Changed tracks kept in memory before they are saved (a crash loses at most the
+/// "recipients read" marks of these: those tests are read again, nothing is re-sent).
+const TRACKS_BATCH: usize = 50;
 
 /// Why a poll ended early without an error; it stays due.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,6 +103,8 @@ enum Fetched {
     /// 404 on a test's recipients: the test is gone.
     Gone,
     Early(Early),
+    /// An answer that asking again cannot change (malformed, too large).
+    Refused(ApiError),
 }
 
 /// What one poll did.
@@ -90,20 +112,65 @@ enum Fetched {
 struct Poll {
     requests: u32,
     forwarded: u64,
-    tests: usize,
-    tests_read: usize,
+    tests: u64,
+    tests_read: u64,
+    tests_to_read: u64,
+    /// Tests whose recipients could not be read (deterministic answers).
+    stuck: u64,
+    /// Lists that ended on a page with nothing new (a server repeating itself).
+    repeats: u32,
+    /// Records without a numeric id (forwarded, keyed by digest).
+    without_id: u64,
+    /// The poll failed on an answer that asking again cannot change: the next try is the
+    /// next poll, not the next run.
+    deterministic: bool,
 }
 
 #[derive(serde::Deserialize)]
 struct TestHead {
     pst_id: u64,
+    /// Any JSON (a status that is not a string reads as no status).
     #[serde(default)]
-    status: Option<String>,
+    status: Option<serde_json::Value>,
 }
 
 #[derive(serde::Deserialize)]
 struct RecipientHead {
     recipient_id: u64,
+}
+
+/// Where a list walk is: its page size and the next page.
+struct Cursor {
+    page: u32,
+    per_page: u32,
+    max_records: u32,
+}
+
+impl Cursor {
+    /// Whether the walk has passed its bound.
+    fn past_bound(&self) -> bool {
+        u64::from(self.page.saturating_sub(1)) * u64::from(self.per_page)
+            > u64::from(self.max_records)
+    }
+
+    /// Starts over with smaller pages after one was too large; `false` when it already
+    /// uses them.
+    fn shrink(&mut self) -> bool {
+        if self.per_page <= REPORTING_FALLBACK_PER_PAGE {
+            return false;
+        }
+        self.per_page = REPORTING_FALLBACK_PER_PAGE;
+        self.page = 1;
+        true
+    }
+}
+
+/// How a test's recipients walk ended.
+enum Walked {
+    Complete,
+    Gone,
+    Early(Early),
+    Stuck(Error),
 }
 
 impl Run<'_> {
@@ -128,10 +195,15 @@ impl Run<'_> {
             Some("stopped by an error until the source is updated or restarted".into())
         } else if ps.quota_exhausted_day.as_deref() == Some(today.as_str()) {
             Some("the Reporting API daily limit is reached; polls resume after 00:00 UTC".into())
+        } else if ps.waiting(now) {
+            Some(format!(
+                "the Reporting API asked for no request before {}",
+                rfc3339_ms(ps.not_before.unwrap_or(now))
+            ))
         } else if !forced && !ps.due(now) {
             Some(format!(
                 "not due; next poll at {}",
-                EventTime(ps.next_poll.unwrap_or(now).saturating_mul(1_000_000)).to_rfc3339()
+                rfc3339_ms(ps.next_poll.unwrap_or(now))
             ))
         } else {
             None
@@ -140,9 +212,26 @@ impl Run<'_> {
             self.note(&format!("phishing: {reason}"));
             return;
         }
-        match self.poll_phishing(deadline).await {
-            Ok((poll, early)) => self.phishing_succeeded(poll, early, now).await,
-            Err(err) => self.phishing_failed(err).await,
+        let mut poll = Poll::default();
+        let result = self.poll_phishing(deadline, &mut poll).await;
+        match result {
+            Ok(early) => self.phishing_succeeded(poll, early, now).await,
+            Err(err) => {
+                if poll.deterministic {
+                    // Asking again now would get the same answer and spend quota that
+                    // other integrations share: the next poll asks.
+                    let interval_ms = i64::from(
+                        self.record
+                            .spec
+                            .phishing
+                            .as_ref()
+                            .expect("checked")
+                            .poll_interval_hours,
+                    ) * 3_600_000;
+                    self.phishing_mut().next_poll = Some(now + interval_ms);
+                }
+                self.phishing_failed(err).await
+            }
         }
     }
 
@@ -155,15 +244,12 @@ impl Run<'_> {
         if self.record.spec.phishing.is_none() || state.lifecycle == Lifecycle::Stopping {
             return false;
         }
+        let ps = state.phishing.clone().unwrap_or_default();
         if self.only == Some(DataType::Phishing) {
-            return true;
+            return !ps.waiting(now_ms());
         }
         let today = utc_day(OffsetDateTime::now_utc());
-        state.phishing.clone().unwrap_or_default().ready(
-            self.record.config_version,
-            &today,
-            now_ms(),
-        )
+        ps.ready(self.record.config_version, &today, now_ms())
     }
 
     fn note(&mut self, text: &str) {
@@ -180,8 +266,10 @@ impl Run<'_> {
             .get_or_insert_with(Default::default)
     }
 
-    /// One poll: the tests, then the recipients of the tests the poll rule names.
-    async fn poll_phishing(&mut self, deadline: Instant) -> Result<(Poll, Option<Early>)> {
+    /// One poll (or the part of it this run has time and budget for): the tests, then
+    /// the recipients of the tests the poll rule names. `Ok(Some(_))`: stopped early, the
+    /// poll stays due and goes on next run.
+    async fn poll_phishing(&mut self, deadline: Instant, poll: &mut Poll) -> Result<Option<Early>> {
         let spec = self.record.spec.phishing.clone().expect("checked");
         crate::config::check_stored_reporting_base(
             &spec.reporting_base,
@@ -215,250 +303,402 @@ impl Run<'_> {
         // A poll that stopped early is continued, not started over: the tests whose
         // recipients it read since it started are not read again.
         let cycle = *self.phishing_mut().poll_started.get_or_insert(started);
-        let mut poll = Poll::default();
         let limit = spec.daily_request_limit;
+        let mut tracks: Latest<TestTrack> = self.load_log(TRACKS_LIST).await?;
+        let mut pending: Vec<(u64, TestTrack)> = Vec::new();
 
-        // 1. The security tests.
-        let (known, stored) = self.known_digests(TESTS_LIST).await?;
-        let mut pages: Vec<ReportingPage> = Vec::new();
-        for page in 1..=MAX_TEST_PAGES + 1 {
-            if page > MAX_TEST_PAGES {
-                return Err(not_ending("the security tests list"));
+        // 1–2. The security tests, page by page.
+        let mut tests_known: KnownDigests = self.load_log(TESTS_LIST).await?;
+        let mut cursor = Cursor {
+            page: 1,
+            per_page: self.phishing_mut().per_page.unwrap_or(REPORTING_PER_PAGE),
+            max_records: MAX_TEST_RECORDS,
+        };
+        let mut seen = HashSet::new();
+        // (pst_id, digest of the test object) of every test whose recipients to read.
+        let mut to_read: Vec<(u64, Digest)> = Vec::new();
+        let mut queued = HashSet::new();
+        loop {
+            if cursor.past_bound() {
+                poll.deterministic = true;
+                return Err(not_ending("the security tests list", cursor.per_page));
             }
-            match self
-                .fetch(&client, None, page, limit, deadline, &mut poll)
+            let page = match self
+                .fetch(&client, None, &cursor, limit, deadline, poll)
                 .await?
             {
                 Fetched::Page(p) if p.ends_list() => break,
-                Fetched::Page(p) => pages.push(p),
+                Fetched::Page(p) => p,
                 Fetched::Gone => return Err(reporting_error(ApiError::NotKnowBe4)),
-                Fetched::Early(early) => return Ok((poll, Some(early))),
-            }
-        }
-
-        // 2. Tracks: which tests changed, whose recipients to read. Saved before anything
-        //    is forwarded, so a crash cannot lose a change.
-        let mut changes = Vec::with_capacity(pages.len());
-        let mut to_read: Vec<u64> = Vec::new();
-        for page in &pages {
-            let heads = page
+                Fetched::Early(early) => return Ok(Some(early)),
+                Fetched::Refused(ApiError::TooLarge { .. }) if cursor.shrink() => {
+                    self.phishing_mut().per_page = Some(cursor.per_page);
+                    seen.clear();
+                    continue;
+                }
+                Fetched::Refused(err) => {
+                    poll.deterministic = true;
+                    return Err(reporting_error(err));
+                }
+            };
+            let heads: Vec<Option<TestHead>> = page
                 .items
                 .iter()
-                .map(|item| {
-                    serde_json::from_str::<TestHead>(item.get()).map_err(|e| {
-                        ApiError::Malformed(format!(
-                            "a security test without a numeric pst_id: {e}"
-                        ))
-                        .into_error()
-                    })
+                .map(|item| serde_json::from_str::<TestHead>(item.get()).ok())
+                .collect();
+            let ids: Vec<u64> = heads
+                .iter()
+                .zip(&page.items)
+                .map(|(head, item)| match head {
+                    Some(head) if head.pst_id < 1 << 63 => head.pst_id,
+                    _ => key_without_id(digest(item.get())),
                 })
-                .collect::<Result<Vec<_>>>()?;
-            let page_changes = page_changes(
-                &known,
-                heads
-                    .iter()
+                .collect();
+            let mut changes = page_changes(
+                &tests_known,
+                &mut seen,
+                ids.iter()
                     .zip(&page.items)
-                    .map(|(h, item)| (h.pst_id, item.get())),
+                    .map(|(id, item)| (*id, item.get())),
             );
-            let ps = self.phishing_mut();
-            for (index, head) in heads.iter().enumerate() {
-                let changed = page_changes.forward.contains(&index);
-                let status = head.status.as_deref().unwrap_or("");
-                let track = ps
-                    .tests
-                    .get(&head.pst_id)
-                    .copied()
-                    .unwrap_or_default()
-                    .observe(status, changed, started);
-                ps.tests.insert(head.pst_id, track);
+            if changes.new_in_walk == 0 {
+                poll.repeats += 1;
+                break;
+            }
+            for (index, (head, item)) in heads.iter().zip(&page.items).enumerate() {
+                let Some(head) = head.as_ref().filter(|h| h.pst_id < 1 << 63) else {
+                    poll.without_id += 1;
+                    continue;
+                };
+                let changed = changes.forward.contains(&index);
+                let text_digest = digest(item.get());
+                let before = tracks.get(head.pst_id).unwrap_or_default();
+                let mut track = before.observe(
+                    head.status.as_ref().and_then(|s| s.as_str()).unwrap_or(""),
+                    changed,
+                    started,
+                );
+                if track.stuck_at != 0 && track.stuck_at != text_digest {
+                    track.stuck_at = 0;
+                }
                 let read_this_cycle = track.recipients_read.is_some_and(|read| read >= cycle);
-                if track.read_recipients(changed, started)
+                if track.stuck_at == 0
+                    && track.read_recipients(changed, started)
                     && (changed || !read_this_cycle)
-                    && !to_read.contains(&head.pst_id)
+                    && queued.insert(head.pst_id)
                 {
-                    to_read.push(head.pst_id);
+                    to_read.push((head.pst_id, text_digest));
+                }
+                if track != before || tracks.get(head.pst_id).is_none() {
+                    pending.push((head.pst_id, track));
                 }
             }
-            changes.push(page_changes);
-            poll.tests += heads.len();
-        }
-        self.save().await?;
-
-        // 3. Forward the new and changed tests, page by page, each page's shard after.
-        for (index, (page, page_changes)) in pages.iter().zip(&changes).enumerate() {
-            let batch: Vec<&RawValue> = page_changes
-                .forward
-                .iter()
-                .map(|i| &*page.items[*i])
-                .collect();
+            poll.tests += page.items.len() as u64;
+            // The changed tracks first: a crash after the forward cannot lose a change.
+            self.save_entries(TRACKS_LIST, &mut tracks, &mut pending)
+                .await?;
             self.forward_page(
                 &destination,
                 SOURCETYPE_PHISHING_TEST,
-                &batch,
-                TESTS_LIST,
-                index as u32 + 1,
-                &page_changes.shard,
-                stored.get(&(index as u32 + 1)),
+                &page.items,
+                &ids,
+                &changes.forward,
                 deadline,
-                &mut poll,
+                poll,
             )
             .await?;
-        }
-
-        // 4. Recipients of every test the poll rule names.
-        for pst_id in to_read {
-            let list = pst_id.to_string();
-            let (known, stored) = self.known_digests(&list).await?;
-            let mut complete = false;
-            for page in 1..=MAX_RECIPIENT_PAGES + 1 {
-                if page > MAX_RECIPIENT_PAGES {
-                    return Err(not_ending(&format!("the recipients of test {pst_id}")));
-                }
-                let fetched = self
-                    .fetch(&client, Some(pst_id), page, limit, deadline, &mut poll)
-                    .await?;
-                let page_data = match fetched {
-                    Fetched::Page(p) if p.ends_list() => {
-                        complete = true;
-                        break;
-                    }
-                    Fetched::Page(p) => p,
-                    Fetched::Gone => {
-                        // The test was deleted since the list was read: nothing to read.
-                        self.phishing_mut().tests.remove(&pst_id);
-                        break;
-                    }
-                    Fetched::Early(early) => {
-                        self.save().await?;
-                        return Ok((poll, Some(early)));
-                    }
-                };
-                let ids = page_data
-                    .items
-                    .iter()
-                    .map(|item| {
-                        serde_json::from_str::<RecipientHead>(item.get())
-                            .map(|h| h.recipient_id)
-                            .map_err(|e| {
-                                ApiError::Malformed(format!(
-                                    "a recipient of test {pst_id} without a numeric recipient_id: {e}"
-                                ))
-                                .into_error()
-                            })
-                    })
-                    .collect::<Result<Vec<_>>>()?;
-                let page_changes = page_changes(
-                    &known,
-                    ids.iter()
-                        .zip(&page_data.items)
-                        .map(|(id, item)| (*id, item.get())),
-                );
-                let batch: Vec<&RawValue> = page_changes
-                    .forward
-                    .iter()
-                    .map(|i| &*page_data.items[*i])
-                    .collect();
-                self.forward_page(
-                    &destination,
-                    SOURCETYPE_PHISHING_RECIPIENT,
-                    &batch,
-                    &list,
-                    page,
-                    &page_changes.shard,
-                    stored.get(&page),
-                    deadline,
-                    &mut poll,
-                )
+            self.save_entries(TESTS_LIST, &mut tests_known, &mut changes.delta.entries)
                 .await?;
-            }
-            if complete {
-                if let Some(track) = self.phishing_mut().tests.get_mut(&pst_id) {
+            cursor.page += 1;
+        }
+        self.compact(TESTS_LIST, &mut tests_known).await?;
+        drop(tests_known);
+        poll.tests_to_read = to_read.len() as u64;
+
+        // 3. Recipients of every test the poll rule names; the one an earlier run stopped
+        //    in first, at the page it stopped at.
+        let resume = self.phishing_mut().resume.take();
+        if let Some(at) = resume.and_then(|r| to_read.iter().position(|(id, _)| *id == r.pst_id)) {
+            let entry = to_read.remove(at);
+            to_read.insert(0, entry);
+        }
+        for (pst_id, test_digest) in to_read {
+            let start = match resume {
+                Some(r) if r.pst_id == pst_id => Cursor {
+                    page: r.page,
+                    per_page: r.per_page,
+                    max_records: MAX_RECIPIENT_RECORDS,
+                },
+                _ => Cursor {
+                    page: 1,
+                    per_page: self.phishing_mut().per_page.unwrap_or(REPORTING_PER_PAGE),
+                    max_records: MAX_RECIPIENT_RECORDS,
+                },
+            };
+            let walked = self
+                .walk_recipients(&client, &destination, pst_id, start, limit, deadline, poll)
+                .await?;
+            let mut track = tracks.get(pst_id).unwrap_or_default();
+            match walked {
+                Walked::Complete => {
                     track.recipients_read = Some(started);
+                    poll.tests_read += 1;
                 }
-                poll.tests_read += 1;
+                Walked::Gone => {
+                    // Listed, but its recipients answer 404: not asked again until the
+                    // test changes.
+                    track.stuck_at = test_digest;
+                    let pages: Vec<u32> = self
+                        .ctx
+                        .store
+                        .load_digest_shards(&self.record.id, &pst_id.to_string())
+                        .await?
+                        .into_iter()
+                        .map(|(seq, _)| seq)
+                        .collect();
+                    self.ctx
+                        .store
+                        .delete_digest_shards(
+                            &self.record.id,
+                            &pst_id.to_string(),
+                            &pages,
+                            &self.lease,
+                        )
+                        .await?;
+                }
+                Walked::Early(early) => {
+                    pending.push((pst_id, track));
+                    self.save_entries(TRACKS_LIST, &mut tracks, &mut pending)
+                        .await?;
+                    self.save().await?;
+                    return Ok(Some(early));
+                }
+                Walked::Stuck(err) => {
+                    track.stuck_at = test_digest;
+                    poll.stuck += 1;
+                    self.test_health(pst_id, &err).await;
+                }
+            }
+            pending.push((pst_id, track));
+            if pending.len() >= TRACKS_BATCH {
+                self.save_entries(TRACKS_LIST, &mut tracks, &mut pending)
+                    .await?;
             }
         }
+        self.save_entries(TRACKS_LIST, &mut tracks, &mut pending)
+            .await?;
+        self.compact(TRACKS_LIST, &mut tracks).await?;
         let interval_ms = i64::from(spec.poll_interval_hours) * 3_600_000;
+        let tests_tracked = tracks.len() as u64;
         let ps = self.phishing_mut();
         ps.poll_started = None;
+        ps.resume = None;
         ps.last_poll = Some(cycle);
         ps.next_poll = Some(cycle + interval_ms);
-        Ok((poll, None))
+        ps.tests_tracked = tests_tracked;
+        ps.tests_live = poll.tests_to_read;
+        Ok(None)
     }
 
-    /// The digests stored for `list`: all of them, and each page's shard as stored (a page
-    /// whose shard is unchanged is not written again).
-    async fn known_digests(&self, list: &str) -> Result<(KnownDigests, Stored)> {
+    /// Every page of one test's recipients from `cursor` on: the new and changed ones
+    /// forwarded, then their digests saved. On an early stop the place to go on from is
+    /// in [`PhishingState::resume`].
+    #[allow(clippy::too_many_arguments)]
+    async fn walk_recipients(
+        &mut self,
+        client: &ReportingClient,
+        destination: &Destination,
+        pst_id: u64,
+        mut cursor: Cursor,
+        limit: u32,
+        deadline: Instant,
+        poll: &mut Poll,
+    ) -> Result<Walked> {
+        let list = pst_id.to_string();
+        let mut known: KnownDigests = self.load_log(&list).await?;
+        let mut seen = HashSet::new();
+        let walked = loop {
+            if cursor.past_bound() {
+                break Walked::Stuck(not_ending(
+                    &format!("the recipients of test {pst_id}"),
+                    cursor.per_page,
+                ));
+            }
+            let page = match self
+                .fetch(client, Some(pst_id), &cursor, limit, deadline, poll)
+                .await?
+            {
+                Fetched::Page(p) if p.ends_list() => break Walked::Complete,
+                Fetched::Page(p) => p,
+                Fetched::Gone => break Walked::Gone,
+                Fetched::Early(early) => {
+                    self.phishing_mut().resume = Some(Resume {
+                        pst_id,
+                        page: cursor.page,
+                        per_page: cursor.per_page,
+                    });
+                    break Walked::Early(early);
+                }
+                Fetched::Refused(ApiError::TooLarge { .. }) if cursor.shrink() => {
+                    self.phishing_mut().per_page = Some(cursor.per_page);
+                    seen.clear();
+                    continue;
+                }
+                Fetched::Refused(err) => break Walked::Stuck(reporting_error(err)),
+            };
+            let ids: Vec<u64> = page
+                .items
+                .iter()
+                .map(
+                    |item| match serde_json::from_str::<RecipientHead>(item.get()) {
+                        Ok(head) if head.recipient_id < 1 << 63 => head.recipient_id,
+                        _ => {
+                            poll.without_id += 1;
+                            key_without_id(digest(item.get()))
+                        }
+                    },
+                )
+                .collect();
+            let mut changes = page_changes(
+                &known,
+                &mut seen,
+                ids.iter()
+                    .zip(&page.items)
+                    .map(|(id, item)| (*id, item.get())),
+            );
+            if changes.new_in_walk == 0 {
+                poll.repeats += 1;
+                break Walked::Complete;
+            }
+            self.forward_page(
+                destination,
+                SOURCETYPE_PHISHING_RECIPIENT,
+                &page.items,
+                &ids,
+                &changes.forward,
+                deadline,
+                poll,
+            )
+            .await?;
+            self.save_entries(&list, &mut known, &mut changes.delta.entries)
+                .await?;
+            cursor.page += 1;
+        };
+        if matches!(walked, Walked::Complete) {
+            self.compact(&list, &mut known).await?;
+        }
+        Ok(walked)
+    }
+
+    /// The log `list` of the change store, loaded.
+    async fn load_log<V: Entry>(&self, list: &str) -> Result<Latest<V>> {
         let stored = self
             .ctx
             .store
             .load_digest_shards(&self.record.id, list)
             .await?;
         let shards = stored
-            .iter()
-            .map(|(page, text)| {
-                DigestShard::decode(text)
-                    .map(|shard| (*page, shard))
+            .into_iter()
+            .map(|(seq, text)| {
+                Shard::<V>::decode(&text)
+                    .map(|shard| (seq, shard))
                     .map_err(|e| Error::Store {
-                        message: e.to_string(),
+                        message: format!("list {list} of source {}: {e}", self.record.id),
                         source: None,
                     })
             })
-            .collect::<Result<Stored>>()?;
-        Ok((KnownDigests::from_shards(shards.values()), shards))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Latest::from_log(shards))
     }
 
-    /// Forwards one page's new and changed records, then saves the page's digest shard
-    /// (unless it is the shard already stored for the page).
+    /// Saves `entries` (drained) to the log `list` as shards of at most 500, and records
+    /// them in `known`. Nothing to save: no write.
+    async fn save_entries<V: Entry>(
+        &mut self,
+        list: &str,
+        known: &mut Latest<V>,
+        entries: &mut Vec<(u64, V)>,
+    ) -> Result<()> {
+        entries.sort_by_key(|(id, _)| *id);
+        entries.dedup_by_key(|(id, _)| *id);
+        for chunk in entries.chunks(crate::domain::changes::SHARD_RECORDS) {
+            let shard = Shard {
+                entries: chunk.to_vec(),
+            };
+            let seq = known.next_seq();
+            self.ctx
+                .store
+                .save_digest_shard(&self.record.id, list, seq, &shard.encode(), &self.lease)
+                .await?;
+            known.remember(seq, &shard);
+        }
+        entries.clear();
+        Ok(())
+    }
+
+    /// Compacts the log `list` when it holds more shards than it needs.
+    async fn compact<V: Entry>(&mut self, list: &str, known: &mut Latest<V>) -> Result<()> {
+        let Some((write, delete)) = compaction(known) else {
+            return Ok(());
+        };
+        for (seq, shard) in &write {
+            self.ctx
+                .store
+                .save_digest_shard(&self.record.id, list, *seq, &shard.encode(), &self.lease)
+                .await?;
+            known.remember(*seq, shard);
+        }
+        self.ctx
+            .store
+            .delete_digest_shards(&self.record.id, list, &delete, &self.lease)
+            .await?;
+        known.forget_shards(&delete);
+        Ok(())
+    }
+
+    /// Forwards the records of `items` at `forward` (indices), keyed by `ids`.
     #[allow(clippy::too_many_arguments)]
     async fn forward_page(
         &mut self,
         destination: &Destination,
         sourcetype: &'static str,
-        batch: &[&RawValue],
-        list: &str,
-        page: u32,
-        shard: &DigestShard,
-        stored: Option<&DigestShard>,
+        items: &[Box<RawValue>],
+        ids: &[u64],
+        forward: &[usize],
         deadline: Instant,
         poll: &mut Poll,
     ) -> Result<()> {
-        if !batch.is_empty() {
-            let occurred = EventTime::from_datetime(OffsetDateTime::now_utc());
-            let events: Vec<RawEvent> = batch
-                .iter()
-                .map(|raw| RawEvent {
-                    id: String::new(),
-                    occurred,
-                    json: (*raw).to_owned(),
-                })
-                .collect();
-            let mut meta = self.record.spec.sink_meta();
-            meta.sourcetype = Some(sourcetype);
-            let send_deadline = deadline
-                .checked_sub(self.ctx.settings.deadline_margin / 2)
-                .unwrap_or(deadline);
-            destination.send(&meta, &events, send_deadline).await?;
-            crate::failpoint::hit("phishing_after_forward_before_digests");
-            poll.forwarded += events.len() as u64;
-            self.report.forwarded += events.len() as u64;
-        }
-        if stored == Some(shard) {
+        if forward.is_empty() {
             return Ok(());
         }
-        self.ctx
-            .store
-            .save_digest_shard(&self.record.id, list, page, &shard.encode(), &self.lease)
-            .await
+        let occurred = EventTime::from_datetime(OffsetDateTime::now_utc());
+        let events: Vec<RawEvent> = forward
+            .iter()
+            .map(|i| RawEvent {
+                id: ids[*i].to_string(),
+                occurred,
+                json: items[*i].clone(),
+            })
+            .collect();
+        let mut meta = self.record.spec.sink_meta();
+        meta.sourcetype = Some(sourcetype);
+        let send_deadline = deadline
+            .checked_sub(self.ctx.settings.deadline_margin / 2)
+            .unwrap_or(deadline);
+        destination.send(&meta, &events, send_deadline).await?;
+        crate::failpoint::hit("phishing_after_forward_before_digests");
+        poll.forwarded += events.len() as u64;
+        self.report.forwarded += events.len() as u64;
+        Ok(())
     }
 
     /// Admits and sends one Reporting request (tests when `pst_id` is `None`), retrying
-    /// 429s after their `Retry-After` and retryable failures, within [`PAGE_TRIES`].
+    /// 429s after their `Retry-After` and transient failures, within [`PAGE_TRIES`].
     async fn fetch(
         &mut self,
         client: &ReportingClient,
         pst_id: Option<u64>,
-        page: u32,
+        cursor: &Cursor,
         limit: u32,
         deadline: Instant,
         poll: &mut Poll,
@@ -479,8 +719,16 @@ impl Run<'_> {
             }
             crate::failpoint::hit("before_knowbe4_request");
             let answer = match pst_id {
-                None => client.security_tests_page(page, REPORTING_PER_PAGE).await,
-                Some(id) => client.recipients_page(id, page, REPORTING_PER_PAGE).await,
+                None => {
+                    client
+                        .security_tests_page(cursor.page, cursor.per_page)
+                        .await
+                }
+                Some(id) => {
+                    client
+                        .recipients_page(id, cursor.page, cursor.per_page)
+                        .await
+                }
             };
             if matches!(answer, Err(ApiError::NotSent(_))) {
                 if let Err(err) = self.ctx.store.release_request(client.account(), &day).await {
@@ -497,19 +745,37 @@ impl Run<'_> {
                     return Ok(Fetched::Page(page));
                 }
                 Err(ApiError::NotKnowBe4) if pst_id.is_some() => return Ok(Fetched::Gone),
-                Err(ApiError::QuotaExhausted) => return Ok(Fetched::Early(Early::Quota)),
-                Err(ApiError::RateLimited { retry_after }) => {
-                    let wait = retry_after
-                        .unwrap_or(Duration::from_secs(2 << attempt))
-                        .min(MAX_BACKOFF);
-                    tracing::info!(source_id = %self.record.id, wait_ms = wait.as_millis() as u64, "The Reporting API answered 429; backing off.");
-                    if deadline.saturating_duration_since(Instant::now()) < wait {
+                Err(err @ (ApiError::Malformed(_) | ApiError::TooLarge { .. })) => {
+                    return Ok(Fetched::Refused(err));
+                }
+                Err(ApiError::QuotaExhausted | ApiError::RateLimited { .. }) => {
+                    let retry_after = match &answer {
+                        Err(ApiError::RateLimited { retry_after }) => *retry_after,
+                        _ => None,
+                    };
+                    let wait = retry_after.unwrap_or(Duration::from_secs(2 << attempt));
+                    let left = deadline
+                        .saturating_duration_since(Instant::now())
+                        .saturating_sub(needed);
+                    if wait > MAX_WAIT_IN_RUN || wait > left {
+                        if let Some(after) = retry_after {
+                            self.phishing_mut().not_before =
+                                Some(now_ms() + after.as_millis() as i64);
+                        }
+                        tracing::info!(source_id = %self.record.id, wait_ms = wait.as_millis() as u64, "The Reporting API answered 429; the poll goes on after its Retry-After.");
                         return Ok(Fetched::Early(Early::RateLimited));
                     }
+                    tracing::info!(source_id = %self.record.id, wait_ms = wait.as_millis() as u64, "The Reporting API answered 429; backing off.");
                     tokio::time::sleep(wait).await;
                     last = Some(ApiError::RateLimited { retry_after });
                 }
-                Err(err) if err.retriable() => {
+                Err(
+                    err @ (ApiError::Transport(_)
+                    | ApiError::NotSent(_)
+                    | ApiError::Status {
+                        status: 408 | 500..=599,
+                    }),
+                ) => {
                     tokio::time::sleep(Duration::from_millis(500 << attempt)).await;
                     last = Some(err);
                 }
@@ -523,11 +789,38 @@ impl Run<'_> {
         }
     }
 
+    /// A health event for one test whose recipients could not be read; the poll goes on.
+    async fn test_health(&mut self, pst_id: u64, err: &Error) {
+        let now = now_ms();
+        let message = format!(
+            "phishing security test {pst_id}: its recipients could not be read ({}); they are read again when the test changes",
+            err.chain()
+        );
+        self.note(&format!("phishing: {message}"));
+        let event = HealthEvent {
+            source_id: self.record.id.clone(),
+            source_name: self.record.spec.name.clone(),
+            kind: HealthKind::ThirdPartyGenericError,
+            message,
+            status: err.status(),
+            error_kind: super::error_kind(err).into(),
+            first_seen: now,
+            last_seen: now,
+            count: 1,
+            retry_at: None,
+            retry_deadline: None,
+            data_type: Some("phishing".into()),
+        };
+        self.ctx.record_health(&event, HEALTH_TTL_SECS).await;
+    }
+
     async fn phishing_succeeded(&mut self, poll: Poll, early: Option<Early>, now: i64) {
+        let progressed = poll.requests > 0;
         let today = utc_day(OffsetDateTime::now_utc());
         let phishing_only = !self.record.spec.collect_events;
         let ps = self.phishing_mut();
         ps.streak = None;
+        ps.last_success = Some(now);
         ps.last_poll_requests = poll.requests;
         ps.last_poll_forwarded = poll.forwarded;
         ps.forwarded_total += poll.forwarded;
@@ -537,7 +830,7 @@ impl Run<'_> {
             state.streak = None;
             state.last_success = Some(now);
             state.counters.last_run_forwarded = poll.forwarded;
-            if state.lifecycle != Lifecycle::Collecting && poll.requests > 0 && early.is_none() {
+            if state.lifecycle != Lifecycle::Collecting && progressed {
                 state.transition(
                     Lifecycle::Collecting,
                     now,
@@ -548,10 +841,28 @@ impl Run<'_> {
         if self.report.outcome == Outcome::Skipped {
             self.report.outcome = Outcome::Collected;
         }
-        let what = format!(
-            "{} tests listed, recipients of {} read, {} records forwarded, {} requests",
-            poll.tests, poll.tests_read, poll.forwarded, poll.requests
+        let mut what = format!(
+            "{} tests listed, recipients of {} of {} read, {} records forwarded, {} requests",
+            poll.tests, poll.tests_read, poll.tests_to_read, poll.forwarded, poll.requests
         );
+        if poll.stuck > 0 {
+            what.push_str(&format!(
+                ", {} tests unreadable (health events)",
+                poll.stuck
+            ));
+        }
+        if poll.repeats > 0 {
+            what.push_str(&format!(
+                ", {} lists ended on a page with nothing new (the server repeated a page)",
+                poll.repeats
+            ));
+        }
+        if poll.without_id > 0 {
+            what.push_str(&format!(
+                ", {} records without a numeric id (forwarded, told apart by content)",
+                poll.without_id
+            ));
+        }
         let text = match early {
             None => format!("phishing: polled ({what})"),
             Some(Early::Deadline) => {
@@ -685,6 +996,13 @@ fn reporting_error(err: ApiError) -> Error {
     }
 }
 
-fn not_ending(what: &str) -> Error {
-    ApiError::Malformed(format!("{what} did not end within the page bound")).into_error()
+fn not_ending(what: &str, per_page: u32) -> Error {
+    ApiError::Malformed(format!(
+        "{what} did not end within the page bound ({per_page} a page)"
+    ))
+    .into_error()
+}
+
+fn rfc3339_ms(ms: i64) -> String {
+    EventTime(ms.saturating_mul(1_000_000)).to_rfc3339()
 }

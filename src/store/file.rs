@@ -690,12 +690,13 @@ mod tests {
                 .collect();
             let changes = page_changes(
                 &KnownDigests::default(),
+                &mut Default::default(),
                 texts
                     .iter()
                     .enumerate()
                     .map(|(i, t)| (u64::from(page) * 1_000 + i as u64, t.as_str())),
             );
-            let encoded = changes.shard.encode();
+            let encoded = changes.delta.encode();
             store
                 .save_digest_shard("p", "77", page, &encoded, &lease)
                 .await

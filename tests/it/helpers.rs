@@ -205,3 +205,16 @@ pub fn assert_rate_respected(sim: &Simulator) {
     }
     assert_eq!(sim.stats().rate_violations, 0);
 }
+
+/// Waits, when fewer than `needed_secs` remain of the UTC day, until the next day has
+/// begun: a test that counts a daily ledger or relies on a daily limit must not straddle
+/// 00:00 UTC, whatever time CI runs it.
+pub async fn clear_of_midnight(needed_secs: u64) {
+    let now = time::OffsetDateTime::now_utc();
+    let into_day =
+        u64::from(now.hour()) * 3_600 + u64::from(now.minute()) * 60 + u64::from(now.second());
+    let left = 86_400 - into_day;
+    if left < needed_secs {
+        tokio::time::sleep(std::time::Duration::from_secs(left + 1)).await;
+    }
+}

@@ -147,6 +147,7 @@ fn both_types(sim: &Simulator) -> Value {
 /// Reporting request).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn tests_and_recipients_arrive_in_their_latest_state_and_unchanged_ones_are_not_resent() {
+    clear_of_midnight(180).await;
     let h = harness(SimConfig {
         api_key: EVENT_KEY.into(),
         events: 50,
@@ -248,7 +249,7 @@ async fn tests_and_recipients_arrive_in_their_latest_state_and_unchanged_ones_ar
         .await
         .unwrap();
     assert_eq!(used, 18);
-    assert_eq!(phishing.tests.len(), 4);
+    assert_eq!(phishing.tests_tracked, 4);
     assert!(phishing.next_poll.unwrap() > phishing.last_poll.unwrap());
     assert_eq!(
         state.lifecycle,
@@ -428,6 +429,7 @@ async fn a_crash_between_forwarding_and_saving_digests_repeats_at_most_that_batc
 /// read is not read again, and nothing is forwarded twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_poll_stopped_early_is_continued_not_started_over() {
+    clear_of_midnight(120).await;
     let h = harness(SimConfig {
         events: 0,
         ..SimConfig::default()
@@ -625,5 +627,175 @@ async fn bench_phishing_requests_per_poll() {
         serde_json::json!({"tests": 12, "recipients_per_test": per_test,
             "spacing_ms": knowbe4_source::knowbe4::reporting::reporting_spacing_for(&h.sim.base_url()).as_millis() as u64,
             "recipient_digest_items": shards, "polls": polls})
+    );
+}
+
+/// The `page` parameter of a recorded request.
+fn page_of(record: &RequestRecord) -> u32 {
+    record
+        .query
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("page="))
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The review's defect 2: a test whose recipients take more than one run restarted at
+/// page 1 every run and never finished. Here each run may send 3 Reporting requests (the
+/// daily limit, raised by an update after each run): the tests list (2) and one page of
+/// recipients. The 1,200-recipient test's pages are asked for 1, 2, 3, then the empty 4 —
+/// each once — and every recipient arrives exactly once. The stream's state item stays
+/// the same size whatever the number of tests (tracks and digests are in the change
+/// store, review defect 1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_test_larger_than_one_run_goes_on_where_it_stopped() {
+    clear_of_midnight(180).await;
+    let h = harness(SimConfig {
+        events: 0,
+        ..SimConfig::default()
+    })
+    .await;
+    let big = h.sim.add_phishing_test(1_200);
+    let mut json = middle_example(&h.sim.base_url());
+    json["source"]["config"]
+        .as_object_mut()
+        .unwrap()
+        .remove("apiKey");
+    let mut limit = 3;
+    let mut create = middle_example(&h.sim.base_url());
+    create["source"]["config"]["reportingDailyRequestLimit"] = limit.into();
+    let id = h.app.create(create, Some("resume".into())).await.unwrap();
+    let mut state_sizes = Vec::new();
+    for run in 0..4 {
+        if run > 0 {
+            limit += 3;
+            json["source"]["config"]["reportingDailyRequestLimit"] = limit.into();
+            h.app.update(&id, json.clone()).await.unwrap();
+        }
+        let report = collect_source_types(
+            h.app.run_context(),
+            &id,
+            deadline(60),
+            Trigger::Schedule,
+            None,
+        )
+        .await;
+        assert_eq!(report.outcome, Outcome::Collected, "run {run}: {report:?}");
+        let state = h.app.store.load_state(&id).await.unwrap().unwrap().value;
+        let phishing = state.phishing.expect("phishing state");
+        state_sizes.push(serde_json::to_string(&phishing).unwrap().len());
+        if run < 3 {
+            assert!(
+                report.detail.contains("daily limit"),
+                "run {run}: {report:?}"
+            );
+            assert_eq!(
+                phishing.resume.map(|r| (r.pst_id, r.page)),
+                Some((big, run + 2)),
+                "run {run}"
+            );
+        } else {
+            assert!(report.detail.contains("phishing: polled"), "{report:?}");
+            assert!(phishing.resume.is_none() && phishing.poll_started.is_none());
+        }
+    }
+    let pages: Vec<u32> = h
+        .sim
+        .reporting_requests()
+        .iter()
+        .filter(|r| r.path.contains(&format!("/{big}/")))
+        .map(page_of)
+        .collect();
+    assert_eq!(pages, [1, 2, 3, 4], "each page once, in order");
+    let got = Received::of(&h.sink);
+    got.assert_latest(&h.sim);
+    got.assert_no_unchanged_resent();
+    assert_eq!(got.recipient_messages(), 1_200, "each recipient once");
+
+    // More tests: the state item does not grow with them.
+    for _ in 0..5 {
+        h.sim.add_phishing_test(2);
+    }
+    json["source"]["config"]["reportingDailyRequestLimit"] = 1_000.into();
+    h.app.update(&id, json).await.unwrap();
+    let report = collect_source_types(
+        h.app.run_context(),
+        &id,
+        deadline(60),
+        Trigger::OnDemand,
+        Some(DataType::Phishing),
+    )
+    .await;
+    assert!(report.detail.contains("phishing: polled"), "{report:?}");
+    let state = h.app.store.load_state(&id).await.unwrap().unwrap().value;
+    let phishing = state.phishing.unwrap();
+    assert_eq!(phishing.tests_tracked, 6);
+    let size = serde_json::to_string(&phishing).unwrap().len();
+    let before = *state_sizes.last().unwrap();
+    assert!(
+        size <= before + 16,
+        "the state grew from {before} to {size} bytes with 5 more tests"
+    );
+    let tracks = h.app.store.load_digest_shards(&id, "tracks").await.unwrap();
+    assert!(!tracks.is_empty(), "tracks live in the change store");
+    Received::of(&h.sink).assert_latest(&h.sim);
+}
+
+/// Review defect 3: page-indexed shards were never cleaned and a record that moved pages
+/// was compared with a stale digest. Now a page's changes are appended to the list's log
+/// and a complete walk compacts it: by the fourth poll with results moving each time, the
+/// test's change state is back to the one shard its 40 recipients need (the old ones
+/// deleted), it never holds more than that plus the slack, and each change was forwarded
+/// once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_change_log_is_compacted_and_every_change_forwarded_once() {
+    let h = harness(SimConfig {
+        events: 0,
+        ..SimConfig::default()
+    })
+    .await;
+    let test = h.sim.add_phishing_test(40);
+    let id = h
+        .app
+        .create(middle_example(&h.sim.base_url()), Some("compact".into()))
+        .await
+        .unwrap();
+    let mut moved = 0;
+    let mut most_shards = 0;
+    for poll in 0..5 {
+        if poll > 0 {
+            moved += h.sim.progress_phishing(Some(test), 3).len();
+        }
+        let report = collect_source_types(
+            h.app.run_context(),
+            &id,
+            deadline(60),
+            Trigger::OnDemand,
+            Some(DataType::Phishing),
+        )
+        .await;
+        assert!(report.detail.contains("phishing: polled"), "{report:?}");
+        let shards = h
+            .app
+            .store
+            .load_digest_shards(&id, &test.to_string())
+            .await
+            .unwrap();
+        most_shards = most_shards.max(shards.len());
+        let seqs: Vec<u32> = shards.iter().map(|s| s.0).collect();
+        if poll == 3 {
+            // Four shards (one a poll) for 40 entries: compacted to one, past them.
+            assert_eq!(seqs, [5], "compacted");
+        }
+    }
+    assert!(most_shards <= 1 + knowbe4_source::domain::changes::COMPACT_SLACK);
+    let got = Received::of(&h.sink);
+    got.assert_latest(&h.sim);
+    got.assert_no_unchanged_resent();
+    assert_eq!(got.recipient_messages(), 40 + moved);
+    assert_eq!(
+        got.tests[&test].len(),
+        5,
+        "the test's counts moved every poll"
     );
 }
