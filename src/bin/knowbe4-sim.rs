@@ -8,7 +8,9 @@ use std::io::Write;
 use std::time::Duration;
 
 use clap::Parser;
-use knowbe4_source::testkit::sim::{CountMode, Reading, ReportingConfig, SimConfig, Simulator};
+use knowbe4_source::testkit::sim::{
+    CountMode, Reading, ReportingConfig, ReportingReading, SimConfig, Simulator,
+};
 
 /// Command-line options.
 #[derive(Debug, Parser)]
@@ -97,6 +99,22 @@ struct Args {
     /// Reporting API calls allowed per UTC day (unlimited when absent).
     #[arg(long)]
     reporting_daily_quota: Option<u32>,
+    /// The reading of the Reporting API's open details to play, by name: one of
+    /// `ReportingReading::all()` (honoured-500, cap-100, cap-50, page-ignored,
+    /// repeat-last, insert-front, rotate, throttled-retry-after, throttled-limit-wording,
+    /// large-records, throttled-long-retry-after).
+    #[arg(long, default_value = "honoured-500", value_parser = parse_reporting_reading)]
+    reporting_reading: ReportingReading,
+    /// Bytes of filler added to every Reporting record (overrides the reading's).
+    #[arg(long)]
+    reporting_record_padding: Option<usize>,
+}
+
+fn parse_reporting_reading(name: &str) -> Result<ReportingReading, String> {
+    ReportingReading::by_name(name).ok_or_else(|| {
+        let names: Vec<&str> = ReportingReading::all().iter().map(|(n, _)| *n).collect();
+        format!("unknown reading; one of: {}", names.join(", "))
+    })
 }
 
 #[tokio::main]
@@ -133,6 +151,12 @@ async fn main() -> std::io::Result<()> {
             token: args.reporting_token.clone(),
             daily_quota: args.reporting_daily_quota,
             enforce_limits: !args.no_rate_limit,
+            reading: ReportingReading {
+                record_padding: args
+                    .reporting_record_padding
+                    .unwrap_or(args.reporting_reading.record_padding),
+                ..args.reporting_reading
+            },
         },
     };
     let sim = std::sync::Arc::new(Simulator::spawn_on(config, args.port).await?);

@@ -63,26 +63,42 @@ pub enum ApiError {
     /// KnowBe4 did not see it, so it did not spend the account's quota.
     #[error("KnowBe4 could not be reached: {0}")]
     NotSent(String),
-    /// The body is not the documented shape.
+    /// A complete body that is not the documented shape. Deterministic: asking again
+    /// gets the same answer, so it is never retried (see [`ApiError::retriable`]).
     #[error("KnowBe4 sent a malformed response: {0}")]
     Malformed(String),
-    /// The body is larger than the client reads (a smaller page may fit).
-    #[error("KnowBe4's response is larger than {limit} bytes")]
+    /// A page that parses but does not fit the list it claims to be part of: no events (or
+    /// fewer than a full page) while more pages follow, or none while `count` says this
+    /// page holds some. A live list shrinking between KnowBe4 counting it and serving the
+    /// page answers this way, so asking again may get a consistent page: retriable.
+    #[error("KnowBe4 sent an inconsistent page: {0}")]
+    Inconsistent(String),
+    /// The body is larger than the client accepts (`limit` bytes); nothing was parsed.
+    /// Deterministic for the same request: the caller may ask for a smaller page instead
+    /// (the Reporting stream falls back from `per_page` 500 to 100).
+    #[error("KnowBe4 sent a response larger than {limit} bytes")]
     TooLarge {
-        /// The cap, in bytes.
+        /// The cap the body went over, in bytes.
         limit: usize,
     },
 }
 
 impl ApiError {
     /// Whether retrying the same request later in this run may succeed.
+    ///
+    /// Never for a deterministic answer: a complete body that does not parse
+    /// ([`Malformed`](ApiError::Malformed), e.g. a `200` that is not a list) or one over the
+    /// size cap ([`TooLarge`](ApiError::TooLarge)) would come back the same, and each
+    /// retry spends the account's shared quota. A body that broke off (the connection
+    /// closed early, or the JSON ends mid-value) is a [`Transport`](ApiError::Transport)
+    /// failure, and is retried.
     pub fn retriable(&self) -> bool {
         matches!(
             self,
             ApiError::RateLimited { .. }
                 | ApiError::Transport(_)
                 | ApiError::NotSent(_)
-                | ApiError::Malformed(_)
+                | ApiError::Inconsistent(_)
                 | ApiError::Status {
                     status: 408 | 500..=599
                 }
@@ -99,6 +115,7 @@ impl ApiError {
             ApiError::Status { .. } => "http_status",
             ApiError::Transport(_) | ApiError::NotSent(_) => "transport",
             ApiError::Malformed(_) => "malformed",
+            ApiError::Inconsistent(_) => "inconsistent",
             ApiError::TooLarge { .. } => "too_large",
         }
     }
@@ -292,13 +309,8 @@ impl KnowBe4Client {
                 }
             })?;
         let status = response.status().as_u16();
-        let retry_after = response
-            .headers()
-            .get("retry-after")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(Duration::from_secs);
-        let body = read_capped(response).await?;
+        let retry_after = retry_after(response.headers());
+        let body = read_capped(response, MAX_BODY_BYTES).await?;
         match status {
             200 => parse_page(&body, page),
             // No evidence that KnowBe4 answers 204 (it came from a template in one client):
@@ -348,23 +360,73 @@ fn transport(err: reqwest::Error) -> ApiError {
     }
 }
 
-async fn read_capped(response: reqwest::Response) -> Result<Vec<u8>, ApiError> {
+/// Reads the body, refusing one larger than `limit` bytes with [`ApiError::TooLarge`]:
+/// at once when `Content-Length` says so, else as soon as the bytes read pass it. A body
+/// that breaks off is [`ApiError::Transport`].
+pub(crate) async fn read_capped(
+    response: reqwest::Response,
+    limit: usize,
+) -> Result<Vec<u8>, ApiError> {
+    if response
+        .content_length()
+        .is_some_and(|length| length > limit as u64)
+    {
+        return Err(ApiError::TooLarge { limit });
+    }
     let mut body = Vec::new();
     let mut stream = response.bytes_stream();
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(transport)?;
-        if body.len() + chunk.len() > MAX_BODY_BYTES {
-            return Err(ApiError::Malformed(format!(
-                "response body larger than {MAX_BODY_BYTES} bytes"
-            )));
+        if body.len() + chunk.len() > limit {
+            return Err(ApiError::TooLarge { limit });
         }
         body.extend_from_slice(&chunk);
     }
     Ok(body)
 }
 
-/// Parses the `GET /events` body of page `page_no` into a page; any deviation is
-/// `Malformed`.
+/// `Retry-After` as a duration: delay-seconds, or an HTTP-date (time from now, zero when
+/// past). Not capped here: the caller decides what to do with a long one.
+pub fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    let value = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?;
+    parse_retry_after(value, time::OffsetDateTime::now_utc())
+}
+
+/// Parses a `Retry-After` value at `now`: seconds, or an IMF-fixdate
+/// (`Sun, 06 Nov 1994 08:49:37 GMT`).
+pub fn parse_retry_after(value: &str, now: time::OffsetDateTime) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let value = value
+        .strip_suffix("GMT")
+        .map_or_else(|| value.to_string(), |v| format!("{v}+0000"));
+    let at =
+        time::OffsetDateTime::parse(&value, &time::format_description::well_known::Rfc2822).ok()?;
+    Some(Duration::try_from(at - now).unwrap_or(Duration::ZERO))
+}
+
+/// The error for a complete `200` body that did not parse as JSON: one that ends in the
+/// middle of a value broke off on the way (a proxy or a connection closed early, without
+/// a length to tell), which asking again can mend; any other is malformed.
+pub(crate) fn unparsable(body: &[u8], error: &serde_json::Error) -> ApiError {
+    if error.is_eof() && !body.iter().all(u8::is_ascii_whitespace) {
+        return ApiError::Transport(format!(
+            "the response body broke off (the JSON ends after {} bytes)",
+            body.len()
+        ));
+    }
+    let head: String = String::from_utf8_lossy(&body[..body.len().min(40)])
+        .chars()
+        .filter(|c| !c.is_control())
+        .collect();
+    ApiError::Malformed(format!("{error} (body starts {head:?})"))
+}
+
+/// Parses the `GET /events` body of page `page_no` into a page; a deviation is
+/// `Malformed` (not retried), a page at odds with the list it belongs to `Inconsistent`
+/// (a live list can answer so once: retried), a body that ends mid-JSON `Transport`.
 ///
 /// Nothing here assumes a page size or what `meta.count` counts: whether more pages
 /// follow is read from `next_page`, `is_last_page` and `total_pages` / `current_page`,
@@ -377,17 +439,13 @@ async fn read_capped(response: reqwest::Response) -> Result<Vec<u8>, ApiError> {
 /// takes the time of its nearest dated neighbour on the page (so the walk keeps its
 /// place) and its id is listed in [`Page::undated`]; it is forwarded as sent.
 pub fn parse_page(body: &[u8], page_no: u32) -> Result<Page, ApiError> {
-    let parsed: EventsBody = serde_json::from_slice(body).map_err(|e| {
-        let head: String = String::from_utf8_lossy(&body[..body.len().min(40)])
-            .chars()
-            .filter(|c| !c.is_control())
-            .collect();
-        ApiError::Malformed(format!("{e} (body starts {head:?})"))
-    })?;
+    let parsed: EventsBody = serde_json::from_slice(body).map_err(|e| unparsable(body, &e))?;
     let meta = parsed
         .meta
         .ok_or_else(|| ApiError::Malformed("the response has no `meta`".into()))?;
     let malformed = |what: String| Err(ApiError::Malformed(format!("page {page_no}: {what}")));
+    let inconsistent =
+        |what: String| Err(ApiError::Inconsistent(format!("page {page_no}: {what}")));
     if let Some(current) = meta.current_page
         && current != u64::from(page_no)
     {
@@ -429,12 +487,12 @@ pub fn parse_page(body: &[u8], page_no: u32) -> Result<Page, ApiError> {
         .map_err(|what| ApiError::Malformed(format!("page {page_no}: {what}")))?;
     if more == Some(true) {
         if events.is_empty() {
-            return malformed("no events, but the response says more pages follow".into());
+            return inconsistent("no events, but the response says more pages follow".into());
         }
         if let Some(limit) = limit
             && events.len() < limit as usize
         {
-            return malformed(format!(
+            return inconsistent(format!(
                 "{} events, fewer than `limit_value` {limit}, but the response says more pages follow",
                 events.len()
             ));
@@ -445,7 +503,7 @@ pub fn parse_page(body: &[u8], page_no: u32) -> Result<Page, ApiError> {
         && count > u64::from(page_no.saturating_sub(1)) * u64::from(limit)
     {
         // Per page it would be 0; per list, this page would hold events.
-        return malformed(format!("no events, but `count` is {count}"));
+        return inconsistent(format!("no events, but `count` is {count}"));
     }
     Ok(Page {
         events,
@@ -548,14 +606,49 @@ mod tests {
             br#"{"data":{"id":"a"},"meta":{}}"#,
             br#"{"data":[]}"#,
             br#"{"data":[{"occurred_date":"2024-01-02T03:04:05Z"}],"meta":{}}"#,
-            br#"{"data":[{"id":"a","occurred_date":"2024-01-0"#,
             b"",
+            b"  ",
         ] {
-            assert!(
-                matches!(parse_page(body, 1), Err(ApiError::Malformed(_))),
-                "{body:?}"
-            );
+            let error = parse_page(body, 1).unwrap_err();
+            assert!(matches!(error, ApiError::Malformed(_)), "{body:?}");
+            assert!(!error.retriable(), "a complete answer is not asked again");
         }
+    }
+
+    #[test]
+    fn a_body_that_breaks_off_mid_json_is_a_transport_failure_and_retried() {
+        for body in [
+            &br#"{"data":[{"id":"a","occurred_date":"2024-01-0"#[..],
+            br#"{"data":["#,
+            b"{",
+        ] {
+            let error = parse_page(body, 1).unwrap_err();
+            assert!(matches!(error, ApiError::Transport(_)), "{body:?}: {error}");
+            assert!(error.retriable());
+        }
+    }
+
+    #[test]
+    fn retry_after_is_seconds_or_an_http_date_and_never_capped() {
+        let now = time::macros::datetime!(1994-11-06 08:49:00 UTC);
+        assert_eq!(
+            parse_retry_after("3600", now),
+            Some(Duration::from_secs(3600))
+        );
+        assert_eq!(
+            parse_retry_after(" 86400 ", now),
+            Some(Duration::from_secs(86_400))
+        );
+        assert_eq!(
+            parse_retry_after("Sun, 06 Nov 1994 08:49:37 GMT", now),
+            Some(Duration::from_secs(37))
+        );
+        assert_eq!(
+            parse_retry_after("Sun, 06 Nov 1994 08:48:00 GMT", now),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(parse_retry_after("soon", now), None);
+        assert_eq!(parse_retry_after("-1", now), None);
     }
 
     #[test]
@@ -584,12 +677,16 @@ mod tests {
             br#"{"data":[],"meta":{"count":500,"next_page":3,"is_last_page":false}}"#;
         assert!(matches!(
             parse_page(empty_middle, 2),
-            Err(ApiError::Malformed(_))
+            Err(ApiError::Inconsistent(_))
         ));
+        assert!(
+            parse_page(empty_middle, 2).unwrap_err().retriable(),
+            "asked again"
+        );
         let counted = br#"{"data":[],"meta":{"count":500,"limit_value":50}}"#;
         assert!(matches!(
             parse_page(counted, 2),
-            Err(ApiError::Malformed(_))
+            Err(ApiError::Inconsistent(_))
         ));
         let short = format!(
             r#"{{"data":[{}],"meta":{{"limit_value":50,"next_page":3}}}}"#,
@@ -597,7 +694,7 @@ mod tests {
         );
         assert!(matches!(
             parse_page(short.as_bytes(), 2),
-            Err(ApiError::Malformed(_))
+            Err(ApiError::Inconsistent(_))
         ));
         let end = br#"{"data":[],"meta":{"count":100,"next_page":null}}"#;
         assert!(parse_page(end, 2).unwrap().is_last(100));
@@ -686,6 +783,15 @@ mod tests {
         assert!(!ApiError::Status { status: 404 }.retriable());
         assert!(!ApiError::Unauthorized(401).retriable());
         assert!(!ApiError::QuotaExhausted.retriable());
+        assert!(!ApiError::Malformed("x".into()).retriable());
+        assert!(!ApiError::TooLarge { limit: 1 }.retriable());
+        assert!(ApiError::Transport("x".into()).retriable());
+        assert!(
+            ApiError::RateLimited {
+                retry_after: Some(Duration::from_secs(3600))
+            }
+            .retriable()
+        );
         assert_eq!(
             ApiError::Unauthorized(401).into_error().health_kind(),
             crate::HealthKind::ThirdPartyConfigError

@@ -6,6 +6,14 @@
 //! to answer `200` with `{"message": "Invalid Token"}`. Limits are the account's: 4
 //! requests per second, 50 per minute, 1,000 (+ seats) per day; over them, `429`.
 //!
+//! What it does not say, so the client assumes none of it: whether a server honours
+//! `per_page` 500 on every tenant, whether it honours `page` at all, whether the order is
+//! stable between requests, what a `429`'s body says, whether `Retry-After` is sent. So
+//! the page size is the caller's choice ([`REPORTING_PER_PAGE`], falling back to
+//! [`REPORTING_FALLBACK_PER_PAGE`] when a page is [too large](ApiError::TooLarge)), and
+//! every `429` is [`ApiError::RateLimited`] with the full `Retry-After`: the "daily
+//! limit" wording is documented for the User Event API only, never inferred here.
+//!
 //! Like the User Event client: one concrete client with an injected base URL, every
 //! request first waits for the account's limiter, and answers are classified into what
 //! the caller must do ([`ApiError`]). Items are kept as the exact text KnowBe4 sent, so
@@ -20,13 +28,32 @@ use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::value::RawValue;
 
-use super::events::{ApiError, MAX_BODY_BYTES};
+use super::events::{ApiError, read_capped, retry_after, unparsable};
 
 /// Items asked for per page: the most the API is recorded to accept.
 pub const REPORTING_PER_PAGE: u32 = 500;
-/// The page size a list falls back to when a page of [`REPORTING_PER_PAGE`] records is
-/// too large to read (the documented default page size).
+/// Items asked for per page after a page of [`REPORTING_PER_PAGE`] was
+/// [too large](ApiError::TooLarge): the API's documented default.
 pub const REPORTING_FALLBACK_PER_PAGE: u32 = 100;
+/// Largest Reporting API body read, in bytes (the User Event client keeps 2 MiB).
+///
+/// Why 8 MiB: a real security test is ~1.5 KB and a recipient ~1 KB, but both carry
+/// free text (names, templates) and fields the docs lack, and 2 MiB at 500 per page left
+/// only ~4 KB per record: a tenant over that could never be read. 8 MiB takes ~16 KB per
+/// record at 500 per page and ~80 KB at the fallback of 100, while bounding what a broken
+/// server can make the process hold: a page is held twice at most (the body, then its
+/// items), ~16 MiB, well inside a 128–256 MB Lambda. A page over it is
+/// [`ApiError::TooLarge`], which the caller meets by asking
+/// [`REPORTING_FALLBACK_PER_PAGE`].
+pub const REPORTING_MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
+// What the cap is for, checked at compile time: above the User Event client's, records of
+// 16 KB at 500 a page and of 80 KB at the fallback's 100 fit.
+const _: () = {
+    assert!(REPORTING_MAX_BODY_BYTES >= 4 * super::events::MAX_BODY_BYTES);
+    assert!(REPORTING_FALLBACK_PER_PAGE < REPORTING_PER_PAGE);
+    assert!(REPORTING_PER_PAGE as usize * 16_000 < REPORTING_MAX_BODY_BYTES);
+    assert!(REPORTING_FALLBACK_PER_PAGE as usize * 80_000 < REPORTING_MAX_BODY_BYTES);
+};
 /// Spacing between two requests to one account's Reporting API: 60 s / 50 requests =
 /// 1.2 s keeps any minute at 50 or fewer, and any second far below 4; 50 ms more absorbs
 /// scheduling jitter. One spacing satisfies both documented limits, whichever window
@@ -157,8 +184,10 @@ impl ReportingClient {
         self.limiter.until_ready().await;
     }
 
-    /// `GET /v1/phishing/security_tests?page=N&per_page=500`. The caller has reserved
-    /// the request in the account's ledger and waited for [`pace`](Self::pace).
+    /// `GET /v1/phishing/security_tests?page=N&per_page=M`. The caller has reserved
+    /// the request in the account's ledger and waited for [`pace`](Self::pace); it asks
+    /// [`REPORTING_PER_PAGE`], and [`REPORTING_FALLBACK_PER_PAGE`] after
+    /// [`ApiError::TooLarge`]. The server may serve fewer per page than asked.
     pub async fn security_tests_page(
         &self,
         page: u32,
@@ -168,7 +197,8 @@ impl ReportingClient {
             .await
     }
 
-    /// `GET /v1/phishing/security_tests/{pst_id}/recipients?page=N&per_page=500`.
+    /// `GET /v1/phishing/security_tests/{pst_id}/recipients?page=N&per_page=M`: as
+    /// [`security_tests_page`](Self::security_tests_page).
     pub async fn recipients_page(
         &self,
         pst_id: u64,
@@ -212,35 +242,20 @@ impl ReportingClient {
                 }
             })?;
         let status = response.status().as_u16();
-        let retry_after = response
-            .headers()
-            .get("retry-after")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(Duration::from_secs);
-        let body = read_capped(response).await?;
+        let retry_after = retry_after(response.headers());
+        if status == 429 {
+            // The body says nothing the client acts on: don't read a large one.
+            return classify(status, b"", retry_after);
+        }
+        let body = read_capped(response, REPORTING_MAX_BODY_BYTES).await?;
         classify(status, &body, retry_after)
     }
 }
 
-/// Reads the body, refusing one larger than [`MAX_BODY_BYTES`].
-async fn read_capped(response: reqwest::Response) -> Result<Vec<u8>, ApiError> {
-    use futures::StreamExt;
-    let mut body = Vec::new();
-    let mut stream = response.bytes_stream();
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| ApiError::Transport(e.without_url().to_string()))?;
-        if body.len() + chunk.len() > MAX_BODY_BYTES {
-            return Err(ApiError::TooLarge {
-                limit: MAX_BODY_BYTES,
-            });
-        }
-        body.extend_from_slice(&chunk);
-    }
-    Ok(body)
-}
-
-/// What an answer means: a page, or what the caller must do.
+/// What an answer means: a page, or what the caller must do. Every `429` is
+/// [`ApiError::RateLimited`] with `retry_after` as sent, whatever its body says: only the
+/// User Event API is documented to say "Limit Exceeded" for its daily limit, so no
+/// wording is read as the daily limit here (the account's ledger keeps that count).
 pub fn classify(
     status: u16,
     body: &[u8],
@@ -250,33 +265,35 @@ pub fn classify(
         200 => parse_list(body),
         401 | 403 => Err(ApiError::Unauthorized(status)),
         404 => Err(ApiError::NotKnowBe4),
-        429 if String::from_utf8_lossy(body).contains("Limit Exceeded") => {
-            Err(ApiError::QuotaExhausted)
-        }
         429 => Err(ApiError::RateLimited { retry_after }),
         _ => Err(ApiError::Status { status }),
     }
 }
 
 /// A `200` body: a JSON array of objects is a page; `{"message": "Invalid Token"}` (seen
-/// from KnowBe4 for a bad token) is a refused token; anything else is malformed, never
+/// from KnowBe4 for a bad token) is a refused token; a body that ends mid-JSON broke off
+/// ([`ApiError::Transport`], retriable); anything else is malformed (not retriable), never
 /// data.
 fn parse_list(body: &[u8]) -> Result<ReportingPage, ApiError> {
-    let text = std::str::from_utf8(body)
-        .map_err(|_| ApiError::Malformed("the body is not UTF-8".into()))?;
-    if let Ok(items) = serde_json::from_str::<Vec<Box<RawValue>>>(text) {
-        if let Some(bad) = items.iter().position(|i| !i.get().starts_with('{')) {
-            return Err(ApiError::Malformed(format!(
-                "item {bad} of the list is not a JSON object"
-            )));
+    let error = match serde_json::from_slice::<Vec<Box<RawValue>>>(body) {
+        Ok(items) => {
+            if let Some(bad) = items.iter().position(|i| !i.get().starts_with('{')) {
+                return Err(ApiError::Malformed(format!(
+                    "item {bad} of the list is not a JSON object"
+                )));
+            }
+            return Ok(ReportingPage { items });
         }
-        return Ok(ReportingPage { items });
+        Err(error) => error,
+    };
+    if let err @ ApiError::Transport(_) = unparsable(body, &error) {
+        return Err(err);
     }
     #[derive(serde::Deserialize)]
     struct Message {
         message: String,
     }
-    match serde_json::from_str::<Message>(text) {
+    match serde_json::from_slice::<Message>(body) {
         Ok(m) if m.message.to_ascii_lowercase().contains("token") => {
             // A 200 that refuses the token: no status to report, 401 is what it means.
             Err(ApiError::Unauthorized(401))
@@ -321,21 +338,64 @@ mod tests {
             b"<html>",
             b"[1, 2]",
             b"null",
+            b"[{\"a\":1}] trailing",
+            b"[{\"name\":\"\xff\"}]",
         ] {
+            let error = classify(200, body, None).unwrap_err();
             assert!(
-                matches!(classify(200, body, None), Err(ApiError::Malformed(_))),
-                "{}",
+                matches!(error, ApiError::Malformed(_)),
+                "{}: {error}",
                 String::from_utf8_lossy(body)
             );
+            assert!(!error.retriable(), "a complete answer is never asked again");
+        }
+        // The bad token's answer is not retried either.
+        assert!(
+            !classify(200, br#"{"message": "Invalid Token"}"#, None)
+                .unwrap_err()
+                .retriable()
+        );
+    }
+
+    #[test]
+    fn a_list_that_breaks_off_is_a_transport_failure_and_retried() {
+        for body in [
+            &br#"[{"pst_id":1,"name":"Q\u0026A"},{"pst_"#[..],
+            b"[",
+            b"[{\"name\":\"M\xc3",
+        ] {
+            let error = classify(200, body, None).unwrap_err();
+            assert!(matches!(error, ApiError::Transport(_)), "{error}");
+            assert!(error.retriable());
+        }
+    }
+
+    #[test]
+    fn every_429_is_rate_limited_with_the_full_retry_after_whatever_it_says() {
+        for body in [
+            &br#"{"message":"API Limit Exceeded"}"#[..],
+            br#"{"message":"Rate limit exceeded"}"#,
+            b"Too Many Requests",
+            b"",
+        ] {
+            for retry_after in [
+                None,
+                Some(Duration::from_secs(2)),
+                Some(Duration::from_secs(86_400)),
+            ] {
+                let error = classify(429, body, retry_after).unwrap_err();
+                assert!(
+                    matches!(error, ApiError::RateLimited { retry_after: r } if r == retry_after),
+                    "{}: {error:?}",
+                    String::from_utf8_lossy(body)
+                );
+                assert!(error.retriable());
+            }
         }
     }
 
     #[test]
     fn limits_and_refusals_are_told_apart() {
-        assert!(matches!(
-            classify(429, b"API Limit Exceeded", None),
-            Err(ApiError::QuotaExhausted)
-        ));
         assert!(matches!(
             classify(429, b"Rate limit exceeded", Some(Duration::from_secs(2))),
             Err(ApiError::RateLimited {

@@ -198,7 +198,7 @@ async fn serve_recorded_list(
 /// and the recorded empty page 2 ends the list.
 #[tokio::test]
 async fn recorded_security_test_lists_are_read_byte_for_byte() {
-    use knowbe4_source::knowbe4::reporting::ReportingClient;
+    use knowbe4_source::knowbe4::reporting::{REPORTING_PER_PAGE, ReportingClient};
     let entries = har_entries("fetchPhishingSecurityTestCollectData_3507336865.recording.har");
     for (recorded_path, errored) in [
         ("/v1/phishing/campaigns/229584/security_tests", false),
@@ -218,7 +218,7 @@ async fn recorded_security_test_lists_are_read_byte_for_byte() {
             Duration::from_secs(5),
         );
         let first = client
-            .security_tests_page(1, 500)
+            .security_tests_page(1, REPORTING_PER_PAGE)
             .await
             .expect("page 1 parses");
         let texts: Vec<&str> = first.items.iter().map(|i| i.get()).collect();
@@ -239,7 +239,7 @@ async fn recorded_security_test_lists_are_read_byte_for_byte() {
             assert_eq!(first.items.len(), tests.len(), "nothing dropped");
         }
         let second = client
-            .security_tests_page(2, 500)
+            .security_tests_page(2, REPORTING_PER_PAGE)
             .await
             .expect("page 2 parses");
         assert!(second.ends_list(), "the recorded empty page ends the list");

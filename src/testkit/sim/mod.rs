@@ -27,6 +27,9 @@
 //! | `POST /_sim/phishing/progress` | `{"count":n}` or `{"pst_id":id,"count":n}` | `{"recipient_ids":[...]}` |
 //! | `POST /_sim/phishing/close` | `{"pst_id":id}` | 204, or 404 |
 //! | `GET /_sim/phishing/requests` | | `[RequestRecord...]` of the Reporting API |
+//! | `GET /_sim/phishing/reading` | | the `ReportingReading` played |
+//! | `PUT /_sim/phishing/reading` | `{"name":"cap-100"}` (see `ReportingReading::all`) or a `ReportingReading` | 204, or 404 for an unknown name |
+//! | `POST /_sim/phishing/throttle` | `{"count":n}` | 204 (the next n Reporting requests answer 429) |
 //!
 //! The Reporting API (`/v1/phishing/security_tests`, `.../{pst_id}/recipients`) is served
 //! on the same port with its own token, limits and log: see `reporting`.
@@ -53,7 +56,10 @@ use time::OffsetDateTime;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-pub use reporting::{BURST_PER_MINUTE, BURST_PER_SECOND, ReportingConfig, ReportingStats};
+pub use reporting::{
+    BURST_PER_MINUTE, BURST_PER_SECOND, LARGE_RECORD_PADDING, Paging, ReportingConfig,
+    ReportingReading, ReportingStats, Shift, TooManyWording,
+};
 use server::{Shared, lock};
 use state::State;
 
@@ -468,6 +474,23 @@ impl Simulator {
     /// Closes a phishing security test; `false` when there is none with this id.
     pub fn close_phishing_test(&self, pst_id: u64) -> bool {
         lock(&self.shared).reporting.close(pst_id)
+    }
+
+    /// The reading of the Reporting API's open details played now.
+    pub fn reporting_reading(&self) -> ReportingReading {
+        lock(&self.shared).reporting.reading()
+    }
+
+    /// Plays another reading of the Reporting API from the next request on (tests pick
+    /// one at construction through [`ReportingConfig::reading`]).
+    pub fn set_reporting_reading(&self, reading: ReportingReading) {
+        lock(&self.shared).reporting.set_reading(reading);
+    }
+
+    /// Answers the next `count` Reporting API requests 429, worded as the reading says
+    /// and with its `Retry-After`, whatever the limits.
+    pub fn throttle_reporting(&self, count: u32) {
+        lock(&self.shared).reporting.throttle(count);
     }
 
     /// Replaces the Reporting API token.

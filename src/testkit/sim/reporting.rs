@@ -8,6 +8,11 @@
 //! `200 {"message": "Invalid Token"}`; the account's limits (4 requests in any second,
 //! 50 in any minute, a daily quota), over which it answers 429. Recipients' results move
 //! on when a test asks ([`Reporting::progress`]), and tests can be added and closed.
+//!
+//! What the record leaves open is played per simulator by a [`ReportingReading`]: how
+//! large a page it serves, whether it honours `page` and ends a list, whether the order
+//! holds still between requests, what a 429 looks like, how large records are. Tests run
+//! across [`ReportingReading::matrix`].
 
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -27,6 +32,220 @@ const RATE_BODY: &str = r#"{"message":"Rate limit exceeded"}"#;
 const QUOTA_BODY: &str = r#"{"message":"API Limit Exceeded"}"#;
 const INVALID_TOKEN_BODY: &str = r#"{"message":"Invalid Token"}"#;
 
+/// How the server pages past the end of a list, or at all.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Paging {
+    /// `page` is honoured; past the last item, `[]` [REC].
+    Honoured,
+    /// `page` is ignored: every request answers page 1, so a list longer than a page
+    /// cannot be read past it, and no list ever reaches an empty page.
+    PageIgnored,
+    /// `page` is honoured up to the last non-empty page; past it, that page again (a list
+    /// that never ends with `[]`). An empty list is still `[]`.
+    RepeatLast,
+}
+
+/// Whether a list holds still between two requests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Shift {
+    /// The same order on every request (by `pst_id`, by recipient).
+    Stable,
+    /// Tests are served newest first, and before each request for a page after the first
+    /// a new test (one recipient) is created: every later record moves one place down,
+    /// across the page boundary (the last record of page N is read again on page N+1).
+    /// Recipients lists are served newest first too, without growing.
+    InsertFront,
+    /// Re-sorted on every list request: the order is rotated one place further each time
+    /// (the last record moves to the front), for both lists; the oracle's order does not
+    /// change. Between two page reads a record moves across each page boundary.
+    Rotate,
+}
+
+/// What a 429 says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TooManyWording {
+    /// `{"message":"Rate limit exceeded"}` over the burst limits and when throttled,
+    /// `{"message":"API Limit Exceeded"}` over the daily quota.
+    ByCause,
+    /// Always `{"message":"Rate limit exceeded"}`.
+    RateLimitExceeded,
+    /// Always `{"message":"API Limit Exceeded"}`: the User Event API's daily-limit
+    /// wording, here on every 429 (burst ones included), so a client that reads it as
+    /// "the day is over" is caught.
+    LimitExceeded,
+    /// Always `Too Many Requests` as `text/plain` (a gateway's answer).
+    TooManyRequests,
+}
+
+/// One reading of what the public record leaves open about the Reporting API
+/// (`shared/reference/knowbe4-api.md`: only `per_page=500` accepted, `page=2` → `[]`,
+/// `429` over a limit and no rate-limit headers on 200s are recorded or documented).
+/// The default is today's: `per_page` honoured up to 500, `page` honoured, a stable
+/// order, 429 bodies by cause without `Retry-After`, records of realistic size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ReportingReading {
+    /// Largest `per_page` served (500 accepted [REC]; 100 is the documented default, and
+    /// a tenant capped lower is not excluded). A request naming none gets
+    /// `min(100, max_per_page)`.
+    pub max_per_page: u32,
+    /// Whether `page` is honoured and a list ends with `[]`.
+    pub paging: Paging,
+    /// Whether the order holds still between requests.
+    pub shift: Shift,
+    /// What a 429 says.
+    pub wording: TooManyWording,
+    /// `Retry-After` (seconds) on every 429; `None` sends none.
+    pub retry_after_secs: Option<u64>,
+    /// Every this many Reporting requests (counting all, 0 = never), one is answered 429
+    /// although this client kept the limits: other integrations share the account's.
+    pub throttle_every: u32,
+    /// Bytes of filler (`"sim_padding":"xxx…"`, an unknown field) added to every record
+    /// served, to play tenants whose records are large.
+    pub record_padding: usize,
+}
+
+impl Default for ReportingReading {
+    fn default() -> Self {
+        ReportingReading {
+            max_per_page: 500,
+            paging: Paging::Honoured,
+            shift: Shift::Stable,
+            wording: TooManyWording::ByCause,
+            retry_after_secs: None,
+            throttle_every: 0,
+            record_padding: 0,
+        }
+    }
+}
+
+/// Padding per record of the `large-records` reading: a page of 500 is twice the
+/// client's body cap, a page of 100 is 40% of it.
+pub const LARGE_RECORD_PADDING: usize = crate::knowbe4::reporting::REPORTING_MAX_BODY_BYTES / 250;
+
+impl ReportingReading {
+    /// The readings tests run across, each with a short name (also accepted by
+    /// [`by_name`](Self::by_name), the control API and `knowbe4-sim --reporting-reading`):
+    ///
+    /// - `honoured-500`: the default (`per_page` up to 500, `page` honoured, stable).
+    /// - `cap-100`, `cap-50`: pages capped at 100 (the documented default) and at 50.
+    /// - `page-ignored`: every request answers page 1 (capped at 100).
+    /// - `repeat-last`: past the end, the last non-empty page again (capped at 100).
+    /// - `insert-front`: a new test is created before each page after the first; newest
+    ///   first (capped at 100).
+    /// - `rotate`: the order rotates by one on each request (capped at 100).
+    /// - `throttled-retry-after`: every 3rd request 429 `Too Many Requests` with
+    ///   `Retry-After: 1`.
+    /// - `throttled-limit-wording`: every 3rd request 429 with the events API's
+    ///   "API Limit Exceeded" wording and no `Retry-After`.
+    /// - `large-records`: each record padded by [`LARGE_RECORD_PADDING`] bytes: a page of
+    ///   500 is over the client's cap, one of 100 is not.
+    ///
+    /// Under `page-ignored` and `repeat-last` a list never reaches an empty page, and
+    /// under `page-ignored` a list longer than one page cannot be read past its first;
+    /// under `insert-front` and `rotate` one walk can miss or repeat records. What a
+    /// collector must achieve under each is for its tests to say. A reading whose 429s
+    /// ask for an hour is in [`all`](Self::all), not here: nothing completes under it.
+    pub fn matrix() -> Vec<(&'static str, ReportingReading)> {
+        let base = ReportingReading::default();
+        let capped = ReportingReading {
+            max_per_page: 100,
+            ..base
+        };
+        vec![
+            ("honoured-500", base),
+            ("cap-100", capped),
+            (
+                "cap-50",
+                ReportingReading {
+                    max_per_page: 50,
+                    ..base
+                },
+            ),
+            (
+                "page-ignored",
+                ReportingReading {
+                    paging: Paging::PageIgnored,
+                    ..capped
+                },
+            ),
+            (
+                "repeat-last",
+                ReportingReading {
+                    paging: Paging::RepeatLast,
+                    ..capped
+                },
+            ),
+            (
+                "insert-front",
+                ReportingReading {
+                    shift: Shift::InsertFront,
+                    ..capped
+                },
+            ),
+            (
+                "rotate",
+                ReportingReading {
+                    shift: Shift::Rotate,
+                    ..capped
+                },
+            ),
+            (
+                "throttled-retry-after",
+                ReportingReading {
+                    wording: TooManyWording::TooManyRequests,
+                    retry_after_secs: Some(1),
+                    throttle_every: 3,
+                    ..base
+                },
+            ),
+            (
+                "throttled-limit-wording",
+                ReportingReading {
+                    wording: TooManyWording::LimitExceeded,
+                    retry_after_secs: None,
+                    throttle_every: 3,
+                    ..base
+                },
+            ),
+            (
+                "large-records",
+                ReportingReading {
+                    record_padding: LARGE_RECORD_PADDING,
+                    ..base
+                },
+            ),
+        ]
+    }
+
+    /// [`matrix`](Self::matrix) and the readings nothing completes under:
+    /// `throttled-long-retry-after` (every 3rd request 429 with `Retry-After: 3600`).
+    pub fn all() -> Vec<(&'static str, ReportingReading)> {
+        let mut all = Self::matrix();
+        all.push((
+            "throttled-long-retry-after",
+            ReportingReading {
+                wording: TooManyWording::RateLimitExceeded,
+                retry_after_secs: Some(3600),
+                throttle_every: 3,
+                ..ReportingReading::default()
+            },
+        ));
+        all
+    }
+
+    /// The reading of [`all`](Self::all) with this name.
+    pub fn by_name(name: &str) -> Option<ReportingReading> {
+        Self::all()
+            .into_iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, reading)| reading)
+    }
+}
+
 /// How the Reporting side starts.
 #[derive(Clone)]
 pub struct ReportingConfig {
@@ -37,6 +256,8 @@ pub struct ReportingConfig {
     /// Whether requests over 4 a second or 50 a minute are answered 429 (they are counted
     /// as violations either way).
     pub enforce_limits: bool,
+    /// The reading of the API's open details to play.
+    pub reading: ReportingReading,
 }
 
 impl Default for ReportingConfig {
@@ -45,6 +266,7 @@ impl Default for ReportingConfig {
             token: "sim-reporting-token".into(),
             daily_quota: None,
             enforce_limits: true,
+            reading: ReportingReading::default(),
         }
     }
 }
@@ -55,6 +277,7 @@ impl std::fmt::Debug for ReportingConfig {
             .field("token", &"[redacted]")
             .field("daily_quota", &self.daily_quota)
             .field("enforce_limits", &self.enforce_limits)
+            .field("reading", &self.reading)
             .finish()
     }
 }
@@ -114,6 +337,10 @@ pub(crate) struct Reporting {
     quota_day: time::Date,
     /// Which recipient `progress` moves next, per test (round robin).
     cursor: BTreeMap<u64, usize>,
+    /// List answers served so far (the `rotate` reading's clock).
+    lists_served: u64,
+    /// Requests still to be answered 429 whatever the limits ([`Reporting::throttle`]).
+    throttle_next: u32,
 }
 
 fn now_rfc3339() -> String {
@@ -124,18 +351,36 @@ fn now_rfc3339() -> String {
     now.format(&Rfc3339).unwrap_or_default()
 }
 
-/// A decided answer: status and JSON body.
+/// A decided answer: status, body and headers.
 pub(crate) struct Answer {
     /// HTTP status code.
     pub status: u16,
-    /// The JSON body.
+    /// The body (JSON unless `content_type` says otherwise).
     pub body: String,
+    /// `Content-Type` of the body.
+    pub content_type: &'static str,
+    /// `Retry-After` in seconds, when sent.
+    pub retry_after: Option<u64>,
 }
 
 impl Answer {
     fn json(status: u16, body: String) -> Self {
-        Answer { status, body }
+        Answer {
+            status,
+            body,
+            content_type: "application/json; charset=utf-8",
+            retry_after: None,
+        }
     }
+}
+
+/// Why a request is answered 429.
+#[derive(Clone, Copy)]
+enum TooMany {
+    /// Over 4 in a second or 50 in a minute, or throttled by the reading.
+    Rate,
+    /// Over the daily quota.
+    Quota,
 }
 
 impl Reporting {
@@ -150,7 +395,44 @@ impl Reporting {
             stats: ReportingStats::default(),
             quota_day: OffsetDateTime::now_utc().date(),
             cursor: BTreeMap::new(),
+            lists_served: 0,
+            throttle_next: 0,
         }
+    }
+
+    /// The reading played.
+    pub fn reading(&self) -> ReportingReading {
+        self.config.reading
+    }
+
+    /// Plays another reading from the next request on.
+    pub fn set_reading(&mut self, reading: ReportingReading) {
+        self.config.reading = reading;
+    }
+
+    /// Answers the next `count` requests 429 (in the reading's wording, with its
+    /// `Retry-After`), as when other integrations used the account's limits.
+    pub fn throttle(&mut self, count: u32) {
+        self.throttle_next = self.throttle_next.saturating_add(count);
+    }
+
+    /// A 429 as the reading words it.
+    fn too_many(&self, cause: TooMany) -> Answer {
+        let reading = &self.config.reading;
+        let mut answer = match (reading.wording, cause) {
+            (TooManyWording::ByCause, TooMany::Rate) | (TooManyWording::RateLimitExceeded, _) => {
+                Answer::json(429, RATE_BODY.to_string())
+            }
+            (TooManyWording::ByCause, TooMany::Quota) | (TooManyWording::LimitExceeded, _) => {
+                Answer::json(429, QUOTA_BODY.to_string())
+            }
+            (TooManyWording::TooManyRequests, _) => Answer {
+                content_type: "text/plain; charset=utf-8",
+                ..Answer::json(429, "Too Many Requests".to_string())
+            },
+        };
+        answer.retry_after = reading.retry_after_secs;
+        answer
     }
 
     /// Adds a test in progress with `recipients` recipients (results still empty); returns
@@ -327,14 +609,20 @@ impl Reporting {
                 Some(scheme.eq_ignore_ascii_case("bearer") && token.trim() == self.config.token)
             })
             .unwrap_or(false);
+        let every = self.config.reading.throttle_every;
+        let throttled = self.throttle_next > 0
+            || (every > 0 && self.stats.requests.is_multiple_of(u64::from(every)));
         let reply = if (over_second || over_minute) && self.config.enforce_limits {
-            Answer::json(429, RATE_BODY.to_string())
+            self.too_many(TooMany::Rate)
         } else if self
             .config
             .daily_quota
             .is_some_and(|quota| used_before >= u64::from(quota))
         {
-            Answer::json(429, QUOTA_BODY.to_string())
+            self.too_many(TooMany::Quota)
+        } else if throttled {
+            self.throttle_next = self.throttle_next.saturating_sub(1);
+            self.too_many(TooMany::Rate)
         } else if !authorized {
             // What KnowBe4 has been seen to answer: a 200 that is not a list.
             Answer::json(200, INVALID_TOKEN_BODY.to_string())
@@ -356,11 +644,17 @@ impl Reporting {
         reply
     }
 
-    fn route(&self, method: &str, path: &str, query: &str) -> Answer {
+    fn route(&mut self, method: &str, path: &str, query: &str) -> Answer {
         let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
-        let (page, per_page) = paging(query);
-        let items: Vec<Value> = match (method, segments.as_slice()) {
-            ("GET", ["v1", "phishing", "security_tests"]) => self.tests_json(),
+        let reading = self.config.reading;
+        let (page, per_page) = paging(query, reading.max_per_page as usize);
+        let mut items: Vec<Value> = match (method, segments.as_slice()) {
+            ("GET", ["v1", "phishing", "security_tests"]) => {
+                if reading.shift == Shift::InsertFront && page > 1 {
+                    self.add_test(1);
+                }
+                self.tests_json()
+            }
             ("GET", ["v1", "phishing", "security_tests", id, "recipients"]) => {
                 match id
                     .parse::<u64>()
@@ -373,8 +667,33 @@ impl Reporting {
             }
             _ => return Answer::json(404, r#"{"message":"Not Found"}"#.into()),
         };
+        match reading.shift {
+            Shift::Stable => {}
+            Shift::InsertFront => items.reverse(),
+            Shift::Rotate => {
+                if !items.is_empty() {
+                    let by = (self.lists_served % items.len() as u64) as usize;
+                    items.rotate_right(by);
+                }
+            }
+        }
+        self.lists_served += 1;
+        let last_page = items.len().div_ceil(per_page).max(1);
+        let page = match reading.paging {
+            Paging::Honoured => page,
+            Paging::PageIgnored => 1,
+            Paging::RepeatLast => page.min(last_page),
+        };
         let start = (page - 1).saturating_mul(per_page);
-        let on_page: Vec<&Value> = items.iter().skip(start).take(per_page).collect();
+        let mut on_page: Vec<Value> = items.into_iter().skip(start).take(per_page).collect();
+        if reading.record_padding > 0 {
+            let padding = Value::String("x".repeat(reading.record_padding));
+            for item in &mut on_page {
+                if let Value::Object(fields) = item {
+                    fields.insert("sim_padding".into(), padding.clone());
+                }
+            }
+        }
         let body = serde_json::to_string(&on_page).unwrap_or_else(|_| "[]".into());
         // Rails escapes `&` in JSON; outside strings JSON has no `&`, so this only
         // touches string contents.
@@ -382,18 +701,19 @@ impl Reporting {
     }
 }
 
-/// `page` (1-based, default 1) and `per_page` (default 100, at most 500).
-fn paging(query: &str) -> (usize, usize) {
+/// `page` (1-based, default 1) and `per_page` (default 100, at most `max`).
+fn paging(query: &str, max: usize) -> (usize, usize) {
+    let max = max.max(1);
     let mut page = 1usize;
     let mut per_page = 100usize;
     for pair in query.split('&') {
         match pair.split_once('=') {
             Some(("page", v)) => page = v.parse().unwrap_or(1).max(1),
-            Some(("per_page", v)) => per_page = v.parse().unwrap_or(100).clamp(1, 500),
+            Some(("per_page", v)) => per_page = v.parse().unwrap_or(100).max(1),
             _ => {}
         }
     }
-    (page, per_page)
+    (page, per_page.min(max))
 }
 
 fn test_json(test: &Test) -> Value {
@@ -551,6 +871,282 @@ mod tests {
             (refused.status, refused.body.as_str()),
             (200, INVALID_TOKEN_BODY)
         );
+    }
+
+    const TOKEN: &str = "sim-reporting-token";
+
+    /// A Reporting side playing `reading` with `tests` tests (none with recipients) and a
+    /// test with `recipients` recipients, whose `pst_id` is returned.
+    fn playing(reading: ReportingReading, tests: usize, recipients: usize) -> (Reporting, u64) {
+        let mut r = Reporting::new(ReportingConfig {
+            enforce_limits: false,
+            reading,
+            ..Default::default()
+        });
+        let pst = r.add_test(recipients);
+        for _ in 0..tests {
+            r.add_test(0);
+        }
+        (r, pst)
+    }
+
+    /// The ids (`pst_id` or `recipient_id`) on a page.
+    fn ids(r: &mut Reporting, path: &str, query: &str) -> Vec<u64> {
+        let answer = get(r, path, query, TOKEN);
+        assert_eq!(answer.status, 200, "{}", answer.body);
+        let key = if path.ends_with("recipients") {
+            "recipient_id"
+        } else {
+            "pst_id"
+        };
+        serde_json::from_str::<Vec<Value>>(&answer.body)
+            .unwrap()
+            .iter()
+            .map(|v| v[key].as_u64().unwrap())
+            .collect()
+    }
+
+    const TESTS: &str = "/v1/phishing/security_tests";
+
+    fn recipients(pst: u64) -> String {
+        format!("/v1/phishing/security_tests/{pst}/recipients")
+    }
+
+    #[test]
+    fn the_matrix_names_each_reading_once_and_by_name_finds_them() {
+        let all = ReportingReading::all();
+        let names: std::collections::BTreeSet<&str> = all.iter().map(|(n, _)| *n).collect();
+        assert_eq!(names.len(), all.len(), "names are unique");
+        assert!(all.len() > ReportingReading::matrix().len());
+        for (name, reading) in &all {
+            assert_eq!(ReportingReading::by_name(name), Some(*reading));
+        }
+        assert_eq!(
+            ReportingReading::by_name("honoured-500"),
+            Some(ReportingReading::default())
+        );
+        assert_eq!(ReportingReading::by_name("no-such-reading"), None);
+        // Serde: missing members take the default's.
+        let parsed: ReportingReading =
+            serde_json::from_str(r#"{"max_per_page":100,"paging":"page_ignored"}"#).unwrap();
+        assert_eq!(parsed, ReportingReading::by_name("page-ignored").unwrap());
+    }
+
+    #[test]
+    fn per_page_is_honoured_up_to_the_readings_cap() {
+        for (cap, asked, served) in [
+            (500, 500, 500),
+            (500, 700, 500),
+            (100, 500, 100),
+            (50, 500, 50),
+            (50, 20, 20),
+        ] {
+            let reading = ReportingReading {
+                max_per_page: cap,
+                ..Default::default()
+            };
+            let (mut r, pst) = playing(reading, 0, 600);
+            let page = ids(
+                &mut r,
+                &recipients(pst),
+                &format!("page=1&per_page={asked}"),
+            );
+            assert_eq!(page.len(), served, "cap {cap}, asked {asked}");
+            // Page 2 follows on from page 1 at the size served.
+            let next = ids(
+                &mut r,
+                &recipients(pst),
+                &format!("page=2&per_page={asked}"),
+            );
+            assert_eq!(next[0], page[served - 1] + 1);
+        }
+        // No per_page: the documented default of 100, within the cap.
+        let (mut r, pst) = playing(ReportingReading::by_name("cap-50").unwrap(), 0, 600);
+        assert_eq!(ids(&mut r, &recipients(pst), "page=1").len(), 50);
+        let (mut r, pst) = playing(ReportingReading::default(), 0, 600);
+        assert_eq!(ids(&mut r, &recipients(pst), "").len(), 100);
+    }
+
+    #[test]
+    fn page_ignored_answers_page_one_to_every_page() {
+        let (mut r, pst) = playing(ReportingReading::by_name("page-ignored").unwrap(), 0, 250);
+        let first = ids(&mut r, &recipients(pst), "page=1&per_page=500");
+        assert_eq!(first.len(), 100);
+        for page in [2, 3, 9] {
+            let again = ids(
+                &mut r,
+                &recipients(pst),
+                &format!("page={page}&per_page=500"),
+            );
+            assert_eq!(again, first, "page {page}");
+        }
+        // Even a list shorter than a page never answers `[]`.
+        let (mut r, _) = playing(ReportingReading::by_name("page-ignored").unwrap(), 2, 0);
+        assert_eq!(ids(&mut r, TESTS, "page=2&per_page=500").len(), 3);
+    }
+
+    #[test]
+    fn repeat_last_answers_the_last_page_past_the_end() {
+        let (mut r, pst) = playing(ReportingReading::by_name("repeat-last").unwrap(), 0, 250);
+        let pages: Vec<Vec<u64>> = (1..=5)
+            .map(|page| {
+                ids(
+                    &mut r,
+                    &recipients(pst),
+                    &format!("page={page}&per_page=500"),
+                )
+            })
+            .collect();
+        assert_eq!(
+            pages.iter().map(Vec::len).collect::<Vec<_>>(),
+            [100, 100, 50, 50, 50]
+        );
+        assert_eq!(pages[3], pages[2]);
+        assert_eq!(pages[4], pages[2]);
+        // An empty list is still `[]`.
+        let mut empty = Reporting::new(ReportingConfig {
+            enforce_limits: false,
+            reading: ReportingReading::by_name("repeat-last").unwrap(),
+            ..Default::default()
+        });
+        assert_eq!(get(&mut empty, TESTS, "page=3", TOKEN).body, "[]");
+    }
+
+    #[test]
+    fn insert_front_moves_the_last_record_of_a_page_onto_the_next() {
+        let (mut r, pst) = playing(ReportingReading::by_name("insert-front").unwrap(), 149, 5);
+        let first = ids(&mut r, TESTS, "page=1&per_page=500");
+        assert_eq!(first.len(), 100);
+        assert!(first.windows(2).all(|w| w[0] > w[1]), "newest first");
+        assert_eq!(r.tests.len(), 150, "page 1 adds nothing");
+        let second = ids(&mut r, TESTS, "page=2&per_page=500");
+        assert_eq!(r.tests.len(), 151, "a test was created before page 2");
+        assert_eq!(second[0], first[99], "moved across the boundary");
+        assert_eq!(second.len(), 51);
+        // Recipients: newest first, the list does not grow.
+        let people = ids(&mut r, &recipients(pst), "page=2&per_page=2");
+        assert_eq!(people.len(), 2);
+        assert!(people[0] > people[1]);
+        assert_eq!(r.tests.len(), 151);
+    }
+
+    #[test]
+    fn rotate_moves_records_across_page_boundaries_between_requests() {
+        let (mut r, pst) = playing(ReportingReading::by_name("rotate").unwrap(), 0, 250);
+        let stable = r
+            .recipients_json(pst)
+            .iter()
+            .map(|v| v["recipient_id"].as_u64().unwrap())
+            .collect::<Vec<_>>();
+        let first = ids(&mut r, &recipients(pst), "page=1&per_page=100");
+        let second = ids(&mut r, &recipients(pst), "page=2&per_page=100");
+        assert_eq!(first, stable[..100], "the first request is in order");
+        assert_eq!(second[0], first[99], "the last of page 1 is now on page 2");
+        assert_eq!(second[1..], stable[100..199]);
+        let first_again = ids(&mut r, &recipients(pst), "page=1&per_page=100");
+        assert_ne!(first_again, first, "re-sorted again");
+        assert_eq!(first_again[0], stable[248]);
+        let oracle = r
+            .recipients_json(pst)
+            .iter()
+            .map(|v| v["recipient_id"].as_u64().unwrap())
+            .collect::<Vec<_>>();
+        assert_eq!(oracle, stable, "the oracle's order does not move");
+    }
+
+    #[test]
+    fn throttled_readings_answer_429_as_they_say() {
+        let reading = ReportingReading::by_name("throttled-retry-after").unwrap();
+        let (mut r, _) = playing(reading, 1, 0);
+        let answers: Vec<Answer> = (0..6).map(|_| get(&mut r, TESTS, "", TOKEN)).collect();
+        let statuses: Vec<u16> = answers.iter().map(|a| a.status).collect();
+        assert_eq!(statuses, [200, 200, 429, 200, 200, 429]);
+        let refused = &answers[2];
+        assert_eq!(
+            (
+                refused.body.as_str(),
+                refused.content_type,
+                refused.retry_after
+            ),
+            ("Too Many Requests", "text/plain; charset=utf-8", Some(1))
+        );
+        assert_eq!(answers[0].retry_after, None, "no Retry-After on a 200");
+        assert_eq!(r.stats().answered_429, 2);
+
+        let reading = ReportingReading::by_name("throttled-limit-wording").unwrap();
+        let (mut r, _) = playing(reading, 1, 0);
+        let refused = (0..3)
+            .map(|_| get(&mut r, TESTS, "", TOKEN))
+            .last()
+            .unwrap();
+        assert_eq!(
+            (refused.status, refused.body.as_str(), refused.retry_after),
+            (429, QUOTA_BODY, None)
+        );
+
+        let reading = ReportingReading::by_name("throttled-long-retry-after").unwrap();
+        let (mut r, _) = playing(reading, 1, 0);
+        let refused = (0..3)
+            .map(|_| get(&mut r, TESTS, "", TOKEN))
+            .last()
+            .unwrap();
+        assert_eq!(
+            (refused.status, refused.body.as_str(), refused.retry_after),
+            (429, RATE_BODY, Some(3600))
+        );
+    }
+
+    #[test]
+    fn throttle_answers_the_next_requests_429_in_the_readings_words() {
+        let (mut r, _) = playing(ReportingReading::default(), 1, 0);
+        r.throttle(2);
+        let statuses: Vec<(u16, String, Option<u64>)> = (0..3)
+            .map(|_| get(&mut r, TESTS, "", TOKEN))
+            .map(|a| (a.status, a.body, a.retry_after))
+            .collect();
+        assert_eq!(statuses[0], (429, RATE_BODY.to_string(), None));
+        assert_eq!(statuses[1].0, 429);
+        assert_eq!(statuses[2].0, 200);
+        // The daily quota's 429 is worded by cause by default, and as the reading says
+        // otherwise, with the reading's Retry-After.
+        let mut r = Reporting::new(ReportingConfig {
+            enforce_limits: false,
+            daily_quota: Some(0),
+            ..Default::default()
+        });
+        assert_eq!(get(&mut r, TESTS, "", TOKEN).body, QUOTA_BODY);
+        r.set_reading(ReportingReading {
+            wording: TooManyWording::RateLimitExceeded,
+            retry_after_secs: Some(7),
+            ..Default::default()
+        });
+        let answer = get(&mut r, TESTS, "", TOKEN);
+        assert_eq!(
+            (answer.status, answer.body.as_str(), answer.retry_after),
+            (429, RATE_BODY, Some(7))
+        );
+    }
+
+    #[test]
+    fn large_records_put_a_page_of_500_over_the_clients_cap_and_100_under() {
+        let cap = crate::knowbe4::reporting::REPORTING_MAX_BODY_BYTES;
+        let (mut r, pst) = playing(ReportingReading::by_name("large-records").unwrap(), 0, 500);
+        let big = get(&mut r, &recipients(pst), "page=1&per_page=500", TOKEN);
+        assert!(big.body.len() > cap, "{} bytes", big.body.len());
+        let small = get(&mut r, &recipients(pst), "page=1&per_page=100", TOKEN);
+        assert!(small.body.len() < cap / 2, "{} bytes", small.body.len());
+        let items: Vec<Value> = serde_json::from_str(&small.body).unwrap();
+        assert_eq!(items.len(), 100);
+        assert_eq!(
+            items[0]["sim_padding"].as_str().map(str::len),
+            Some(LARGE_RECORD_PADDING)
+        );
+        assert!(small.body.contains(r"\u0026"), "still escaped");
+        // Without padding, a page of 500 is far under the cap.
+        let (mut r, pst) = playing(ReportingReading::default(), 0, 500);
+        let plain = get(&mut r, &recipients(pst), "page=1&per_page=500", TOKEN);
+        assert!(plain.body.len() < cap / 8);
+        assert!(!plain.body.contains("sim_padding"));
     }
 
     #[test]

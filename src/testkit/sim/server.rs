@@ -24,9 +24,9 @@ use time::OffsetDateTime;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 
-use super::Fault;
 use super::events::millis_of;
 use super::state::{Delivery, Reply, State};
+use super::{Fault, ReportingReading};
 
 /// The state shared by the handlers and the [`super::Simulator`] handle.
 pub(crate) type Shared = Arc<Mutex<State>>;
@@ -182,6 +182,11 @@ pub(crate) fn router(shared: Shared) -> Router {
         .route("/_sim/phishing/progress", post(control_phishing_progress))
         .route("/_sim/phishing/close", post(control_phishing_close))
         .route("/_sim/phishing/requests", get(control_phishing_requests))
+        .route(
+            "/_sim/phishing/reading",
+            get(control_phishing_reading).put(control_phishing_set_reading),
+        )
+        .route("/_sim/phishing/throttle", post(control_phishing_throttle))
         .route("/_sim/stats", get(control_stats))
         .fallback(api)
         .with_state(shared)
@@ -469,4 +474,58 @@ async fn control_phishing_close(
 
 async fn control_phishing_requests(AxumState(shared): AxumState<Shared>) -> Response {
     Json(lock(&shared).reporting.requests()).into_response()
+}
+
+/// `PUT /_sim/phishing/reading` body: a reading by name, or in full.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum ReadingRequest {
+    /// One of `ReportingReading::all()` by name.
+    Named {
+        /// Its short name, e.g. `cap-100`.
+        name: String,
+    },
+    /// A reading in full (missing members take the default's).
+    Full(ReportingReading),
+}
+
+async fn control_phishing_reading(AxumState(shared): AxumState<Shared>) -> Response {
+    Json(lock(&shared).reporting.reading()).into_response()
+}
+
+async fn control_phishing_set_reading(
+    AxumState(shared): AxumState<Shared>,
+    Json(request): Json<ReadingRequest>,
+) -> Response {
+    let reading = match request {
+        ReadingRequest::Full(reading) => reading,
+        ReadingRequest::Named { name } => match ReportingReading::by_name(&name) {
+            Some(reading) => reading,
+            None => {
+                return (
+                    StatusCode::NOT_FOUND,
+                    Json(json!({"message": format!("no reading named {name:?}")})),
+                )
+                    .into_response();
+            }
+        },
+    };
+    lock(&shared).reporting.set_reading(reading);
+    StatusCode::NO_CONTENT.into_response()
+}
+
+/// `POST /_sim/phishing/throttle` body.
+#[derive(Deserialize)]
+struct ThrottleRequest {
+    /// Reporting requests to answer 429.
+    #[serde(default = "one")]
+    count: u32,
+}
+
+async fn control_phishing_throttle(
+    AxumState(shared): AxumState<Shared>,
+    Json(request): Json<ThrottleRequest>,
+) -> StatusCode {
+    lock(&shared).reporting.throttle(request.count);
+    StatusCode::NO_CONTENT
 }

@@ -417,7 +417,11 @@ impl State {
             let answer =
                 self.reporting
                     .handle(arrived, at_ms, method, path, query, authorization, run_id);
-            return Reply::json(answer.status, answer.body);
+            return Reply {
+                content_type: answer.content_type,
+                retry_after: answer.retry_after,
+                ..Reply::json(answer.status, answer.body)
+            };
         }
         while let Some(first) = self.window.front() {
             if arrived.saturating_duration_since(*first) >= RATE_WINDOW {

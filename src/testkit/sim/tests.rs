@@ -761,3 +761,102 @@ async fn every_reading_is_played() {
         assert_eq!(meta["current_page"], last, "{reading}");
     }
 }
+
+#[tokio::test]
+async fn the_reporting_reading_is_set_at_construction_and_through_the_control_api() {
+    let sim = start(SimConfig {
+        reporting: ReportingConfig {
+            enforce_limits: false,
+            reading: ReportingReading::by_name("cap-50").unwrap(),
+            ..ReportingConfig::default()
+        },
+        ..config(0)
+    })
+    .await;
+    let pst = sim.add_phishing_test(120);
+    let client = reqwest::Client::new();
+    let base = sim.base_url();
+    let recipients = format!("{base}/v1/phishing/security_tests/{pst}/recipients");
+    let page = |query: &'static str| {
+        client
+            .get(format!("{recipients}?{query}"))
+            .bearer_auth("sim-reporting-token")
+            .send()
+    };
+    let served: Vec<Value> = page("page=1&per_page=500")
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(served.len(), 50, "capped at 50 from construction");
+
+    let reading: ReportingReading = client
+        .get(format!("{base}/_sim/phishing/reading"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(reading, ReportingReading::by_name("cap-50").unwrap());
+    let set = client
+        .put(format!("{base}/_sim/phishing/reading"))
+        .json(&serde_json::json!({"name": "page-ignored"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(set.status(), 204);
+    assert_eq!(
+        sim.reporting_reading(),
+        ReportingReading::by_name("page-ignored").unwrap()
+    );
+    let unknown = client
+        .put(format!("{base}/_sim/phishing/reading"))
+        .json(&serde_json::json!({"name": "no-such-reading"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unknown.status(), 404);
+    let first: Vec<Value> = page("page=1&per_page=500")
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let again: Vec<Value> = page("page=2&per_page=500")
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!((first.len(), &first), (100, &again), "page ignored");
+
+    // A full reading, and a throttled request: 429 over HTTP with its headers.
+    let set = client
+        .put(format!("{base}/_sim/phishing/reading"))
+        .json(&serde_json::json!({"wording": "too_many_requests", "retry_after_secs": 3600}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(set.status(), 204);
+    let throttle = client
+        .post(format!("{base}/_sim/phishing/throttle"))
+        .json(&serde_json::json!({"count": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(throttle.status(), 204);
+    let refused = page("page=1").await.unwrap();
+    assert_eq!(refused.status(), 429);
+    assert_eq!(refused.headers()["retry-after"], "3600");
+    assert!(
+        refused.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain")
+    );
+    assert_eq!(refused.text().await.unwrap(), "Too Many Requests");
+    assert_eq!(page("page=1").await.unwrap().status(), 200, "one only");
+    sim.shutdown().await;
+}
