@@ -360,9 +360,11 @@ impl Run<'_> {
         let mut attempt = 1;
         let mut malformed = 0;
         loop {
-            // A malformed answer is likely deterministic: asking again spends the account's
-            // shared quota, so it is asked again once, not with the full backoff series.
-            if matches!(failed, ApiError::Malformed(_)) {
+            // A malformed answer is deterministic and is not asked again (`retriable` is
+            // false). A page that parses but does not fit its list (a live list shrinking
+            // under the walk) may read differently a moment later, but asking spends the
+            // account's shared quota: it is asked again once, not with the full backoff.
+            if matches!(failed, ApiError::Inconsistent(_)) {
                 malformed += 1;
             }
             if !failed.retriable() || attempt >= PAGE_ATTEMPTS || malformed > MALFORMED_RETRIES {

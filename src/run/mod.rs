@@ -47,7 +47,8 @@ use crate::store::vault::Secrets;
 pub const FLUSH_EVENTS: usize = 1000;
 /// Attempts per KnowBe4 page within one run for retriable failures.
 const PAGE_ATTEMPTS: u32 = 4;
-/// Times a malformed page is asked for again within a run (each ask is a quota call).
+/// Times a page inconsistent with its list is asked for again within a run (each ask is
+/// a quota call; a malformed page is not asked again).
 const MALFORMED_RETRIES: u32 = 1;
 /// Health events are kept this long (DynamoDB TTL).
 const HEALTH_TTL_SECS: i64 = 30 * 86_400;

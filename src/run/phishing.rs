@@ -748,11 +748,7 @@ impl Run<'_> {
                 Err(err @ (ApiError::Malformed(_) | ApiError::TooLarge { .. })) => {
                     return Ok(Fetched::Refused(err));
                 }
-                Err(ApiError::QuotaExhausted | ApiError::RateLimited { .. }) => {
-                    let retry_after = match &answer {
-                        Err(ApiError::RateLimited { retry_after }) => *retry_after,
-                        _ => None,
-                    };
+                Err(ApiError::RateLimited { retry_after }) => {
                     let wait = retry_after.unwrap_or(Duration::from_secs(2 << attempt));
                     let left = deadline
                         .saturating_duration_since(Instant::now())

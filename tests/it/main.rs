@@ -16,6 +16,7 @@ mod loopback;
 mod operator;
 mod payloads;
 mod phishing;
+mod phishing_readings;
 mod plain_http;
 mod readings;
 mod recorded;
