@@ -557,8 +557,9 @@ fn the_collect_payload_names_the_data_type() {
 /// recipient changes for a 10,000-seat account with 12 live tests, through the real
 /// stream, the simulator and moto. Run alone, with the spacing shortened on loopback (the
 /// simulator then counts but does not refuse bursts; the count is what is measured):
-/// `KNOWBE4_SIM_REPORTING_SPACING_MS=30 BENCH_RECIPIENTS_PER_TEST=834 VENV=/work/main/.venv
-/// scripts/with-moto.sh cargo test --test it bench_phishing -- --ignored --nocapture`.
+/// `KNOWBE4_SIM_REPORTING_SPACING_MS=30 BENCH_RECIPIENTS_PER_TEST=834 BENCH_READING=cap-100
+/// VENV=/work/main/.venv scripts/with-moto.sh cargo test --test it bench_phishing --
+/// --ignored --nocapture`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[ignore = "a scripted benchmark run: see BENCHMARKS.md"]
 async fn bench_phishing_requests_per_poll() {
@@ -566,10 +567,15 @@ async fn bench_phishing_requests_per_poll() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(834);
+    // `BENCH_READING`: a reading of `ReportingReading::all()` (default `honoured-500`).
+    let reading_name = std::env::var("BENCH_READING").unwrap_or_else(|_| "honoured-500".into());
+    let reading = knowbe4_source::testkit::sim::ReportingReading::by_name(&reading_name)
+        .expect("BENCH_READING names a reading");
     let h = harness(SimConfig {
         events: 0,
         reporting: knowbe4_source::testkit::sim::ReportingConfig {
             enforce_limits: false,
+            reading,
             ..Default::default()
         },
         ..SimConfig::default()
@@ -624,7 +630,7 @@ async fn bench_phishing_requests_per_poll() {
     .sum();
     println!(
         "BENCH {}",
-        serde_json::json!({"tests": 12, "recipients_per_test": per_test,
+        serde_json::json!({"reading": reading_name, "tests": 12, "recipients_per_test": per_test,
             "spacing_ms": knowbe4_source::knowbe4::reporting::reporting_spacing_for(&h.sim.base_url()).as_millis() as u64,
             "recipient_digest_items": shards, "polls": polls})
     );
