@@ -805,3 +805,74 @@ async fn the_change_log_is_compacted_and_every_change_forwarded_once() {
         "the test's counts moved every poll"
     );
 }
+
+/// Review defect 6: a `Retry-After` longer than a run may wait is saved, and no
+/// Reporting request is sent before it passes — not by a scheduled run, not on demand —
+/// while the same source's user events go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_retry_after_holds_every_reporting_request_until_it_passes() {
+    let h = harness(SimConfig {
+        api_key: EVENT_KEY.into(),
+        events: 10,
+        ..SimConfig::default()
+    })
+    .await;
+    h.sim.add_phishing_test(5);
+    let mut reading = h.sim.reporting_reading();
+    reading.retry_after_secs = Some(3_600);
+    h.sim.set_reporting_reading(reading);
+    h.sim.throttle_reporting(1);
+    let id = h
+        .app
+        .create(both_types(&h.sim), Some("held".into()))
+        .await
+        .unwrap();
+    let first = collect_source_types(
+        h.app.run_context(),
+        &id,
+        deadline(60),
+        Trigger::Schedule,
+        None,
+    )
+    .await;
+    assert_eq!(
+        first.outcome,
+        Outcome::Collected,
+        "a 429 is no failure: {first:?}"
+    );
+    assert!(first.detail.contains("rate-limited"), "{first:?}");
+    assert_eq!(h.sim.reporting_requests().len(), 1);
+    assert_eq!(
+        Received::of(&h.sink).events.len(),
+        10,
+        "user events collected"
+    );
+    let state = h.app.store.load_state(&id).await.unwrap().unwrap().value;
+    let not_before = state
+        .phishing
+        .unwrap()
+        .not_before
+        .expect("Retry-After saved");
+    let now_ms = (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64;
+    let waited = not_before - now_ms;
+    assert!((3_500_000..=3_600_000).contains(&waited), "{waited} ms");
+
+    h.sim.add_events(5, 0);
+    for only in [None, Some(DataType::Phishing)] {
+        let report = collect_source_types(
+            h.app.run_context(),
+            &id,
+            deadline(60),
+            Trigger::OnDemand,
+            only,
+        )
+        .await;
+        assert!(report.detail.contains("no request before"), "{report:?}");
+    }
+    assert_eq!(
+        h.sim.reporting_requests().len(),
+        1,
+        "nothing sent before the time"
+    );
+    assert_eq!(Received::of(&h.sink).events.len(), 15);
+}
