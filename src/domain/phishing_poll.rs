@@ -30,8 +30,8 @@ pub fn is_final(status: &str) -> bool {
 }
 
 /// What is remembered of one test between polls (Unix milliseconds). Kept in the change
-/// store as a log of shards (list [`TRACKS_LIST`], 40 bytes a test with its id: an account
-/// with 10,000 tests has 20 items of 27 KB), not in the source's state item, so no number of tests can
+/// store as a log of shards (list [`TRACKS_LIST`], 56 bytes a test with its id: an account
+/// with 10,000 tests has 20 items of 37 KB), not in the source's state item, so no number of tests can
 /// push that item past DynamoDB's 400 KB and stop the user-event checkpoint.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TestTrack {
@@ -43,20 +43,34 @@ pub struct TestTrack {
     pub recipients_read: Option<i64>,
     /// The digest of the test object when its recipients could not be read for a reason
     /// that repeating the same requests cannot change (a malformed or oversized answer, a
-    /// list that does not end): not read again until the test object changes. 0: none.
+    /// list that does not end, a 4xx): not read again until the test object changes or
+    /// [`STUCK_RECHECK_MS`] passed. 0: none.
     pub stuck_at: u64,
+    /// When it got stuck (ms); 0: not stuck.
+    pub stuck_since: i64,
+    /// The poll (its start, ms) that queued the test's recipients to be read; 0: none.
+    /// Kept in the track so a poll continued by a later run still knows what it queued.
+    pub queued_for: i64,
 }
+
+/// How long a stuck test waits before its recipients are asked for again although its
+/// object did not change: a day (an answer that was wrong for a while — a maintenance
+/// page, a short-lived 404 — does not hide the test's recipients for good; a test whose
+/// answer stays wrong costs one request a day).
+pub const STUCK_RECHECK_MS: i64 = 86_400_000;
 
 /// The change-store list the tests' tracks are kept under.
 pub const TRACKS_LIST: &str = "tracks";
 
 impl crate::domain::changes::Entry for TestTrack {
-    const BYTES: usize = 32;
+    const BYTES: usize = 48;
     fn put(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(&self.final_since.unwrap_or(i64::MIN).to_le_bytes());
         out.extend_from_slice(&self.last_changed.to_le_bytes());
         out.extend_from_slice(&self.recipients_read.unwrap_or(i64::MIN).to_le_bytes());
         out.extend_from_slice(&self.stuck_at.to_le_bytes());
+        out.extend_from_slice(&self.stuck_since.to_le_bytes());
+        out.extend_from_slice(&self.queued_for.to_le_bytes());
     }
     fn get(bytes: &[u8]) -> Self {
         let word = |i: usize| i64::from_le_bytes(bytes[i * 8..i * 8 + 8].try_into().expect("8"));
@@ -66,6 +80,8 @@ impl crate::domain::changes::Entry for TestTrack {
             last_changed: word(1),
             recipients_read: optional(word(2)),
             stuck_at: word(3) as u64,
+            stuck_since: word(4),
+            queued_for: word(5),
         }
     }
 }
@@ -83,6 +99,8 @@ impl TestTrack {
             last_changed: if changed { now } else { self.last_changed },
             recipients_read: self.recipients_read,
             stuck_at: self.stuck_at,
+            stuck_since: self.stuck_since,
+            queued_for: self.queued_for,
         }
     }
 
@@ -99,6 +117,15 @@ impl TestTrack {
             || now - final_since.max(self.last_changed) < QUIET_AFTER_FINAL_MS
             || now - read >= SETTLED_RECHECK_MS
     }
+}
+
+/// Where a poll that stopped early inside the tests list goes on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ListAt {
+    /// The next page to read.
+    pub page: u32,
+    /// The page size the walk used.
+    pub per_page: u32,
 }
 
 /// Where a poll that stopped early inside a test's recipients goes on.
@@ -131,6 +158,13 @@ pub struct PhishingState {
     /// than one invocation still completes). `None` once the poll completed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub poll_started: Option<i64>,
+    /// Where the poll in progress goes on inside the tests list.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tests_resume: Option<ListAt>,
+    /// Runs in a row that ended rate-limited without a `Retry-After` (the wait before the
+    /// next Reporting request doubles with each, up to an hour).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub rate_limited_runs: u32,
     /// Where the poll in progress goes on inside a test's recipients.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resume: Option<Resume>,
@@ -173,6 +207,10 @@ pub struct PhishingState {
     /// Records forwarded since the source was created.
     #[serde(default)]
     pub forwarded_total: u64,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 impl PhishingState {
@@ -235,7 +273,7 @@ mod tests {
             final_since: Some(0),
             last_changed: 0,
             recipients_read: Some(20 * DAY),
-            stuck_at: 0,
+            ..Default::default()
         };
         let now = 21 * DAY;
         assert!(
@@ -260,7 +298,7 @@ mod tests {
             final_since: Some(0),
             last_changed: 0,
             recipients_read: Some(10 * DAY),
-            stuck_at: 0,
+            ..Default::default()
         };
         let poll = 24 * HOUR; // the longest phishingPollInterval
         let mut now = 10 * DAY;
@@ -295,19 +333,21 @@ mod tests {
                         last_changed: i64::MAX,
                         recipients_read: None,
                         stuck_at: u64::MAX,
+                        stuck_since: -1,
+                        queued_for: i64::MIN + 1,
                     },
                 ),
             ],
         };
         assert_eq!(Shard::<TestTrack>::decode(&shard.encode()).unwrap(), shard);
-        // 500 tracks a shard: 20 KB of base64, far inside an item.
+        // 500 tracks a shard: 37 KB of base64, far inside an item.
         assert_eq!(
             Shard {
                 entries: vec![(1, TestTrack::default()); 500]
             }
             .encode()
             .len(),
-            26_668
+            37_336
         );
     }
 

@@ -739,5 +739,18 @@ mod tests {
         assert!(split < mid && split.saturating_duration_since(now) >= needs);
         let spacing = crate::knowbe4::reporting::REPORTING_SPACING;
         assert!(mid.saturating_duration_since(split) >= needs + spacing);
+
+        // The template's DEADLINE_MARGIN_SECS (30): a request needs 60 s, so the split
+        // needs 142.5 s left; the README asks for a Timeout of 150 s with phishing tests.
+        let mut deployed = settings.clone();
+        deployed.deadline_margin = Duration::from_secs(30);
+        let needs = deployed.deadline_margin + deployed.request_timeout;
+        let at_150 = now + Duration::from_secs(150);
+        let split = split_for_phishing(&deployed, now, at_150);
+        assert!(split < at_150, "150 s is split");
+        assert!(split.saturating_duration_since(now) >= needs);
+        assert!(at_150.saturating_duration_since(split) >= needs + spacing);
+        let at_120 = now + Duration::from_secs(120);
+        assert_eq!(split_for_phishing(&deployed, now, at_120), at_120);
     }
 }

@@ -17,34 +17,40 @@
 //! saved as changed before the test is forwarded, so a crash cannot lose the "changed"
 //! signal that makes its recipients read.
 //!
-//! Assumptions kept few, each reading of the API's unconfirmed details handled:
-//! - the page size: 500 is asked for; a server answering fewer per page only costs
-//!   requests. A page too large to read (the client's body cap) makes the list start over
-//!   at 100 per page, remembered for later polls; digests keep that from forwarding twice.
-//! - the end of a list: an empty page (recorded). A page with no record new to the walk
-//!   (a server ignoring `page`, or repeating its last page) also ends it; a list still going
-//!   after [`MAX_TEST_RECORDS`] or [`MAX_RECIPIENT_RECORDS`] records' worth of pages is
-//!   refused. Every walk therefore ends within `max / per_page + 1` requests.
+//! Assumptions kept few, each reading of the API's unconfirmed details handled (the
+//! README lists them; `tests/it/phishing_readings.rs` runs the stream under each):
+//! - the page size: 500 is asked for; a short first page sets the page size for the rest
+//!   of the walk ([`Cursor::take`]), right whether the server counts pages by what it
+//!   serves or by what was asked; a page too large to read starts the list over at 100,
+//!   then 20, 5, 1 a page ([`PAGE_SIZES`]), remembered for later polls.
+//! - the end of a list: an empty page (recorded); a page with no record new to the walk (a
+//!   server ignoring `page`, or repeating its last page); a 404 past the first page.
+//! - bounds: a walk ends after [`MAX_TEST_RECORDS`] / [`MAX_RECIPIENT_RECORDS`] records or
+//!   that many pages plus one, with at most [`MAX_RESTARTS`] starts over and
+//!   [`PAGE_TRIES`] tries a page.
 //! - 429: never taken as the daily limit from its wording (documented for the events API
-//!   only); a `Retry-After` is honoured in full — waited within the run when short,
-//!   otherwise saved, and no Reporting request is sent before it passes.
+//!   only); a `Retry-After` is honoured (up to [`MAX_RETRY_AFTER`]) — waited within the
+//!   run when short, otherwise saved, and no Reporting request is sent before it passes;
+//!   without one, a run that ends rate-limited holds the stream a minute, doubling.
 //! - a record without a numeric id is forwarded (keyed by its digest), not dropped and
 //!   not a reason to stop.
 //!
-//! Deterministic answers are not retried: a malformed page, a page too large even at 100,
-//! or a list that does not end stop the walk of *that* test (its track remembers the test
-//! object it failed on; it is read again when the test changes), with a health event
-//! naming the test, and the poll goes on with the other tests. Transport failures, 408
-//! and 5xx are retried within [`PAGE_TRIES`]; then the poll fails.
+//! Deterministic answers are not retried: a malformed page, a page too large even at one
+//! record, a 4xx or a first-page 404 on one test's recipients, or a list that does not end
+//! stop the walk of *that* test (its track remembers the test object it failed on; it is
+//! asked for again when the test changes or after [`STUCK_RECHECK_MS`]), with a health
+//! event naming the test, and the poll goes on with the other tests. Transport failures,
+//! 408 and 5xx are retried within [`PAGE_TRIES`]; then the poll fails and the next run
+//! goes on at the page that failed.
 //!
 //! Every request is admitted through the Reporting account's ledger and send slot
 //! ([`super::admit_reporting_request`]): the daily limit reserved first, then at most one
 //! request per 1.25 s across every process (≤ 4 a second, ≤ 50 a minute). A poll stopped
-//! early (deadline, daily limit, 429s) stays due and is continued by the next run: the tests
-//! list is read again (changes since are caught), the tests whose recipients were read
-//! since the poll started are skipped unless they changed again, and the test in progress
-//! goes on at the page it stopped at ([`Resume`]). Each run reads at least one page, so a
-//! poll longer than one invocation completes over several.
+//! early (deadline, daily limit, 429s) stays due and is continued by the next run where it
+//! stopped: the tests list at its page ([`PhishingState::tests_resume`]), the tests it
+//! queued (their tracks' `queued_for`), the test in progress at its page ([`Resume`]).
+//! Each run reads at least one page, so a poll longer than one invocation completes over
+//! several.
 //!
 //! Failures are the stream's own: a failing phishing poll keeps its own retry streak in
 //! [`PhishingState`] and its health events name the data type `phishing`; it never stops
@@ -60,10 +66,12 @@ use tokio::time::Instant;
 
 use super::{DataType, HEALTH_TTL_SECS, Outcome, Run, now_ms};
 use crate::domain::changes::{
-    Digest, Entry, KnownDigests, Latest, Shard, compaction, digest, key_without_id, page_changes,
+    Entry, KnownDigests, Latest, Shard, compaction, digest, key_without_id, page_changes,
 };
 use crate::domain::event::{EventTime, RawEvent};
-use crate::domain::phishing_poll::{PhishingState, Resume, TRACKS_LIST, TestTrack};
+use crate::domain::phishing_poll::{
+    ListAt, PhishingState, Resume, STUCK_RECHECK_MS, TRACKS_LIST, TestTrack,
+};
 use crate::domain::quota::utc_day;
 use crate::domain::secrets::SourceSecrets;
 use crate::domain::state::{HealthEvent, Lifecycle, RetryStreak};
@@ -83,6 +91,9 @@ pub const PAGE_TRIES: u32 = 4;
 /// Longest wait for a 429 within a run; a longer `Retry-After` ends the run's poll and is
 /// saved.
 const MAX_WAIT_IN_RUN: Duration = Duration::from_secs(30);
+/// Longest `Retry-After` honoured; a longer one (a server's mistake, or a hostile one)
+/// holds the stream for a day, not for ever.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(86_400);
 /// The digest list of the security tests (a test's recipients use its `pst_id`).
 const TESTS_LIST: &str = "tests";
 /// Changed tracks kept in memory before they are saved (a crash loses at most the
@@ -90,10 +101,11 @@ const TESTS_LIST: &str = "tests";
 const TRACKS_BATCH: usize = 50;
 
 /// Why a poll ended early without an error; it stays due.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum Early {
     Deadline,
-    Quota,
+    /// The daily limit, reached on this UTC day.
+    Quota(String),
     RateLimited,
 }
 
@@ -126,12 +138,34 @@ struct Poll {
     deterministic: bool,
 }
 
-#[derive(serde::Deserialize)]
-struct TestHead {
-    pst_id: u64,
-    /// Any JSON (a status that is not a string reads as no status).
-    #[serde(default)]
-    status: Option<serde_json::Value>,
+/// A security test's `pst_id`: a number, or a string of digits; `None` when it has none
+/// usable (then it is forwarded, keyed by its digest, and has no recipients to read).
+fn test_id(text: &str) -> Option<u64> {
+    #[derive(serde::Deserialize)]
+    struct Head {
+        pst_id: serde_json::Value,
+    }
+    let head: Head = serde_json::from_str(text).ok()?;
+    let id = match head.pst_id {
+        serde_json::Value::Number(n) => n.as_u64(),
+        serde_json::Value::String(s) => s.trim().parse().ok(),
+        _ => None,
+    }?;
+    (id < 1 << 63).then_some(id)
+}
+
+/// A security test's `status` (`""` when it has none, or not a string).
+fn test_status(text: &str) -> String {
+    #[derive(serde::Deserialize)]
+    struct Head {
+        #[serde(default)]
+        status: Option<serde_json::Value>,
+    }
+    serde_json::from_str::<Head>(text)
+        .ok()
+        .and_then(|h| h.status)
+        .and_then(|s| s.as_str().map(str::to_string))
+        .unwrap_or_default()
 }
 
 #[derive(serde::Deserialize)]
@@ -139,29 +173,80 @@ struct RecipientHead {
     recipient_id: u64,
 }
 
-/// Where a list walk is: its page size and the next page.
+/// The page sizes a list walk falls back through when a page is too large to read.
+const PAGE_SIZES: [u32; 5] = [REPORTING_PER_PAGE, REPORTING_FALLBACK_PER_PAGE, 20, 5, 1];
+
+/// Where a list walk is: its page size, the next page, and what it has read.
 struct Cursor {
     page: u32,
     per_page: u32,
+    /// Records received so far (the bound counts what came, not what was asked for).
+    received: u64,
     max_records: u32,
+    /// A first page shorter than asked for, not yet known to be the whole list: its
+    /// length.
+    short: Option<u32>,
+    /// Times the walk started over (smaller pages); at most [`MAX_RESTARTS`].
+    restarts: u32,
 }
 
+/// Times a list walk may start over with smaller pages.
+const MAX_RESTARTS: u32 = 6;
+
 impl Cursor {
-    /// Whether the walk has passed its bound.
-    fn past_bound(&self) -> bool {
-        u64::from(self.page.saturating_sub(1)) * u64::from(self.per_page)
-            > u64::from(self.max_records)
+    fn at(page: u32, per_page: u32, max_records: u32) -> Cursor {
+        Cursor {
+            page,
+            per_page,
+            received: 0,
+            max_records,
+            short: None,
+            restarts: 0,
+        }
     }
 
-    /// Starts over with smaller pages after one was too large; `false` when it already
-    /// uses them.
-    fn shrink(&mut self) -> bool {
-        if self.per_page <= REPORTING_FALLBACK_PER_PAGE {
-            return false;
-        }
-        self.per_page = REPORTING_FALLBACK_PER_PAGE;
+    /// Whether the walk has passed its bound: more records than the list may hold, or
+    /// more pages than records (each page but the last brings a record new to the walk).
+    fn past_bound(&self) -> bool {
+        self.received > u64::from(self.max_records)
+            || u64::from(self.page) > u64::from(self.max_records) + 1
+    }
+
+    /// Starts over from page 1 with `per_page`; `false` when it started over too often.
+    fn restart(&mut self, per_page: u32) -> bool {
+        self.restarts += 1;
+        self.per_page = per_page;
         self.page = 1;
-        true
+        self.received = 0;
+        self.short = None;
+        self.restarts <= MAX_RESTARTS
+    }
+
+    /// Starts over with the next smaller page size after a page was too large; `false`
+    /// when pages of one record are already asked for.
+    fn shrink(&mut self) -> bool {
+        match PAGE_SIZES.iter().find(|size| **size < self.per_page) {
+            Some(smaller) => self.restart(*smaller),
+            None => false,
+        }
+    }
+
+    /// Takes in a non-empty page of `len` records. A first page shorter than asked for
+    /// is either the whole list or all the server serves a page: the walk goes on asking
+    /// for `len` a page — page 2 then starts at record `len` whether the server counts
+    /// pages by what it serves or by what was asked (a server serving 100 of 500 asked
+    /// and counting by 500 would otherwise never serve records 100–499). `Some(n)`: a
+    /// second page came after such a first one, so the server serves at most `n` a page
+    /// (worth remembering for later walks).
+    fn take(&mut self, len: u32) -> Option<u32> {
+        self.received += u64::from(len);
+        let confirmed = self.short.take();
+        if self.page == 1 && len < self.per_page {
+            self.short = Some(len);
+            self.per_page = len;
+        }
+        self.page += 1;
+        confirmed
     }
 }
 
@@ -228,7 +313,12 @@ impl Run<'_> {
                             .expect("checked")
                             .poll_interval_hours,
                     ) * 3_600_000;
-                    self.phishing_mut().next_poll = Some(now + interval_ms);
+                    let ps = self.phishing_mut();
+                    ps.next_poll = Some(now + interval_ms);
+                    // The next poll starts afresh (its open tests read again).
+                    ps.poll_started = None;
+                    ps.resume = None;
+                    ps.tests_resume = None;
                 }
                 self.phishing_failed(err).await
             }
@@ -268,7 +358,7 @@ impl Run<'_> {
 
     /// One poll (or the part of it this run has time and budget for): the tests, then
     /// the recipients of the tests the poll rule names. `Ok(Some(_))`: stopped early, the
-    /// poll stays due and goes on next run.
+    /// poll stays due and goes on next run where it stopped.
     async fn poll_phishing(&mut self, deadline: Instant, poll: &mut Poll) -> Result<Option<Early>> {
         let spec = self.record.spec.phishing.clone().expect("checked");
         crate::config::check_stored_reporting_base(
@@ -300,182 +390,84 @@ impl Run<'_> {
             self.phishing_mut().account = Some(account);
         }
         let started = now_ms();
-        // A poll that stopped early is continued, not started over: the tests whose
-        // recipients it read since it started are not read again.
+        // A poll that stopped early is continued, not started over: where the tests list
+        // stopped, which tests it queued, and where the test in progress stopped.
         let cycle = *self.phishing_mut().poll_started.get_or_insert(started);
         let limit = spec.daily_request_limit;
         let mut tracks: Latest<TestTrack> = self.load_log(TRACKS_LIST).await?;
-        let mut pending: Vec<(u64, TestTrack)> = Vec::new();
-
-        // 1–2. The security tests, page by page.
         let mut tests_known: KnownDigests = self.load_log(TESTS_LIST).await?;
-        let mut cursor = Cursor {
-            page: 1,
-            per_page: self.phishing_mut().per_page.unwrap_or(REPORTING_PER_PAGE),
-            max_records: MAX_TEST_RECORDS,
-        };
-        let mut seen = HashSet::new();
-        // (pst_id, digest of the test object) of every test whose recipients to read.
-        let mut to_read: Vec<(u64, Digest)> = Vec::new();
-        let mut queued = HashSet::new();
-        loop {
-            if cursor.past_bound() {
-                poll.deterministic = true;
-                return Err(not_ending("the security tests list", cursor.per_page));
-            }
-            let page = match self
-                .fetch(&client, None, &cursor, limit, deadline, poll)
-                .await?
-            {
-                Fetched::Page(p) if p.ends_list() => break,
-                Fetched::Page(p) => p,
-                Fetched::Gone => return Err(reporting_error(ApiError::NotKnowBe4)),
-                Fetched::Early(early) => return Ok(Some(early)),
-                Fetched::Refused(ApiError::TooLarge { .. }) if cursor.shrink() => {
-                    self.phishing_mut().per_page = Some(cursor.per_page);
-                    seen.clear();
-                    continue;
-                }
-                Fetched::Refused(err) => {
-                    poll.deterministic = true;
-                    return Err(reporting_error(err));
-                }
-            };
-            let heads: Vec<Option<TestHead>> = page
-                .items
-                .iter()
-                .map(|item| serde_json::from_str::<TestHead>(item.get()).ok())
-                .collect();
-            let ids: Vec<u64> = heads
-                .iter()
-                .zip(&page.items)
-                .map(|(head, item)| match head {
-                    Some(head) if head.pst_id < 1 << 63 => head.pst_id,
-                    _ => key_without_id(digest(item.get())),
-                })
-                .collect();
-            let mut changes = page_changes(
-                &tests_known,
-                &mut seen,
-                ids.iter()
-                    .zip(&page.items)
-                    .map(|(id, item)| (*id, item.get())),
-            );
-            if changes.new_in_walk == 0 {
-                poll.repeats += 1;
-                break;
-            }
-            for (index, (head, item)) in heads.iter().zip(&page.items).enumerate() {
-                let Some(head) = head.as_ref().filter(|h| h.pst_id < 1 << 63) else {
-                    poll.without_id += 1;
-                    continue;
-                };
-                let changed = changes.forward.contains(&index);
-                let text_digest = digest(item.get());
-                let before = tracks.get(head.pst_id).unwrap_or_default();
-                let mut track = before.observe(
-                    head.status.as_ref().and_then(|s| s.as_str()).unwrap_or(""),
-                    changed,
-                    started,
-                );
-                if track.stuck_at != 0 && track.stuck_at != text_digest {
-                    track.stuck_at = 0;
-                }
-                let read_this_cycle = track.recipients_read.is_some_and(|read| read >= cycle);
-                if track.stuck_at == 0
-                    && track.read_recipients(changed, started)
-                    && (changed || !read_this_cycle)
-                    && queued.insert(head.pst_id)
-                {
-                    to_read.push((head.pst_id, text_digest));
-                }
-                if track != before || tracks.get(head.pst_id).is_none() {
-                    pending.push((head.pst_id, track));
-                }
-            }
-            poll.tests += page.items.len() as u64;
-            // The changed tracks first: a crash after the forward cannot lose a change.
-            self.save_entries(TRACKS_LIST, &mut tracks, &mut pending)
-                .await?;
-            self.forward_page(
+        if let Some(early) = self
+            .walk_tests(
+                &client,
                 &destination,
-                SOURCETYPE_PHISHING_TEST,
-                &page.items,
-                &ids,
-                &changes.forward,
+                (&mut tracks, &mut tests_known),
+                (cycle, started),
+                limit,
                 deadline,
                 poll,
             )
-            .await?;
-            self.save_entries(TESTS_LIST, &mut tests_known, &mut changes.delta.entries)
-                .await?;
-            cursor.page += 1;
+            .await?
+        {
+            return Ok(Some(early));
         }
-        self.compact(TESTS_LIST, &mut tests_known).await?;
-        drop(tests_known);
-        poll.tests_to_read = to_read.len() as u64;
 
-        // 3. Recipients of every test the poll rule names; the one an earlier run stopped
-        //    in first, at the page it stopped at.
+        // The recipients of every test the poll queued and has not read yet; the one an
+        // earlier run stopped in first, at the page it stopped at.
         let resume = self.phishing_mut().resume.take();
-        if let Some(at) = resume.and_then(|r| to_read.iter().position(|(id, _)| *id == r.pst_id)) {
-            let entry = to_read.remove(at);
-            to_read.insert(0, entry);
+        let mut to_read: Vec<u64> = tracks
+            .iter()
+            .filter(|(_, t)| {
+                t.queued_for == cycle
+                    && t.stuck_at == 0
+                    && t.recipients_read.is_none_or(|read| read < cycle)
+            })
+            .map(|(id, _)| id)
+            .collect();
+        to_read.sort_unstable();
+        if let Some(at) = resume.and_then(|r| to_read.iter().position(|id| *id == r.pst_id)) {
+            let first = to_read.remove(at);
+            to_read.insert(0, first);
         }
-        for (pst_id, test_digest) in to_read {
+        poll.tests_to_read = to_read.len() as u64;
+        let mut pending: Vec<(u64, TestTrack)> = Vec::new();
+        for pst_id in to_read {
             let start = match resume {
-                Some(r) if r.pst_id == pst_id => Cursor {
-                    page: r.page,
-                    per_page: r.per_page,
-                    max_records: MAX_RECIPIENT_RECORDS,
-                },
-                _ => Cursor {
-                    page: 1,
-                    per_page: self.phishing_mut().per_page.unwrap_or(REPORTING_PER_PAGE),
-                    max_records: MAX_RECIPIENT_RECORDS,
-                },
+                Some(r) if r.pst_id == pst_id => {
+                    Cursor::at(r.page, r.per_page, MAX_RECIPIENT_RECORDS)
+                }
+                _ => Cursor::at(1, self.page_size(), MAX_RECIPIENT_RECORDS),
             };
             let walked = self
                 .walk_recipients(&client, &destination, pst_id, start, limit, deadline, poll)
-                .await?;
+                .await;
             let mut track = tracks.get(pst_id).unwrap_or_default();
+            let walked = match walked {
+                Ok(walked) => walked,
+                Err(err) => {
+                    // Where it stopped is in `resume`; the tracks read so far are kept.
+                    self.save_entries(TRACKS_LIST, &mut tracks, &mut pending)
+                        .await?;
+                    return Err(err);
+                }
+            };
             match walked {
                 Walked::Complete => {
                     track.recipients_read = Some(started);
                     poll.tests_read += 1;
                 }
-                Walked::Gone => {
-                    // Listed, but its recipients answer 404: not asked again until the
-                    // test changes.
-                    track.stuck_at = test_digest;
-                    let pages: Vec<u32> = self
-                        .ctx
-                        .store
-                        .load_digest_shards(&self.record.id, &pst_id.to_string())
-                        .await?
-                        .into_iter()
-                        .map(|(seq, _)| seq)
-                        .collect();
-                    self.ctx
-                        .store
-                        .delete_digest_shards(
-                            &self.record.id,
-                            &pst_id.to_string(),
-                            &pages,
-                            &self.lease,
-                        )
-                        .await?;
-                }
                 Walked::Early(early) => {
-                    pending.push((pst_id, track));
                     self.save_entries(TRACKS_LIST, &mut tracks, &mut pending)
                         .await?;
-                    self.save().await?;
                     return Ok(Some(early));
                 }
-                Walked::Stuck(err) => {
-                    track.stuck_at = test_digest;
+                Walked::Gone | Walked::Stuck(_) => {
+                    track.stuck_at = tests_known.get(pst_id).unwrap_or(1);
+                    track.stuck_since = started;
                     poll.stuck += 1;
+                    let err = match walked {
+                        Walked::Stuck(err) => err,
+                        _ => reporting_error(ApiError::NotKnowBe4),
+                    };
                     self.test_health(pst_id, &err).await;
                 }
             }
@@ -493,16 +485,168 @@ impl Run<'_> {
         let ps = self.phishing_mut();
         ps.poll_started = None;
         ps.resume = None;
+        ps.tests_resume = None;
+        ps.rate_limited_runs = 0;
         ps.last_poll = Some(cycle);
         ps.next_poll = Some(cycle + interval_ms);
         ps.tests_tracked = tests_tracked;
-        ps.tests_live = poll.tests_to_read;
+        ps.tests_live = tracks.iter().filter(|(_, t)| t.queued_for == cycle).count() as u64;
+        Ok(None)
+    }
+
+    /// The page size walks ask for: 500, or smaller once a page of 500 could not be read
+    /// or the server showed it serves fewer.
+    fn page_size(&mut self) -> u32 {
+        self.phishing_mut().per_page.unwrap_or(REPORTING_PER_PAGE)
+    }
+
+    /// Remembers a smaller page size for later walks.
+    fn remember_page_size(&mut self, per_page: u32) {
+        if per_page < self.page_size() {
+            self.phishing_mut().per_page = Some(per_page);
+        }
+    }
+
+    /// The security tests list, page by page from where the poll stopped (if it did):
+    /// each page's tracks updated (and the test queued when the poll rule says its
+    /// recipients are read) and saved, then its new and changed tests forwarded and their
+    /// digests saved. `Ok(Some(_))`: stopped early; where is in `tests_resume`.
+    #[allow(clippy::too_many_arguments)]
+    async fn walk_tests(
+        &mut self,
+        client: &ReportingClient,
+        destination: &Destination,
+        (tracks, tests_known): (&mut Latest<TestTrack>, &mut KnownDigests),
+        (cycle, started): (i64, i64),
+        limit: u32,
+        deadline: Instant,
+        poll: &mut Poll,
+    ) -> Result<Option<Early>> {
+        let mut cursor = match self.phishing_mut().tests_resume.take() {
+            Some(at) => Cursor::at(at.page, at.per_page, MAX_TEST_RECORDS),
+            None => Cursor::at(1, self.page_size(), MAX_TEST_RECORDS),
+        };
+        let mut seen = HashSet::new();
+        let mut pending: Vec<(u64, TestTrack)> = Vec::new();
+        loop {
+            if cursor.past_bound() {
+                poll.deterministic = true;
+                return Err(not_ending("the security tests list", cursor.per_page));
+            }
+            let fetched = self
+                .fetch(client, None, &cursor, limit, deadline, poll)
+                .await;
+            let page = match fetched {
+                Ok(Fetched::Page(p)) if p.ends_list() => break,
+                Ok(Fetched::Page(p)) => p,
+                Ok(Fetched::Gone) => return Err(reporting_error(ApiError::NotKnowBe4)),
+                Ok(Fetched::Early(early)) => {
+                    self.phishing_mut().tests_resume = Some(ListAt {
+                        page: cursor.page,
+                        per_page: cursor.per_page,
+                    });
+                    return Ok(Some(early));
+                }
+                Ok(Fetched::Refused(ApiError::TooLarge { .. })) if cursor.shrink() => {
+                    self.remember_page_size(cursor.per_page);
+                    seen.clear();
+                    continue;
+                }
+                Ok(Fetched::Refused(err)) => {
+                    poll.deterministic = true;
+                    return Err(reporting_error(err));
+                }
+                Err(err) => {
+                    // A transient failure: the next run goes on at this page.
+                    self.phishing_mut().tests_resume = Some(ListAt {
+                        page: cursor.page,
+                        per_page: cursor.per_page,
+                    });
+                    return Err(err);
+                }
+            };
+            let ids: Vec<u64> = page
+                .items
+                .iter()
+                .map(|item| {
+                    test_id(item.get()).unwrap_or_else(|| key_without_id(digest(item.get())))
+                })
+                .collect();
+            let mut changes = page_changes(
+                tests_known,
+                &mut seen,
+                ids.iter()
+                    .zip(&page.items)
+                    .map(|(id, item)| (*id, item.get())),
+            );
+            if changes.new_in_walk == 0 {
+                poll.repeats += 1;
+                break;
+            }
+            if let Some(served) = cursor.take(page.items.len() as u32) {
+                self.remember_page_size(served);
+            }
+            for (index, item) in page.items.iter().enumerate() {
+                let Some(pst_id) = test_id(item.get()) else {
+                    poll.without_id += 1;
+                    continue;
+                };
+                let changed = changes.forward.contains(&index);
+                let text_digest = digest(item.get());
+                let before = tracks.get(pst_id);
+                let mut track =
+                    before
+                        .unwrap_or_default()
+                        .observe(&test_status(item.get()), changed, started);
+                if track.stuck_at != 0
+                    && (track.stuck_at != text_digest
+                        || started - track.stuck_since >= STUCK_RECHECK_MS)
+                {
+                    track.stuck_at = 0;
+                    track.stuck_since = 0;
+                }
+                let read_this_cycle = track.recipients_read.is_some_and(|read| read >= cycle);
+                if track.stuck_at == 0
+                    && track.read_recipients(changed, started)
+                    && (changed || !read_this_cycle)
+                {
+                    track.queued_for = cycle;
+                }
+                if before != Some(track) {
+                    pending.push((pst_id, track));
+                }
+            }
+            poll.tests += page.items.len() as u64;
+            // The changed tracks first: a crash after the forward cannot lose a change.
+            self.save_entries(TRACKS_LIST, tracks, &mut pending).await?;
+            let forwarded = self
+                .forward_page(
+                    destination,
+                    SOURCETYPE_PHISHING_TEST,
+                    &page.items,
+                    &ids,
+                    &changes.forward,
+                    deadline,
+                    poll,
+                )
+                .await;
+            if let Err(err) = forwarded {
+                self.phishing_mut().tests_resume = Some(ListAt {
+                    page: cursor.page - 1,
+                    per_page: cursor.per_page,
+                });
+                return Err(err);
+            }
+            self.save_entries(TESTS_LIST, tests_known, &mut changes.delta.entries)
+                .await?;
+        }
+        self.compact(TESTS_LIST, tests_known).await?;
         Ok(None)
     }
 
     /// Every page of one test's recipients from `cursor` on: the new and changed ones
-    /// forwarded, then their digests saved. On an early stop the place to go on from is
-    /// in [`PhishingState::resume`].
+    /// forwarded, then their digests saved. On an early stop or a failure, where to go on
+    /// is in [`PhishingState::resume`].
     #[allow(clippy::too_many_arguments)]
     async fn walk_recipients(
         &mut self,
@@ -517,34 +661,34 @@ impl Run<'_> {
         let list = pst_id.to_string();
         let mut known: KnownDigests = self.load_log(&list).await?;
         let mut seen = HashSet::new();
+        let what = || format!("the recipients of test {pst_id}");
         let walked = loop {
             if cursor.past_bound() {
-                break Walked::Stuck(not_ending(
-                    &format!("the recipients of test {pst_id}"),
-                    cursor.per_page,
-                ));
+                break Walked::Stuck(not_ending(&what(), cursor.per_page));
             }
-            let page = match self
+            let fetched = self
                 .fetch(client, Some(pst_id), &cursor, limit, deadline, poll)
-                .await?
-            {
-                Fetched::Page(p) if p.ends_list() => break Walked::Complete,
-                Fetched::Page(p) => p,
-                Fetched::Gone => break Walked::Gone,
-                Fetched::Early(early) => {
-                    self.phishing_mut().resume = Some(Resume {
-                        pst_id,
-                        page: cursor.page,
-                        per_page: cursor.per_page,
-                    });
+                .await;
+            let page = match fetched {
+                Ok(Fetched::Page(p)) if p.ends_list() => break Walked::Complete,
+                Ok(Fetched::Page(p)) => p,
+                // A 404 past the first page is a way to end a list.
+                Ok(Fetched::Gone) if cursor.page > 1 => break Walked::Complete,
+                Ok(Fetched::Gone) => break Walked::Gone,
+                Ok(Fetched::Early(early)) => {
+                    self.resume_at(pst_id, &cursor);
                     break Walked::Early(early);
                 }
-                Fetched::Refused(ApiError::TooLarge { .. }) if cursor.shrink() => {
-                    self.phishing_mut().per_page = Some(cursor.per_page);
+                Ok(Fetched::Refused(ApiError::TooLarge { .. })) if cursor.shrink() => {
+                    self.remember_page_size(cursor.per_page);
                     seen.clear();
                     continue;
                 }
-                Fetched::Refused(err) => break Walked::Stuck(reporting_error(err)),
+                Ok(Fetched::Refused(err)) => break Walked::Stuck(reporting_error(err)),
+                Err(err) => {
+                    self.resume_at(pst_id, &cursor);
+                    return Err(err);
+                }
             };
             let ids: Vec<u64> = page
                 .items
@@ -570,24 +714,42 @@ impl Run<'_> {
                 poll.repeats += 1;
                 break Walked::Complete;
             }
-            self.forward_page(
-                destination,
-                SOURCETYPE_PHISHING_RECIPIENT,
-                &page.items,
-                &ids,
-                &changes.forward,
-                deadline,
-                poll,
-            )
-            .await?;
+            let page_no = cursor.page;
+            let asked = cursor.per_page;
+            if let Some(served) = cursor.take(page.items.len() as u32) {
+                self.remember_page_size(served);
+            }
+            let forwarded = self
+                .forward_page(
+                    destination,
+                    SOURCETYPE_PHISHING_RECIPIENT,
+                    &page.items,
+                    &ids,
+                    &changes.forward,
+                    deadline,
+                    poll,
+                )
+                .await;
+            if let Err(err) = forwarded {
+                self.resume_at(pst_id, &Cursor::at(page_no, asked, MAX_RECIPIENT_RECORDS));
+                return Err(err);
+            }
             self.save_entries(&list, &mut known, &mut changes.delta.entries)
                 .await?;
-            cursor.page += 1;
         };
-        if matches!(walked, Walked::Complete) {
-            self.compact(&list, &mut known).await?;
-        }
+        // A log is compacted whenever it is longer than it needs to be, whether or not
+        // the walk completed (a test that never completes cannot grow it for ever).
+        self.compact(&list, &mut known).await?;
         Ok(walked)
+    }
+
+    /// Records where the poll goes on inside test `pst_id`.
+    fn resume_at(&mut self, pst_id: u64, cursor: &Cursor) {
+        self.phishing_mut().resume = Some(Resume {
+            pst_id,
+            page: cursor.page,
+            per_page: cursor.per_page,
+        });
     }
 
     /// The log `list` of the change store, loaded.
@@ -715,7 +877,9 @@ impl Run<'_> {
             let day = utc_day(OffsetDateTime::now_utc());
             match super::admit_reporting_request(self.ctx.store, client, &day, limit).await? {
                 super::Admission::Granted => {}
-                super::Admission::QuotaExhausted => return Ok(Fetched::Early(Early::Quota)),
+                super::Admission::QuotaExhausted => {
+                    return Ok(Fetched::Early(Early::Quota(day)));
+                }
             }
             crate::failpoint::hit("before_knowbe4_request");
             let answer = match pst_id {
@@ -748,16 +912,24 @@ impl Run<'_> {
                 Err(err @ (ApiError::Malformed(_) | ApiError::TooLarge { .. })) => {
                     return Ok(Fetched::Refused(err));
                 }
+                // One test's recipients refused (any 4xx but 408 and 429) while the list
+                // was served: that test's answer, not the source's.
+                Err(
+                    err @ (ApiError::Unauthorized(_)
+                    | ApiError::Status {
+                        status: 400..=407 | 409..=428 | 430..=499,
+                    }),
+                ) if pst_id.is_some() => return Ok(Fetched::Refused(err)),
+                Err(ApiError::Status {
+                    status: status @ (400..=407 | 409..=428 | 430..=499),
+                }) => return Ok(Fetched::Refused(ApiError::Status { status })),
                 Err(ApiError::RateLimited { retry_after }) => {
                     let wait = retry_after.unwrap_or(Duration::from_secs(2 << attempt));
                     let left = deadline
                         .saturating_duration_since(Instant::now())
                         .saturating_sub(needed);
                     if wait > MAX_WAIT_IN_RUN || wait > left {
-                        if let Some(after) = retry_after {
-                            self.phishing_mut().not_before =
-                                Some(now_ms() + after.as_millis() as i64);
-                        }
+                        self.hold_reporting(retry_after);
                         tracing::info!(source_id = %self.record.id, wait_ms = wait.as_millis() as u64, "The Reporting API answered 429; the poll goes on after its Retry-After.");
                         return Ok(Fetched::Early(Early::RateLimited));
                     }
@@ -779,17 +951,37 @@ impl Run<'_> {
             }
         }
         match last {
-            Some(ApiError::RateLimited { .. }) => Ok(Fetched::Early(Early::RateLimited)),
+            Some(ApiError::RateLimited { retry_after }) => {
+                self.hold_reporting(retry_after);
+                Ok(Fetched::Early(Early::RateLimited))
+            }
             Some(err) => Err(reporting_error(err)),
             None => Ok(Fetched::Early(Early::Deadline)),
         }
+    }
+
+    /// After a 429 the run cannot wait out: no Reporting request before its
+    /// `Retry-After` (at most [`MAX_RETRY_AFTER`]), or without one before a wait that
+    /// doubles with each run that ends so (1 minute, up to an hour).
+    fn hold_reporting(&mut self, retry_after: Option<Duration>) {
+        let now = now_ms();
+        let ps = self.phishing_mut();
+        let wait = match retry_after {
+            Some(after) => after.min(MAX_RETRY_AFTER),
+            None => {
+                ps.rate_limited_runs = ps.rate_limited_runs.saturating_add(1);
+                Duration::from_secs(60 << ps.rate_limited_runs.min(7).saturating_sub(1))
+                    .min(Duration::from_secs(3_600))
+            }
+        };
+        ps.not_before = Some(now.saturating_add(wait.as_millis() as i64));
     }
 
     /// A health event for one test whose recipients could not be read; the poll goes on.
     async fn test_health(&mut self, pst_id: u64, err: &Error) {
         let now = now_ms();
         let message = format!(
-            "phishing security test {pst_id}: its recipients could not be read ({}); they are read again when the test changes",
+            "phishing security test {pst_id}: its recipients could not be read ({}); they are asked for again when the test changes, or in a day",
             err.chain()
         );
         self.note(&format!("phishing: {message}"));
@@ -812,7 +1004,6 @@ impl Run<'_> {
 
     async fn phishing_succeeded(&mut self, poll: Poll, early: Option<Early>, now: i64) {
         let progressed = poll.requests > 0;
-        let today = utc_day(OffsetDateTime::now_utc());
         let phishing_only = !self.record.spec.collect_events;
         let ps = self.phishing_mut();
         ps.streak = None;
@@ -820,7 +1011,10 @@ impl Run<'_> {
         ps.last_poll_requests = poll.requests;
         ps.last_poll_forwarded = poll.forwarded;
         ps.forwarded_total += poll.forwarded;
-        ps.quota_exhausted_day = (early == Some(Early::Quota)).then(|| today.clone());
+        ps.quota_exhausted_day = match &early {
+            Some(Early::Quota(day)) => Some(day.clone()),
+            _ => None,
+        };
         if phishing_only {
             let state = self.state_mut();
             state.streak = None;
@@ -864,7 +1058,7 @@ impl Run<'_> {
             Some(Early::Deadline) => {
                 format!("phishing: stopped before the invocation deadline ({what}); still due")
             }
-            Some(Early::Quota) => format!(
+            Some(Early::Quota(_)) => format!(
                 "phishing: the Reporting API daily limit is reached ({what}); polls resume after 00:00 UTC"
             ),
             Some(Early::RateLimited) => {
@@ -1001,4 +1195,70 @@ fn not_ending(what: &str, per_page: u32) -> Error {
 
 fn rfc3339_ms(ms: i64) -> String {
     EventTime(ms.saturating_mul(1_000_000)).to_rfc3339()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_short_first_page_sets_the_page_size_and_a_second_page_confirms_it() {
+        // Asked for 500, served 100, then more: the server serves 100 a page.
+        let mut cursor = Cursor::at(1, 500, MAX_RECIPIENT_RECORDS);
+        assert_eq!(cursor.take(100), None);
+        assert_eq!((cursor.page, cursor.per_page), (2, 100));
+        assert_eq!(cursor.take(100), Some(100));
+        assert_eq!(cursor.take(37), None, "a short last page confirms nothing");
+        // A list shorter than a page: the next request is the end either way.
+        let mut whole = Cursor::at(1, 500, MAX_RECIPIENT_RECORDS);
+        assert_eq!(whole.take(40), None);
+        assert_eq!((whole.page, whole.per_page), (2, 40));
+        // A short page after full ones is the end; the page size stays.
+        let mut end = Cursor::at(1, 100, MAX_RECIPIENT_RECORDS);
+        end.take(100);
+        end.take(3);
+        assert_eq!(end.per_page, 100);
+    }
+
+    #[test]
+    fn pages_too_large_shrink_to_one_record_then_stop() {
+        let mut cursor = Cursor::at(3, 500, MAX_TEST_RECORDS);
+        let mut sizes = Vec::new();
+        while cursor.shrink() {
+            assert_eq!(cursor.page, 1);
+            sizes.push(cursor.per_page);
+        }
+        assert_eq!(sizes, [100, 20, 5, 1]);
+    }
+
+    #[test]
+    fn the_bound_counts_records_received_and_pages() {
+        let mut cursor = Cursor::at(1, 500, 1_000);
+        for _ in 0..10 {
+            assert!(!cursor.past_bound());
+            cursor.take(100);
+        }
+        assert!(!cursor.past_bound(), "1,000 records is the bound itself");
+        cursor.take(1);
+        assert!(cursor.past_bound());
+        // One record a page: at most max + 1 pages.
+        let mut slow = Cursor::at(1, 1, 3);
+        for _ in 0..3 {
+            slow.take(1);
+        }
+        assert!(!slow.past_bound());
+        slow.take(1);
+        assert!(slow.past_bound());
+    }
+
+    #[test]
+    fn test_ids_may_be_numbers_or_digit_strings() {
+        assert_eq!(test_id(r#"{"pst_id":42}"#), Some(42));
+        assert_eq!(test_id(r#"{"pst_id":"42"}"#), Some(42));
+        assert_eq!(test_id(r#"{"pst_id":null}"#), None);
+        assert_eq!(test_id(r#"{"pst_id":-1}"#), None);
+        assert_eq!(test_id(r#"{"name":"x"}"#), None);
+        assert_eq!(test_status(r#"{"status":"Closed"}"#), "Closed");
+        assert_eq!(test_status(r#"{"status":3}"#), "");
+    }
 }

@@ -290,7 +290,7 @@ fn ids_of(values: &[serde_json::Value], key: &str) -> Vec<u64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_client_reads_every_reading_of_the_matrix() {
     let names: Vec<&str> = ReportingReading::matrix().iter().map(|(n, _)| *n).collect();
-    assert_eq!(names.len(), 10, "{names:?}");
+    assert_eq!(names.len(), 11, "{names:?}");
     for (name, reading) in ReportingReading::matrix() {
         let (sim, client, pst) = reading_sim(reading).await;
         let oracle_tests = ids_of(&sim.phishing_tests(), "pst_id");
@@ -361,6 +361,23 @@ async fn the_client_reads_every_reading_of_the_matrix() {
                 }
                 let oracle_now = ids_of(&sim.phishing_tests(), "pst_id");
                 assert_eq!(oracle_now, oracle_tests, "{name}: the oracle holds still");
+            }
+            "cap-100-offset-by-asked" => {
+                // Asked for 500, served 100, counted by 500: page k starts at record
+                // 500 × (k − 1), so a reader asking 500 never sees records 100–499.
+                for (walk, oracle) in [(&tests, &oracle_tests), (&recipients, &oracle_recipients)] {
+                    assert!(walk.ended, "{name}: {walk:?}");
+                    for (k, page) in walk.pages.iter().enumerate() {
+                        assert_eq!(
+                            page[..],
+                            oracle[k * 500..(k * 500 + 100).min(oracle.len())],
+                            "{name}"
+                        );
+                    }
+                    if oracle.len() > 100 {
+                        assert!(walk.ids().len() < oracle.len(), "{name}: records skipped");
+                    }
+                }
             }
             other => panic!("a reading this test does not know: {other}"),
         }

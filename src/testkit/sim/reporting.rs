@@ -44,6 +44,11 @@ pub enum Paging {
     /// `page` is honoured up to the last non-empty page; past it, that page again (a list
     /// that never ends with `[]`). An empty list is still `[]`.
     RepeatLast,
+    /// `page` is honoured, but pages are counted by the `per_page` asked for while at
+    /// most `max_per_page` records are served: asked for 500 and capped at 100, page 2
+    /// starts at record 500, so records 100–499 are served only to a reader that asks for
+    /// what the server serves.
+    OffsetByRequested,
 }
 
 /// Whether a list holds still between two requests.
@@ -190,6 +195,13 @@ impl ReportingReading {
                 "rotate",
                 ReportingReading {
                     shift: Shift::Rotate,
+                    ..capped
+                },
+            ),
+            (
+                "cap-100-offset-by-asked",
+                ReportingReading {
+                    paging: Paging::OffsetByRequested,
                     ..capped
                 },
             ),
@@ -647,7 +659,8 @@ impl Reporting {
     fn route(&mut self, method: &str, path: &str, query: &str) -> Answer {
         let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
         let reading = self.config.reading;
-        let (page, per_page) = paging(query, reading.max_per_page as usize);
+        let (page, asked) = paging(query, usize::MAX);
+        let per_page = asked.min((reading.max_per_page as usize).max(1));
         let mut items: Vec<Value> = match (method, segments.as_slice()) {
             ("GET", ["v1", "phishing", "security_tests"]) => {
                 if reading.shift == Shift::InsertFront && page > 1 {
@@ -680,11 +693,14 @@ impl Reporting {
         self.lists_served += 1;
         let last_page = items.len().div_ceil(per_page).max(1);
         let page = match reading.paging {
-            Paging::Honoured => page,
+            Paging::Honoured | Paging::OffsetByRequested => page,
             Paging::PageIgnored => 1,
             Paging::RepeatLast => page.min(last_page),
         };
-        let start = (page - 1).saturating_mul(per_page);
+        let start = match reading.paging {
+            Paging::OffsetByRequested => (page - 1).saturating_mul(asked),
+            _ => (page - 1).saturating_mul(per_page),
+        };
         let mut on_page: Vec<Value> = items.into_iter().skip(start).take(per_page).collect();
         if reading.record_padding > 0 {
             let padding = Value::String("x".repeat(reading.record_padding));
