@@ -876,3 +876,131 @@ async fn a_long_retry_after_holds_every_reporting_request_until_it_passes() {
     );
     assert_eq!(Received::of(&h.sink).events.len(), 15);
 }
+
+/// Review (second) defect 3: a transient failure in the middle of a test's recipients
+/// (here 503 on every try of its second page) fails the poll — retried by the next run —
+/// and the next run goes on at that page: the first page is not asked for again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failure_in_the_middle_of_a_test_goes_on_at_that_page() {
+    let h = harness(SimConfig {
+        events: 0,
+        ..SimConfig::default()
+    })
+    .await;
+    let big = h.sim.add_phishing_test(1_200);
+    let id = h
+        .app
+        .create(middle_example(&h.sim.base_url()), Some("mid-fail".into()))
+        .await
+        .unwrap();
+    // The tests list (2 requests) and the first page of recipients pass; every try of
+    // the second page answers 503.
+    h.sim.fail_reporting_after(3, 503, 4);
+    let first = collect_source_types(
+        h.app.run_context(),
+        &id,
+        deadline(60),
+        Trigger::Schedule,
+        None,
+    )
+    .await;
+    assert_eq!(first.outcome, Outcome::Failed, "{first:?}");
+    let state = h.app.store.load_state(&id).await.unwrap().unwrap().value;
+    let phishing = state.phishing.unwrap();
+    assert_eq!(phishing.resume.map(|r| (r.pst_id, r.page)), Some((big, 2)));
+    assert!(
+        phishing.streak.is_some(),
+        "a failure of the stream, retried"
+    );
+    assert_eq!(Received::of(&h.sink).recipient_messages(), 500);
+
+    let second = collect_source_types(
+        h.app.run_context(),
+        &id,
+        deadline(60),
+        Trigger::Schedule,
+        None,
+    )
+    .await;
+    assert!(second.detail.contains("phishing: polled"), "{second:?}");
+    let pages: Vec<u32> = h
+        .sim
+        .reporting_requests()
+        .iter()
+        .filter(|r| r.path.contains(&format!("/{big}/")) && r.status == 200)
+        .map(page_of)
+        .collect();
+    assert_eq!(pages, [1, 2, 3, 4], "page 1 not asked for again");
+    let got = Received::of(&h.sink);
+    got.assert_latest(&h.sim);
+    got.assert_no_unchanged_resent();
+}
+
+/// Review (second) defects 4 and 5: a 4xx on one test's recipients stays with that test
+/// — a health event names it, the other test is read, the poll completes — and the test
+/// is not asked for again while its object is unchanged (the next day at the latest).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_test_whose_recipients_are_refused_does_not_stop_the_others() {
+    let h = harness(SimConfig {
+        events: 0,
+        ..SimConfig::default()
+    })
+    .await;
+    let refused = h.sim.add_phishing_test(5);
+    let fine = h.sim.add_phishing_test(5);
+    let id = h
+        .app
+        .create(middle_example(&h.sim.base_url()), Some("refused".into()))
+        .await
+        .unwrap();
+    // The tests list passes (2 requests); the first test's recipients answer 403.
+    h.sim.fail_reporting_after(2, 403, 1);
+    let first = collect_source_types(
+        h.app.run_context(),
+        &id,
+        deadline(60),
+        Trigger::Schedule,
+        None,
+    )
+    .await;
+    assert_eq!(first.outcome, Outcome::Collected, "{first:?}");
+    assert!(first.detail.contains("phishing: polled"), "{first:?}");
+    assert!(
+        first.detail.contains(&format!("test {refused}")),
+        "{first:?}"
+    );
+    let health = h.app.health(&id).await.unwrap();
+    assert_eq!(health.len(), 1, "{health:?}");
+    assert!(health[0].message.contains(&format!("test {refused}")));
+    let got = Received::of(&h.sink);
+    assert_eq!(got.recipient_messages(), 5, "the other test's recipients");
+    assert!(
+        got.recipients
+            .values()
+            .all(|m| m[0]["pst_id"].as_u64() == Some(fine))
+    );
+
+    let requests = h.sim.reporting_requests().len();
+    let second = collect_source_types(
+        h.app.run_context(),
+        &id,
+        deadline(60),
+        Trigger::OnDemand,
+        Some(DataType::Phishing),
+    )
+    .await;
+    assert!(second.detail.contains("phishing: polled"), "{second:?}");
+    let asked: Vec<String> = h.sim.reporting_requests()[requests..]
+        .iter()
+        .map(|r| r.path.clone())
+        .collect();
+    assert!(
+        asked.iter().all(|p| !p.contains(&format!("/{refused}/"))),
+        "{asked:?}"
+    );
+    let state = h.app.store.load_state(&id).await.unwrap().unwrap().value;
+    assert_eq!(
+        state.lifecycle,
+        knowbe4_source::domain::state::Lifecycle::Collecting
+    );
+}

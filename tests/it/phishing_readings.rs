@@ -244,6 +244,7 @@ fn readings() -> Vec<(&'static str, ReportingReading)> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "run on its own by scripts/test.sh: twelve simulators at once load the shared moto for minutes"]
 async fn every_reading_delivers_every_record_in_its_latest_state_once() {
     let runs = readings()
         .into_iter()

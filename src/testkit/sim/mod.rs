@@ -493,6 +493,11 @@ impl Simulator {
         lock(&self.shared).reporting.throttle(count);
     }
 
+    /// After the next `skip` Reporting API requests, answers `count` with `status`.
+    pub fn fail_reporting_after(&self, skip: u32, status: u16, count: u32) {
+        lock(&self.shared).reporting.fail_after(skip, status, count);
+    }
+
     /// Replaces the Reporting API token.
     pub fn set_reporting_token(&self, token: &str) {
         lock(&self.shared).reporting.set_token(token);

@@ -353,6 +353,9 @@ pub(crate) struct Reporting {
     lists_served: u64,
     /// Requests still to be answered 429 whatever the limits ([`Reporting::throttle`]).
     throttle_next: u32,
+    /// Scheduled failures ([`Reporting::fail_after`]): requests to let through first,
+    /// then the status to answer and how many times.
+    fail: Option<(u32, u16, u32)>,
 }
 
 fn now_rfc3339() -> String {
@@ -409,7 +412,25 @@ impl Reporting {
             cursor: BTreeMap::new(),
             lists_served: 0,
             throttle_next: 0,
+            fail: None,
         }
+    }
+
+    /// After the next `skip` requests, answers `count` requests with `status` (a JSON
+    /// error body), whatever they ask.
+    pub fn fail_after(&mut self, skip: u32, status: u16, count: u32) {
+        self.fail = Some((skip, status, count));
+    }
+
+    /// The scheduled failure's status for this request, if it is one.
+    fn scheduled_failure(&mut self) -> Option<u16> {
+        let (skip, status, count) = self.fail?;
+        if skip > 0 {
+            self.fail = Some((skip - 1, status, count));
+            return None;
+        }
+        self.fail = (count > 1).then_some((0, status, count - 1));
+        Some(status)
     }
 
     /// The reading played.
@@ -635,6 +656,8 @@ impl Reporting {
         } else if throttled {
             self.throttle_next = self.throttle_next.saturating_sub(1);
             self.too_many(TooMany::Rate)
+        } else if let Some(status) = self.scheduled_failure() {
+            Answer::json(status, format!(r#"{{"message":"HTTP {status}"}}"#))
         } else if !authorized {
             // What KnowBe4 has been seen to answer: a 200 that is not a list.
             Answer::json(200, INVALID_TOKEN_BODY.to_string())
