@@ -190,7 +190,9 @@ impl<V: Entry> Latest<V> {
 
     /// The sequence number the next shard is written at.
     pub fn next_seq(&self) -> u32 {
-        self.stored.last().map_or(1, |last| last + 1)
+        // Saturating: a stray shard numbered u32::MAX is overwritten by the next write
+        // (the newest still wins) instead of wrapping below every other shard.
+        self.stored.last().map_or(1, |last| last.saturating_add(1))
     }
 
     /// Shards stored.

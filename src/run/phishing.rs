@@ -581,6 +581,8 @@ impl Run<'_> {
             );
             if changes.new_in_walk == 0 {
                 poll.repeats += 1;
+                self.repeated_page("the security tests list", &cursor, page.items.len())
+                    .await;
                 break;
             }
             if let Some(served) = cursor.take(page.items.len() as u32) {
@@ -712,6 +714,7 @@ impl Run<'_> {
             );
             if changes.new_in_walk == 0 {
                 poll.repeats += 1;
+                self.repeated_page(&what(), &cursor, page.items.len()).await;
                 break Walked::Complete;
             }
             let page_no = cursor.page;
@@ -979,19 +982,42 @@ impl Run<'_> {
 
     /// A health event for one test whose recipients could not be read; the poll goes on.
     async fn test_health(&mut self, pst_id: u64, err: &Error) {
-        let now = now_ms();
         let message = format!(
             "phishing security test {pst_id}: its recipients could not be read ({}); they are asked for again when the test changes, or in a day",
             err.chain()
         );
+        self.stream_health(message, err.status(), super::error_kind(err))
+            .await;
+    }
+
+    /// A list ended on a page with nothing new. A full page repeated means the server may
+    /// not page past it (it ignores `page`; or it repeats its last page and the list is
+    /// a whole number of pages): records after it, if any, cannot be read, which a
+    /// health event says (the walk still ends; what it read is forwarded).
+    async fn repeated_page(&mut self, what: &str, cursor: &Cursor, len: usize) {
+        // A short page repeated is a short list's end; so is a small one, whatever page
+        // size it set (a cap is at least the 50 a page the events API was seen to serve).
+        if (len as u64) < u64::from(cursor.per_page) || len < 50 {
+            return;
+        }
+        let message = format!(
+            "{what}: the Reporting API answered page {} with records already read on an earlier page (a full page of {}), so the walk ended there; if the list is longer, the rest cannot be read while the API pages this way",
+            cursor.page, cursor.per_page
+        );
+        self.stream_health(message, None, "repeated_page").await;
+    }
+
+    /// A health event of the phishing stream that does not stop it.
+    async fn stream_health(&mut self, message: String, status: Option<u16>, kind: &str) {
+        let now = now_ms();
         self.note(&format!("phishing: {message}"));
         let event = HealthEvent {
             source_id: self.record.id.clone(),
             source_name: self.record.spec.name.clone(),
             kind: HealthKind::ThirdPartyGenericError,
             message,
-            status: err.status(),
-            error_kind: super::error_kind(err).into(),
+            status,
+            error_kind: kind.into(),
             first_seen: now,
             last_seen: now,
             count: 1,

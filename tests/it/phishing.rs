@@ -1004,3 +1004,45 @@ async fn a_test_whose_recipients_are_refused_does_not_stop_the_others() {
         knowbe4_source::domain::state::Lifecycle::Collecting
     );
 }
+
+/// A server ignoring `page` repeats a full page: the walk ends (what it read is
+/// forwarded) and a health event says the rest of the list cannot be read this way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeated_full_page_ends_the_walk_with_a_health_event() {
+    let h = harness(SimConfig {
+        events: 0,
+        ..SimConfig::default()
+    })
+    .await;
+    h.sim.set_reporting_reading(
+        knowbe4_source::testkit::sim::ReportingReading::by_name("page-ignored").unwrap(),
+    );
+    let test = h.sim.add_phishing_test(150);
+    let id = h
+        .app
+        .create(middle_example(&h.sim.base_url()), Some("ignored".into()))
+        .await
+        .unwrap();
+    let report = collect_source_types(
+        h.app.run_context(),
+        &id,
+        deadline(60),
+        Trigger::Schedule,
+        None,
+    )
+    .await;
+    assert!(report.detail.contains("phishing: polled"), "{report:?}");
+    // The tests list (one test: a short page, then the same again) and the recipients'
+    // first page, then that page again.
+    assert_eq!(h.sim.reporting_requests().len(), 4);
+    assert_eq!(Received::of(&h.sink).recipient_messages(), 100);
+    let health = h.app.health(&id).await.unwrap();
+    assert_eq!(health.len(), 1, "{health:?}");
+    assert_eq!(health[0].error_kind, "repeated_page");
+    assert!(
+        health[0]
+            .message
+            .contains(&format!("the recipients of test {test}")),
+        "{health:?}"
+    );
+}

@@ -11,8 +11,8 @@ use knowbe4_source::knowbe4::reporting::{
 };
 use knowbe4_source::run::{Admission, admit_reporting_request};
 use knowbe4_source::testkit::sim::{
-    BURST_PER_MINUTE, BURST_PER_SECOND, ReportingConfig, ReportingReading, RequestRecord,
-    SimConfig, Simulator, TooManyWording,
+    BURST_PER_MINUTE, BURST_PER_SECOND, ReportingConfig, ReportingReading, SimConfig, Simulator,
+    TooManyWording,
 };
 use secrecy::SecretString;
 
@@ -64,20 +64,6 @@ async fn read_all(
     panic!("a list did not end within 100 pages");
 }
 
-/// The most requests the server saw in any window of `window_ms`.
-fn most_in_window(log: &[RequestRecord], window_ms: u64) -> usize {
-    let times: Vec<u64> = log.iter().map(|r| r.at_ms).collect();
-    (0..times.len())
-        .map(|i| {
-            times[i..]
-                .iter()
-                .take_while(|t| **t < times[i] + window_ms)
-                .count()
-        })
-        .max()
-        .unwrap_or(0)
-}
-
 /// Two readers of one Reporting account (two sources sharing the token) read every test
 /// and every recipient, as the simulator serves them, within the account's limits as the
 /// server observed them, with no 429; every request was reserved in the ledger first.
@@ -117,8 +103,14 @@ async fn every_test_and_recipient_is_read_within_the_account_limits() {
     let log = h.sim.reporting_requests();
     // Per reader: tests 2 pages, 700 recipients 3, 40 recipients 2, none 1.
     assert_eq!(log.len(), 16, "{log:?}");
-    assert!(most_in_window(&log, 1_000) <= BURST_PER_SECOND, "{log:?}");
-    assert!(most_in_window(&log, 60_000) <= BURST_PER_MINUTE, "{log:?}");
+    assert!(
+        crate::phishing::most_in_window(&log, 1_000) <= BURST_PER_SECOND,
+        "{log:?}"
+    );
+    assert!(
+        crate::phishing::most_in_window(&log, 60_000) <= BURST_PER_MINUTE,
+        "{log:?}"
+    );
     let stats = h.sim.reporting_stats();
     assert_eq!(stats.answered_429, 0, "{stats:?}");
     assert_eq!(stats.second_violations + stats.minute_violations, 0);
