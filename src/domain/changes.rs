@@ -13,7 +13,7 @@
 //!   the latest digest of a record wins whatever page it was on (a record that moved
 //!   between pages, a list whose order shifts, a change and its change back — A → B → A —
 //!   are all recognised; nothing depends on page order or page size).
-//! - After a list was read completely, a log longer than it needs to be is *compacted*
+//! - At the end of a walk, a log longer than it needs to be is *compacted*
 //!   ([`compaction`]): every known entry is written again, 500 per shard, at the next
 //!   sequence numbers, then the older shards are deleted. A crash between the two leaves
 //!   both, and the newer ones win, so compaction cannot lose or resurrect anything.
