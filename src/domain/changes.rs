@@ -188,11 +188,12 @@ impl<V: Entry> Latest<V> {
         self.by_id.iter().map(|(id, v)| (*id, *v))
     }
 
-    /// The sequence number the next shard is written at.
-    pub fn next_seq(&self) -> u32 {
-        // Saturating: a stray shard numbered u32::MAX is overwritten by the next write
-        // (the newest still wins) instead of wrapping below every other shard.
-        self.stored.last().map_or(1, |last| last.saturating_add(1))
+    /// The sequence number the next shard is written at; `None` when none is left.
+    pub fn next_seq(&self) -> Option<u32> {
+        // `None` past u32::MAX (a stray shard so numbered): never overwrite or wrap.
+        self.stored
+            .last()
+            .map_or(Some(1), |last| last.checked_add(1))
     }
 
     /// Shards stored.
@@ -225,19 +226,19 @@ pub fn compaction<V: Entry>(known: &Latest<V>) -> Option<(Numbered<V>, Vec<u32>)
     }
     let mut entries: Vec<(u64, V)> = known.iter().collect();
     entries.sort_unstable_by_key(|(id, _)| *id);
-    let first = known.next_seq();
+    let first = known.next_seq()?;
     let write = entries
         .chunks(SHARD_RECORDS)
         .enumerate()
         .map(|(i, chunk)| {
-            (
-                first + i as u32,
+            Some((
+                first.checked_add(i as u32)?,
                 Shard {
                     entries: chunk.to_vec(),
                 },
-            )
+            ))
         })
-        .collect();
+        .collect::<Option<Vec<_>>>()?;
     Some((write, known.stored.clone()))
 }
 
@@ -312,7 +313,7 @@ mod tests {
     ) -> Vec<u64> {
         let changes = page_changes(known, seen, page.iter().map(|(id, t)| (*id, t.as_str())));
         if !changes.delta.entries.is_empty() {
-            let seq = known.next_seq();
+            let seq = known.next_seq().unwrap();
             known.remember(seq, &changes.delta);
         }
         changes.forward.iter().map(|i| page[*i].0).collect()
@@ -364,14 +365,14 @@ mod tests {
                 &mut HashSet::new(),
                 page.iter().map(|(id, t)| (*id, t.as_str())),
             );
-            let seq = replay.next_seq();
+            let seq = replay.next_seq().unwrap();
             replay.remember(seq, &changes.delta);
             log.push((seq, changes.delta));
         }
         log.reverse();
         let reloaded = KnownDigests::from_log(log);
         assert_eq!(reloaded.get(2), Some(digest(&a)));
-        assert_eq!(reloaded.next_seq(), 4);
+        assert_eq!(reloaded.next_seq(), Some(4));
     }
 
     #[test]
@@ -459,6 +460,35 @@ mod tests {
         assert_eq!(compacted.len(), 1_200);
         assert!(known.iter().all(|(id, d)| compacted.get(id) == Some(d)));
         assert!(compaction(&compacted).is_none());
+        // A stray shard numbered u32::MAX: no next number, no compaction, nothing wraps.
+        let stray = KnownDigests::from_log(vec![
+            (
+                u32::MAX,
+                DigestShard {
+                    entries: vec![(1, 1)],
+                },
+            ),
+            (
+                1,
+                DigestShard {
+                    entries: vec![(2, 2)],
+                },
+            ),
+            (
+                2,
+                DigestShard {
+                    entries: vec![(3, 3)],
+                },
+            ),
+            (
+                3,
+                DigestShard {
+                    entries: vec![(4, 4)],
+                },
+            ),
+        ]);
+        assert_eq!(stray.next_seq(), None);
+        assert!(compaction(&stray).is_none());
         // A crash after writing, before deleting: old and new together still agree.
         let mut both: Vec<(u32, DigestShard)> = write;
         let stale = DigestShard {
@@ -484,7 +514,7 @@ mod tests {
                 texts.iter().map(|(id, t)| (*id, t.as_str())),
             );
             largest = largest.max(changes.delta.encode().len());
-            let seq = known.next_seq();
+            let seq = known.next_seq().unwrap();
             known.remember(seq, &changes.delta);
         }
         assert_eq!(largest, 10_668, "500 entries of 16 bytes, base64");

@@ -126,6 +126,9 @@ pub struct ListAt {
     pub page: u32,
     /// The page size the walk used.
     pub per_page: u32,
+    /// Records the walk received before (its bound counts across runs).
+    #[serde(default)]
+    pub received: u64,
 }
 
 /// Where a poll that stopped early inside a test's recipients goes on.
@@ -137,6 +140,9 @@ pub struct Resume {
     pub page: u32,
     /// The page size the walk used (pages of another size do not line up).
     pub per_page: u32,
+    /// Records the walk received before (its bound counts across runs).
+    #[serde(default)]
+    pub received: u64,
 }
 
 /// What the phishing stream keeps in the source's state document, apart from the change
@@ -161,6 +167,10 @@ pub struct PhishingState {
     /// Where the poll in progress goes on inside the tests list.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tests_resume: Option<ListAt>,
+    /// The poll (its `poll_started`) whose tests list was walked to its end: a run
+    /// continuing that poll goes straight to the recipients it queued.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tests_listed: Option<i64>,
     /// Runs in a row that ended rate-limited without a `Retry-After` (the wait before the
     /// next Reporting request doubles with each, up to an hour).
     #[serde(default, skip_serializing_if = "is_zero")]

@@ -231,16 +231,30 @@ impl Cursor {
         }
     }
 
+    /// Whether a page of `len` records, all read before, may mean the server does not
+    /// page past it (records after it unreadable) rather than that the list ended.
+    fn repeat_may_hide_more(&self, len: usize) -> bool {
+        // A short page repeated is a short list's end; so is a small one, whatever page
+        // size it set (a cap is at least the 50 a page the events API was seen to serve).
+        // A short first page repeated before a second page confirmed its size is a list
+        // that short, unless its length is a whole number of 50s: a cap's size (a server
+        // ignoring `page` and serving 100 of the 500 asked looks like this).
+        let unconfirmed = self.short.is_some();
+        (len as u64) >= u64::from(self.per_page)
+            && len >= 50
+            && (!unconfirmed || len.is_multiple_of(50))
+    }
+
     /// Takes in a non-empty page of `len` records. A first page shorter than asked for
     /// is either the whole list or all the server serves a page: the walk goes on asking
     /// for `len` a page — page 2 then starts at record `len` whether the server counts
     /// pages by what it serves or by what was asked (a server serving 100 of 500 asked
     /// and counting by 500 would otherwise never serve records 100–499). `Some(n)`: a
-    /// second page came after such a first one, so the server serves at most `n` a page
-    /// (worth remembering for later walks).
+    /// second page as long as such a first one came after it, so the server serves at
+    /// most `n` a page (worth remembering for later walks).
     fn take(&mut self, len: u32) -> Option<u32> {
         self.received += u64::from(len);
-        let confirmed = self.short.take();
+        let confirmed = self.short.take().filter(|short| len == *short);
         if self.page == 1 && len < self.per_page {
             self.short = Some(len);
             self.per_page = len;
@@ -317,6 +331,7 @@ impl Run<'_> {
                     ps.next_poll = Some(now + interval_ms);
                     // The next poll starts afresh (its open tests read again).
                     ps.poll_started = None;
+                    ps.tests_listed = None;
                     ps.resume = None;
                     ps.tests_resume = None;
                 }
@@ -396,19 +411,23 @@ impl Run<'_> {
         let limit = spec.daily_request_limit;
         let mut tracks: Latest<TestTrack> = self.load_log(TRACKS_LIST).await?;
         let mut tests_known: KnownDigests = self.load_log(TESTS_LIST).await?;
-        if let Some(early) = self
-            .walk_tests(
-                &client,
-                &destination,
-                (&mut tracks, &mut tests_known),
-                (cycle, started),
-                limit,
-                deadline,
-                poll,
-            )
-            .await?
-        {
-            return Ok(Some(early));
+        // A poll continued after its tests list completed does not walk it again.
+        if self.phishing_mut().tests_listed != Some(cycle) {
+            if let Some(early) = self
+                .walk_tests(
+                    &client,
+                    &destination,
+                    (&mut tracks, &mut tests_known),
+                    (cycle, started),
+                    limit,
+                    deadline,
+                    poll,
+                )
+                .await?
+            {
+                return Ok(Some(early));
+            }
+            self.phishing_mut().tests_listed = Some(cycle);
         }
 
         // The recipients of every test the poll queued and has not read yet; the one an
@@ -432,9 +451,10 @@ impl Run<'_> {
         let mut pending: Vec<(u64, TestTrack)> = Vec::new();
         for pst_id in to_read {
             let start = match resume {
-                Some(r) if r.pst_id == pst_id => {
-                    Cursor::at(r.page, r.per_page, MAX_RECIPIENT_RECORDS)
-                }
+                Some(r) if r.pst_id == pst_id => Cursor {
+                    received: r.received,
+                    ..Cursor::at(r.page, r.per_page, MAX_RECIPIENT_RECORDS)
+                },
                 _ => Cursor::at(1, self.page_size(), MAX_RECIPIENT_RECORDS),
             };
             let walked = self
@@ -466,7 +486,7 @@ impl Run<'_> {
                     poll.stuck += 1;
                     let err = match walked {
                         Walked::Stuck(err) => err,
-                        _ => reporting_error(ApiError::NotKnowBe4),
+                        _ => ApiError::Status { status: 404 }.into_error(),
                     };
                     self.test_health(pst_id, &err).await;
                 }
@@ -484,6 +504,7 @@ impl Run<'_> {
         let tests_tracked = tracks.len() as u64;
         let ps = self.phishing_mut();
         ps.poll_started = None;
+        ps.tests_listed = None;
         ps.resume = None;
         ps.tests_resume = None;
         ps.rate_limited_runs = 0;
@@ -523,7 +544,10 @@ impl Run<'_> {
         poll: &mut Poll,
     ) -> Result<Option<Early>> {
         let mut cursor = match self.phishing_mut().tests_resume.take() {
-            Some(at) => Cursor::at(at.page, at.per_page, MAX_TEST_RECORDS),
+            Some(at) => Cursor {
+                received: at.received,
+                ..Cursor::at(at.page, at.per_page, MAX_TEST_RECORDS)
+            },
             None => Cursor::at(1, self.page_size(), MAX_TEST_RECORDS),
         };
         let mut seen = HashSet::new();
@@ -539,11 +563,14 @@ impl Run<'_> {
             let page = match fetched {
                 Ok(Fetched::Page(p)) if p.ends_list() => break,
                 Ok(Fetched::Page(p)) => p,
+                // A 404 past the first page is a way to end a list.
+                Ok(Fetched::Gone) if cursor.page > 1 => break,
                 Ok(Fetched::Gone) => return Err(reporting_error(ApiError::NotKnowBe4)),
                 Ok(Fetched::Early(early)) => {
                     self.phishing_mut().tests_resume = Some(ListAt {
                         page: cursor.page,
                         per_page: cursor.per_page,
+                        received: cursor.received,
                     });
                     return Ok(Some(early));
                 }
@@ -561,6 +588,7 @@ impl Run<'_> {
                     self.phishing_mut().tests_resume = Some(ListAt {
                         page: cursor.page,
                         per_page: cursor.per_page,
+                        received: cursor.received,
                     });
                     return Err(err);
                 }
@@ -636,6 +664,7 @@ impl Run<'_> {
                 self.phishing_mut().tests_resume = Some(ListAt {
                     page: cursor.page - 1,
                     per_page: cursor.per_page,
+                    received: cursor.received - page.items.len() as u64,
                 });
                 return Err(err);
             }
@@ -734,7 +763,11 @@ impl Run<'_> {
                 )
                 .await;
             if let Err(err) = forwarded {
-                self.resume_at(pst_id, &Cursor::at(page_no, asked, MAX_RECIPIENT_RECORDS));
+                let at = Cursor {
+                    received: cursor.received - page.items.len() as u64,
+                    ..Cursor::at(page_no, asked, MAX_RECIPIENT_RECORDS)
+                };
+                self.resume_at(pst_id, &at);
                 return Err(err);
             }
             self.save_entries(&list, &mut known, &mut changes.delta.entries)
@@ -752,6 +785,7 @@ impl Run<'_> {
             pst_id,
             page: cursor.page,
             per_page: cursor.per_page,
+            received: cursor.received,
         });
     }
 
@@ -790,7 +824,13 @@ impl Run<'_> {
             let shard = Shard {
                 entries: chunk.to_vec(),
             };
-            let seq = known.next_seq();
+            let seq = known.next_seq().ok_or_else(|| Error::Store {
+                message: format!(
+                    "list {list} of source {} has no shard number left; delete and re-create the source",
+                    self.record.id
+                ),
+                source: None,
+            })?;
             self.ctx
                 .store
                 .save_digest_shard(&self.record.id, list, seq, &shard.encode(), &self.lease)
@@ -909,19 +949,21 @@ impl Run<'_> {
             match answer {
                 Ok(page) => {
                     self.report.fetched += page.items.len() as u64;
+                    // Served again: the next 429 without a Retry-After waits a minute.
+                    self.phishing_mut().rate_limited_runs = 0;
                     return Ok(Fetched::Page(page));
                 }
                 Err(ApiError::NotKnowBe4) if pst_id.is_some() => return Ok(Fetched::Gone),
                 Err(err @ (ApiError::Malformed(_) | ApiError::TooLarge { .. })) => {
                     return Ok(Fetched::Refused(err));
                 }
-                // One test's recipients refused (any 4xx but 408 and 429) while the list
-                // was served: that test's answer, not the source's.
+                // One test's recipients refused (any 4xx but 401, 403, 408 and 429)
+                // while the list was served: that test's answer, not the source's. A
+                // refused token (401, 403) is the source's: the poll fails where it is.
                 Err(
-                    err @ (ApiError::Unauthorized(_)
-                    | ApiError::Status {
-                        status: 400..=407 | 409..=428 | 430..=499,
-                    }),
+                    err @ ApiError::Status {
+                        status: 400 | 402 | 404..=407 | 409..=428 | 430..=499,
+                    },
                 ) if pst_id.is_some() => return Ok(Fetched::Refused(err)),
                 Err(ApiError::Status {
                     status: status @ (400..=407 | 409..=428 | 430..=499),
@@ -932,7 +974,11 @@ impl Run<'_> {
                         .saturating_duration_since(Instant::now())
                         .saturating_sub(needed);
                     if wait > MAX_WAIT_IN_RUN || wait > left {
-                        self.hold_reporting(retry_after);
+                        // Only the server's word holds later runs back: a backoff of our
+                        // own that the deadline cut short starts over next run.
+                        if retry_after.is_some() {
+                            self.hold_reporting(retry_after);
+                        }
                         tracing::info!(source_id = %self.record.id, wait_ms = wait.as_millis() as u64, "The Reporting API answered 429; the poll goes on after its Retry-After.");
                         return Ok(Fetched::Early(Early::RateLimited));
                     }
@@ -995,9 +1041,7 @@ impl Run<'_> {
     /// a whole number of pages): records after it, if any, cannot be read, which a
     /// health event says (the walk still ends; what it read is forwarded).
     async fn repeated_page(&mut self, what: &str, cursor: &Cursor, len: usize) {
-        // A short page repeated is a short list's end; so is a small one, whatever page
-        // size it set (a cap is at least the 50 a page the events API was seen to serve).
-        if (len as u64) < u64::from(cursor.per_page) || len < 50 {
+        if !cursor.repeat_may_hide_more(len) {
             return;
         }
         let message = format!(
@@ -1244,6 +1288,23 @@ mod tests {
         end.take(100);
         end.take(3);
         assert_eq!(end.per_page, 100);
+    }
+
+    #[test]
+    fn a_repeated_page_hides_more_only_when_it_is_full_and_may_be_a_cap() {
+        // A full page of 500 repeated: the server may not page past it.
+        assert!(Cursor::at(2, 500, 1_000).repeat_may_hide_more(500));
+        // A short page repeated is the list's end; so is a small full one.
+        assert!(!Cursor::at(2, 500, 1_000).repeat_may_hide_more(120));
+        assert!(!Cursor::at(2, 20, 1_000).repeat_may_hide_more(20));
+        // A short first page (size unconfirmed) repeated: a list that short, unless it
+        // is a whole number of 50s.
+        let mut cursor = Cursor::at(1, 500, 1_000);
+        assert_eq!(cursor.take(73), None);
+        assert!(!cursor.repeat_may_hide_more(73));
+        let mut cursor = Cursor::at(1, 500, 1_000);
+        assert_eq!(cursor.take(100), None);
+        assert!(cursor.repeat_may_hide_more(100));
     }
 
     #[test]

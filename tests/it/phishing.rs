@@ -482,11 +482,13 @@ async fn a_poll_stopped_early_is_continued_not_started_over() {
         .skip(4)
         .map(|r| r.path.clone())
         .collect();
-    assert_eq!(paths.len(), 4, "{paths:?}");
+    // The tests list was read to its end by the first run: not asked for again; only
+    // the second test's recipients (a page and the empty page that ends them).
+    assert_eq!(paths.len(), 2, "{paths:?}");
     assert!(
         paths
             .iter()
-            .all(|p| !p.contains(&format!("/{first_test}/"))),
+            .all(|p| !p.contains(&format!("/{first_test}/")) && p.contains("/recipients")),
         "{paths:?}"
     );
     assert!(
@@ -674,7 +676,7 @@ async fn a_test_larger_than_one_run_goes_on_where_it_stopped() {
     let mut state_sizes = Vec::new();
     for run in 0..4 {
         if run > 0 {
-            limit += 3;
+            limit += 1;
             json["source"]["config"]["reportingDailyRequestLimit"] = limit.into();
             h.app.update(&id, json.clone()).await.unwrap();
         }
@@ -713,6 +715,16 @@ async fn a_test_larger_than_one_run_goes_on_where_it_stopped() {
         .map(page_of)
         .collect();
     assert_eq!(pages, [1, 2, 3, 4], "each page once, in order");
+    let lists = h
+        .sim
+        .reporting_requests()
+        .iter()
+        .filter(|r| !r.path.contains("/recipients"))
+        .count();
+    assert_eq!(
+        lists, 2,
+        "the tests list is read once a poll, not once a run"
+    );
     let got = Received::of(&h.sink);
     got.assert_latest(&h.sim);
     got.assert_no_unchanged_resent();
@@ -953,8 +965,8 @@ async fn a_test_whose_recipients_are_refused_does_not_stop_the_others() {
         .create(middle_example(&h.sim.base_url()), Some("refused".into()))
         .await
         .unwrap();
-    // The tests list passes (2 requests); the first test's recipients answer 403.
-    h.sim.fail_reporting_after(2, 403, 1);
+    // The tests list passes (2 requests); the first test's recipients answer 400.
+    h.sim.fail_reporting_after(2, 400, 1);
     let first = collect_source_types(
         h.app.run_context(),
         &id,
@@ -1002,6 +1014,67 @@ async fn a_test_whose_recipients_are_refused_does_not_stop_the_others() {
     assert_eq!(
         state.lifecycle,
         knowbe4_source::domain::state::Lifecycle::Collecting
+    );
+}
+
+/// Third review: a refused token (401) on one test's recipients is the source's answer,
+/// not the test's: the poll fails as a configuration error where it is (the test and its
+/// page kept), the stream stops until the source is updated, and nothing is asked again
+/// meanwhile (a deterministic answer is not retried).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_refused_on_a_tests_recipients_stops_the_poll_where_it_is() {
+    let h = harness(SimConfig {
+        events: 0,
+        ..SimConfig::default()
+    })
+    .await;
+    let first_test = h.sim.add_phishing_test(5);
+    h.sim.add_phishing_test(5);
+    let id = h
+        .app
+        .create(middle_example(&h.sim.base_url()), Some("revoked".into()))
+        .await
+        .unwrap();
+    h.sim.fail_reporting_after(2, 401, 1);
+    let first = collect_source_types(
+        h.app.run_context(),
+        &id,
+        deadline(60),
+        Trigger::Schedule,
+        None,
+    )
+    .await;
+    assert_eq!(first.outcome, Outcome::Failed, "{first:?}");
+    assert_eq!(
+        first.health,
+        Some(knowbe4_source::HealthKind::ThirdPartyConfigError),
+        "{first:?}"
+    );
+    assert_eq!(h.sim.reporting_requests().len(), 3, "no retry of a 401");
+    let state = h.app.store.load_state(&id).await.unwrap().unwrap().value;
+    let phishing = state.phishing.unwrap();
+    assert_eq!(
+        phishing.resume.map(|r| (r.pst_id, r.page)),
+        Some((first_test, 1))
+    );
+    assert!(phishing.stopped_config_version.is_some());
+    assert_eq!(Received::of(&h.sink).recipient_messages(), 0);
+
+    let second = collect_source_types(
+        h.app.run_context(),
+        &id,
+        deadline(60),
+        Trigger::Schedule,
+        None,
+    )
+    .await;
+    // A source collecting only phishing tests is in Error (its only stream stopped).
+    assert_eq!(second.outcome, Outcome::Skipped, "{second:?}");
+    assert!(second.detail.contains("restart or update"), "{second:?}");
+    assert_eq!(
+        h.sim.reporting_requests().len(),
+        3,
+        "nothing asked while stopped"
     );
 }
 
