@@ -143,6 +143,10 @@ pub struct Resume {
     /// Records the walk received before (its bound counts across runs).
     #[serde(default)]
     pub received: u64,
+    /// Runs in a row whose walk failed at this test and page (KnowBe4's transient
+    /// failures): the test is read after the others, and set aside after a few.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub failures: u32,
 }
 
 /// What the phishing stream keeps in the source's state document, apart from the change

@@ -100,6 +100,11 @@ const TESTS_LIST: &str = "tests";
 /// "recipients read" marks of these: those tests are read again, nothing is re-sent).
 const TRACKS_BATCH: usize = 50;
 
+/// Runs in a row failing at the same page of one test (KnowBe4's transient failures,
+/// each after [`PAGE_TRIES`]) before the test is set aside like a stuck one: it is read
+/// after the others from the second, so it cannot keep them from being read.
+const RESUME_FAILURES: u32 = 3;
+
 /// Why a poll ended early without an error; it stays due.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Early {
@@ -136,6 +141,8 @@ struct Poll {
     /// The poll failed on an answer that asking again cannot change: the next try is the
     /// next poll, not the next run.
     deterministic: bool,
+    /// 429s answered in this run.
+    rate_limited: u32,
 }
 
 /// A security test's `pst_id`: a number, or a string of digits; `None` when it has none
@@ -401,8 +408,18 @@ impl Run<'_> {
             self.ctx.settings.request_timeout,
         );
         let account = client.account().to_string();
-        if self.phishing_mut().account.as_deref() != Some(&account) {
-            self.phishing_mut().account = Some(account);
+        let ps = self.phishing_mut();
+        if ps.account.as_deref() != Some(&account) {
+            if ps.account.is_some() {
+                // Another host or token: the poll in progress was another account's.
+                ps.poll_started = None;
+                ps.tests_listed = None;
+                ps.tests_resume = None;
+                ps.resume = None;
+                ps.per_page = None;
+                ps.rate_limited_runs = 0;
+            }
+            ps.account = Some(account);
         }
         let started = now_ms();
         // A poll that stopped early is continued, not started over: where the tests list
@@ -443,9 +460,17 @@ impl Run<'_> {
             .map(|(id, _)| id)
             .collect();
         to_read.sort_unstable();
-        if let Some(at) = resume.and_then(|r| to_read.iter().position(|id| *id == r.pst_id)) {
-            let first = to_read.remove(at);
-            to_read.insert(0, first);
+        // The test a run stopped in goes first; one that failed there goes last, so it
+        // cannot keep the others from being read.
+        if let Some(r) = resume
+            && let Some(at) = to_read.iter().position(|id| *id == r.pst_id)
+        {
+            let test = to_read.remove(at);
+            if r.failures == 0 {
+                to_read.insert(0, test);
+            } else {
+                to_read.push(test);
+            }
         }
         poll.tests_to_read = to_read.len() as u64;
         let mut pending: Vec<(u64, TestTrack)> = Vec::new();
@@ -465,9 +490,13 @@ impl Run<'_> {
                 Ok(walked) => walked,
                 Err(err) => {
                     // Where it stopped is in `resume`; the tracks read so far are kept.
-                    self.save_entries(TRACKS_LIST, &mut tracks, &mut pending)
-                        .await?;
-                    return Err(err);
+                    if self.failed_again(resume, pst_id, &err) < RESUME_FAILURES {
+                        self.save_entries(TRACKS_LIST, &mut tracks, &mut pending)
+                            .await?;
+                        return Err(err);
+                    }
+                    self.phishing_mut().resume = None;
+                    Walked::Stuck(err)
                 }
             };
             match walked {
@@ -554,8 +583,13 @@ impl Run<'_> {
         let mut pending: Vec<(u64, TestTrack)> = Vec::new();
         loop {
             if cursor.past_bound() {
+                let err = not_ending("the security tests list", cursor.per_page);
+                if cursor.page > 1 {
+                    self.list_cut_short(&cursor, &err).await;
+                    break;
+                }
                 poll.deterministic = true;
-                return Err(not_ending("the security tests list", cursor.per_page));
+                return Err(err);
             }
             let fetched = self
                 .fetch(client, None, &cursor, limit, deadline, poll)
@@ -580,8 +614,15 @@ impl Run<'_> {
                     continue;
                 }
                 Ok(Fetched::Refused(err)) => {
+                    let err = reporting_error(err);
+                    if cursor.page > 1 {
+                        // The tests before it are listed and queued: their recipients are
+                        // read, rather than every poll failing on this page.
+                        self.list_cut_short(&cursor, &err).await;
+                        break;
+                    }
                     poll.deterministic = true;
-                    return Err(reporting_error(err));
+                    return Err(err);
                 }
                 Err(err) => {
                     // A transient failure: the next run goes on at this page.
@@ -715,6 +756,29 @@ impl Run<'_> {
                     seen.clear();
                     continue;
                 }
+                Ok(Fetched::Refused(err @ ApiError::Unauthorized(_))) => {
+                    // The token just served the tests list: its first page (one record)
+                    // tells a refused token (the source's) from a refused test (its own).
+                    let probe = Cursor::at(1, 1, 1);
+                    match self
+                        .fetch(client, None, &probe, limit, deadline, poll)
+                        .await
+                    {
+                        Ok(Fetched::Page(_)) => break Walked::Stuck(reporting_error(err)),
+                        Ok(Fetched::Early(early)) => {
+                            self.resume_at(pst_id, &cursor);
+                            break Walked::Early(early);
+                        }
+                        Ok(Fetched::Gone | Fetched::Refused(_)) => {
+                            self.resume_at(pst_id, &cursor);
+                            return Err(reporting_error(err));
+                        }
+                        Err(probe_err) => {
+                            self.resume_at(pst_id, &cursor);
+                            return Err(probe_err);
+                        }
+                    }
+                }
                 Ok(Fetched::Refused(err)) => break Walked::Stuck(reporting_error(err)),
                 Err(err) => {
                     self.resume_at(pst_id, &cursor);
@@ -786,6 +850,7 @@ impl Run<'_> {
             page: cursor.page,
             per_page: cursor.per_page,
             received: cursor.received,
+            failures: 0,
         });
     }
 
@@ -949,26 +1014,26 @@ impl Run<'_> {
             match answer {
                 Ok(page) => {
                     self.report.fetched += page.items.len() as u64;
-                    // Served again: the next 429 without a Retry-After waits a minute.
-                    self.phishing_mut().rate_limited_runs = 0;
                     return Ok(Fetched::Page(page));
                 }
-                Err(ApiError::NotKnowBe4) if pst_id.is_some() => return Ok(Fetched::Gone),
+                Err(ApiError::NotKnowBe4) => return Ok(Fetched::Gone),
                 Err(err @ (ApiError::Malformed(_) | ApiError::TooLarge { .. })) => {
                     return Ok(Fetched::Refused(err));
                 }
-                // One test's recipients refused (any 4xx but 401, 403, 408 and 429)
-                // while the list was served: that test's answer, not the source's. A
-                // refused token (401, 403) is the source's: the poll fails where it is.
+                // One test's recipients refused (any 4xx but 408 and 429) while the list
+                // was served: that test's answer (a 401 or 403 the walk tells apart from
+                // a refused token).
                 Err(
-                    err @ ApiError::Status {
-                        status: 400 | 402 | 404..=407 | 409..=428 | 430..=499,
-                    },
+                    err @ (ApiError::Unauthorized(_)
+                    | ApiError::Status {
+                        status: 400..=407 | 409..=428 | 430..=499,
+                    }),
                 ) if pst_id.is_some() => return Ok(Fetched::Refused(err)),
                 Err(ApiError::Status {
                     status: status @ (400..=407 | 409..=428 | 430..=499),
                 }) => return Ok(Fetched::Refused(ApiError::Status { status })),
                 Err(ApiError::RateLimited { retry_after }) => {
+                    poll.rate_limited += 1;
                     let wait = retry_after.unwrap_or(Duration::from_secs(2 << attempt));
                     let left = deadline
                         .saturating_duration_since(Instant::now())
@@ -1026,6 +1091,36 @@ impl Run<'_> {
         ps.not_before = Some(now.saturating_add(wait.as_millis() as i64));
     }
 
+    /// A page of the tests list past the first could not be read (a deterministic answer):
+    /// the list ends there for this poll, with a health event; the tests listed before it
+    /// are queued as usual, the next poll asks the page again.
+    async fn list_cut_short(&mut self, cursor: &Cursor, err: &Error) {
+        let message = format!(
+            "the security tests list: page {} could not be read ({}); the tests listed after it are not read in this poll",
+            cursor.page,
+            err.chain()
+        );
+        self.stream_health(message, err.status(), super::error_kind(err))
+            .await;
+    }
+
+    /// Counts a failed walk of test `pst_id` (where it stopped is in `resume`): runs in a
+    /// row failing at the same page for KnowBe4's transient failures. A failure of the
+    /// destination or the state store is not the test's and counts nothing.
+    fn failed_again(&mut self, before: Option<Resume>, pst_id: u64, err: &Error) -> u32 {
+        let Some(now_at) = self.phishing_mut().resume.as_mut() else {
+            return 0;
+        };
+        if now_at.pst_id != pst_id || !matches!(err, Error::KnowBe4 { .. }) {
+            return 0;
+        }
+        now_at.failures = match before {
+            Some(b) if b.pst_id == pst_id && b.page == now_at.page => b.failures + 1,
+            _ => 1,
+        };
+        now_at.failures
+    }
+
     /// A health event for one test whose recipients could not be read; the poll goes on.
     async fn test_health(&mut self, pst_id: u64, err: &Error) {
         let message = format!(
@@ -1078,6 +1173,10 @@ impl Run<'_> {
         let ps = self.phishing_mut();
         ps.streak = None;
         ps.last_success = Some(now);
+        if poll.rate_limited == 0 {
+            // A run without a 429: the next one without a Retry-After waits a minute.
+            ps.rate_limited_runs = 0;
+        }
         ps.last_poll_requests = poll.requests;
         ps.last_poll_forwarded = poll.forwarded;
         ps.forwarded_total += poll.forwarded;

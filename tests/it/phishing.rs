@@ -965,8 +965,9 @@ async fn a_test_whose_recipients_are_refused_does_not_stop_the_others() {
         .create(middle_example(&h.sim.base_url()), Some("refused".into()))
         .await
         .unwrap();
-    // The tests list passes (2 requests); the first test's recipients answer 400.
-    h.sim.fail_reporting_after(2, 400, 1);
+    // The tests list passes (2 requests); the first test's recipients answer 403 (the
+    // tests list, asked again for one record, is still served: the test's answer).
+    h.sim.fail_reporting_after(2, 403, 1);
     let first = collect_source_types(
         h.app.run_context(),
         &id,
@@ -1017,10 +1018,11 @@ async fn a_test_whose_recipients_are_refused_does_not_stop_the_others() {
     );
 }
 
-/// Third review: a refused token (401) on one test's recipients is the source's answer,
-/// not the test's: the poll fails as a configuration error where it is (the test and its
-/// page kept), the stream stops until the source is updated, and nothing is asked again
-/// meanwhile (a deterministic answer is not retried).
+/// Third and fourth reviews: a 401 on one test's recipients, with the tests list refused
+/// too when asked again (one record), is a refused token — the source's answer: the poll
+/// fails as a configuration error where it is (the test and its page kept), the stream
+/// stops until the source is updated, and nothing is asked again meanwhile (a
+/// deterministic answer is not retried).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_refused_on_a_tests_recipients_stops_the_poll_where_it_is() {
     let h = harness(SimConfig {
@@ -1035,7 +1037,7 @@ async fn a_token_refused_on_a_tests_recipients_stops_the_poll_where_it_is() {
         .create(middle_example(&h.sim.base_url()), Some("revoked".into()))
         .await
         .unwrap();
-    h.sim.fail_reporting_after(2, 401, 1);
+    h.sim.fail_reporting_after(2, 401, 2);
     let first = collect_source_types(
         h.app.run_context(),
         &id,
@@ -1050,7 +1052,14 @@ async fn a_token_refused_on_a_tests_recipients_stops_the_poll_where_it_is() {
         Some(knowbe4_source::HealthKind::ThirdPartyConfigError),
         "{first:?}"
     );
-    assert_eq!(h.sim.reporting_requests().len(), 3, "no retry of a 401");
+    let asked: Vec<(String, u16)> = h
+        .sim
+        .reporting_requests()
+        .iter()
+        .map(|r| (r.path.clone(), r.status))
+        .collect();
+    assert_eq!(asked.len(), 4, "no retry of a 401: {asked:?}");
+    assert_eq!(asked[3], ("/v1/phishing/security_tests".into(), 401));
     let state = h.app.store.load_state(&id).await.unwrap().unwrap().value;
     let phishing = state.phishing.unwrap();
     assert_eq!(
@@ -1073,8 +1082,141 @@ async fn a_token_refused_on_a_tests_recipients_stops_the_poll_where_it_is() {
     assert!(second.detail.contains("restart or update"), "{second:?}");
     assert_eq!(
         h.sim.reporting_requests().len(),
-        3,
+        4,
         "nothing asked while stopped"
+    );
+}
+
+/// Fourth review: a tests-list page past the first that cannot be read (here a 400) ends
+/// the list for that poll with a health event; the tests listed before it have their
+/// recipients read (every poll failing on that page would read none), and the next poll
+/// asks the page again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_tests_page_past_the_first_ends_the_list_and_the_recipients_are_read() {
+    let h = harness(SimConfig {
+        events: 0,
+        ..SimConfig::default()
+    })
+    .await;
+    h.sim.add_phishing_test(5);
+    h.sim.add_phishing_test(5);
+    let id = h
+        .app
+        .create(middle_example(&h.sim.base_url()), Some("cut".into()))
+        .await
+        .unwrap();
+    h.sim.fail_reporting_after(1, 400, 1);
+    let first = collect_source_types(
+        h.app.run_context(),
+        &id,
+        deadline(60),
+        Trigger::Schedule,
+        None,
+    )
+    .await;
+    assert_eq!(first.outcome, Outcome::Collected, "{first:?}");
+    assert!(first.detail.contains("phishing: polled"), "{first:?}");
+    let health = h.app.health(&id).await.unwrap();
+    assert_eq!(health.len(), 1, "{health:?}");
+    assert!(
+        health[0].message.contains("page 2 could not be read"),
+        "{health:?}"
+    );
+    let got = Received::of(&h.sink);
+    assert_eq!(got.recipient_messages(), 10);
+    got.assert_latest(&h.sim);
+
+    let asked = h.sim.reporting_requests().len();
+    let second = collect_source_types(
+        h.app.run_context(),
+        &id,
+        deadline(60),
+        Trigger::OnDemand,
+        Some(DataType::Phishing),
+    )
+    .await;
+    assert!(second.detail.contains("phishing: polled"), "{second:?}");
+    let pages: Vec<u32> = h.sim.reporting_requests()[asked..]
+        .iter()
+        .filter(|r| !r.path.contains("/recipients"))
+        .map(page_of)
+        .collect();
+    assert_eq!(pages, [1, 2], "the next poll asks page 2 again");
+}
+
+/// Fourth review: one test answering 503 run after run (each run's 4 tries) cannot keep
+/// the others from being read: the test a run failed in is read after the others, and
+/// after 3 runs failing at the same page it is set aside like a stuck one (a health event;
+/// asked again when it changes, or in a day) and the poll completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_test_failing_run_after_run_is_read_last_then_set_aside() {
+    let h = harness(SimConfig {
+        events: 0,
+        ..SimConfig::default()
+    })
+    .await;
+    let failing = h.sim.add_phishing_test(5);
+    let fine = h.sim.add_phishing_test(5);
+    let id = h
+        .app
+        .create(middle_example(&h.sim.base_url()), Some("flaky".into()))
+        .await
+        .unwrap();
+    let run = || {
+        collect_source_types(
+            h.app.run_context(),
+            &id,
+            deadline(60),
+            Trigger::Schedule,
+            None,
+        )
+    };
+    // Run 1: the list (2), then every try of the first test's recipients fails.
+    h.sim.fail_reporting_after(2, 503, 4);
+    let first = run().await;
+    assert_eq!(first.outcome, Outcome::Failed, "{first:?}");
+    let state = h.app.store.load_state(&id).await.unwrap().unwrap().value;
+    let resume = state.phishing.unwrap().resume.unwrap();
+    assert_eq!(
+        (resume.pst_id, resume.page, resume.failures),
+        (failing, 1, 1)
+    );
+    assert_eq!(Received::of(&h.sink).recipient_messages(), 0);
+
+    // Run 2: the list is not asked again; the other test first (read), then the
+    // failing one fails again.
+    let asked = h.sim.reporting_requests().len();
+    h.sim.fail_reporting_after(2, 503, 4);
+    let second = run().await;
+    assert_eq!(second.outcome, Outcome::Failed, "{second:?}");
+    let paths: Vec<String> = h.sim.reporting_requests()[asked..]
+        .iter()
+        .map(|r| r.path.clone())
+        .collect();
+    assert_eq!(paths.len(), 6, "{paths:?}");
+    assert!(paths[..2].iter().all(|p| p.contains(&format!("/{fine}/"))));
+    assert!(
+        paths[2..]
+            .iter()
+            .all(|p| p.contains(&format!("/{failing}/")))
+    );
+    assert_eq!(Received::of(&h.sink).recipient_messages(), 5);
+
+    // Run 3: the third failure in a row at that page sets the test aside.
+    h.sim.fail_reporting_after(0, 503, 4);
+    let third = run().await;
+    assert_eq!(third.outcome, Outcome::Collected, "{third:?}");
+    assert!(third.detail.contains("phishing: polled"), "{third:?}");
+    assert!(third.detail.contains("1 tests unreadable"), "{third:?}");
+    let state = h.app.store.load_state(&id).await.unwrap().unwrap().value;
+    let phishing = state.phishing.unwrap();
+    assert!(phishing.resume.is_none() && phishing.poll_started.is_none());
+    let health = h.app.health(&id).await.unwrap();
+    assert!(
+        health
+            .iter()
+            .any(|e| e.message.contains(&format!("test {failing}"))),
+        "{health:?}"
     );
 }
 

@@ -205,8 +205,10 @@ async fn reading_sim(reading: ReportingReading) -> (Simulator, ReportingClient, 
 struct Walk {
     /// Each non-empty page's record ids (`pst_id` or `recipient_id`), in order.
     pages: Vec<Vec<u64>>,
-    /// Whether an empty page ended the list.
+    /// Whether an empty page (or a 404 past the first page) ended the list.
     ended: bool,
+    /// Whether a 404 past the first page ended it.
+    not_found: bool,
     /// The `per_page` the walk ended up asking.
     per_page: u32,
     /// `Retry-After` of each 429 met.
@@ -241,6 +243,11 @@ async fn walk(client: &ReportingClient, pst: Option<u64>, max_pages: usize) -> W
         match answer {
             Ok(answer) if answer.ends_list() => {
                 walk.ended = true;
+                break;
+            }
+            Err(ApiError::NotKnowBe4) if page > 1 => {
+                walk.ended = true;
+                walk.not_found = true;
                 break;
             }
             Ok(answer) => walk.pages.push(
@@ -282,7 +289,7 @@ fn ids_of(values: &[serde_json::Value], key: &str) -> Vec<u64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_client_reads_every_reading_of_the_matrix() {
     let names: Vec<&str> = ReportingReading::matrix().iter().map(|(n, _)| *n).collect();
-    assert_eq!(names.len(), 11, "{names:?}");
+    assert_eq!(names.len(), 12, "{names:?}");
     for (name, reading) in ReportingReading::matrix() {
         let (sim, client, pst) = reading_sim(reading).await;
         let oracle_tests = ids_of(&sim.phishing_tests(), "pst_id");
@@ -295,11 +302,13 @@ async fn the_client_reads_every_reading_of_the_matrix() {
             | "cap-50"
             | "throttled-retry-after"
             | "throttled-limit-wording"
-            | "large-records" => {
+            | "large-records"
+            | "404-past-end" => {
                 for (walk, oracle) in [(&tests, &oracle_tests), (&recipients, &oracle_recipients)] {
                     // What the server serves of what the walk asked last.
                     let page = walk.per_page.min(reading.max_per_page) as usize;
                     assert!(walk.ended, "{name}: {walk:?}");
+                    assert_eq!(walk.not_found, name == "404-past-end", "{name}: {walk:?}");
                     assert_eq!(&walk.ids(), oracle, "{name}: every record once, in order");
                     assert_eq!(walk.pages.len(), oracle.len().div_ceil(page), "{name}");
                     assert!(walk.pages.iter().all(|p| p.len() <= page), "{name}");

@@ -49,6 +49,9 @@ pub enum Paging {
     /// starts at record 500, so records 100–499 are served only to a reader that asks for
     /// what the server serves.
     OffsetByRequested,
+    /// `page` is honoured; past the last non-empty page, `404 {"message":"Not Found"}`
+    /// instead of `[]` (an empty list is still `[]`).
+    NotFoundPastEnd,
 }
 
 /// Whether a list holds still between two requests.
@@ -139,6 +142,7 @@ impl ReportingReading {
     /// - `cap-100`, `cap-50`: pages capped at 100 (the documented default) and at 50.
     /// - `page-ignored`: every request answers page 1 (capped at 100).
     /// - `repeat-last`: past the end, the last non-empty page again (capped at 100).
+    /// - `404-past-end`: past the end, a 404 instead of `[]` (capped at 100).
     /// - `insert-front`: a new test is created before each page after the first; newest
     ///   first (capped at 100).
     /// - `rotate`: the order rotates by one on each request (capped at 100).
@@ -181,6 +185,13 @@ impl ReportingReading {
                 "repeat-last",
                 ReportingReading {
                     paging: Paging::RepeatLast,
+                    ..capped
+                },
+            ),
+            (
+                "404-past-end",
+                ReportingReading {
+                    paging: Paging::NotFoundPastEnd,
                     ..capped
                 },
             ),
@@ -716,7 +727,10 @@ impl Reporting {
         self.lists_served += 1;
         let last_page = items.len().div_ceil(per_page).max(1);
         let page = match reading.paging {
-            Paging::Honoured | Paging::OffsetByRequested => page,
+            Paging::NotFoundPastEnd if page > last_page => {
+                return Answer::json(404, r#"{"message":"Not Found"}"#.into());
+            }
+            Paging::Honoured | Paging::OffsetByRequested | Paging::NotFoundPastEnd => page,
             Paging::PageIgnored => 1,
             Paging::RepeatLast => page.min(last_page),
         };
