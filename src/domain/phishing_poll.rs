@@ -30,8 +30,8 @@ pub fn is_final(status: &str) -> bool {
 }
 
 /// What is remembered of one test between polls (Unix milliseconds). Kept in the change
-/// store as a log of shards (list [`TRACKS_LIST`], 56 bytes a test with its id: an account
-/// with 10,000 tests has 20 items of 37 KB), not in the source's state item, so no number of tests can
+/// store as a log of shards (list [`TRACKS_LIST`], 64 bytes a test with its id: an account
+/// with 10,000 tests has 20 items of 43 KB), not in the source's state item, so no number of tests can
 /// push that item past DynamoDB's 400 KB and stop the user-event checkpoint.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TestTrack {
@@ -51,7 +51,16 @@ pub struct TestTrack {
     /// The poll (its start, ms) that queued the test's recipients to be read; 0: none.
     /// Kept in the track so a poll continued by a later run still knows what it queued.
     pub queued_for: i64,
+    /// Runs in a row in which reading its recipients failed on KnowBe4's transient
+    /// answers (5xx, 408, transport) while the account's tests list was served: the
+    /// test's own failures, not an outage's. Read after the other tests; set aside like a
+    /// stuck test at [`TEST_FAILURES`]. 0 once its recipients are read.
+    pub failures: u32,
 }
+
+/// Runs in a row a test's recipients may fail on transient answers (each after its
+/// tries) before the test is set aside like a stuck one.
+pub const TEST_FAILURES: u32 = 3;
 
 /// How long a stuck test waits before its recipients are asked for again although its
 /// object did not change: a day (an answer that was wrong for a while — a maintenance
@@ -63,7 +72,7 @@ pub const STUCK_RECHECK_MS: i64 = 86_400_000;
 pub const TRACKS_LIST: &str = "tracks";
 
 impl crate::domain::changes::Entry for TestTrack {
-    const BYTES: usize = 48;
+    const BYTES: usize = 56;
     fn put(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(&self.final_since.unwrap_or(i64::MIN).to_le_bytes());
         out.extend_from_slice(&self.last_changed.to_le_bytes());
@@ -71,6 +80,7 @@ impl crate::domain::changes::Entry for TestTrack {
         out.extend_from_slice(&self.stuck_at.to_le_bytes());
         out.extend_from_slice(&self.stuck_since.to_le_bytes());
         out.extend_from_slice(&self.queued_for.to_le_bytes());
+        out.extend_from_slice(&u64::from(self.failures).to_le_bytes());
     }
     fn get(bytes: &[u8]) -> Self {
         let word = |i: usize| i64::from_le_bytes(bytes[i * 8..i * 8 + 8].try_into().expect("8"));
@@ -82,6 +92,7 @@ impl crate::domain::changes::Entry for TestTrack {
             stuck_at: word(3) as u64,
             stuck_since: word(4),
             queued_for: word(5),
+            failures: u32::try_from(word(6)).unwrap_or(u32::MAX),
         }
     }
 }
@@ -101,6 +112,7 @@ impl TestTrack {
             stuck_at: self.stuck_at,
             stuck_since: self.stuck_since,
             queued_for: self.queued_for,
+            failures: self.failures,
         }
     }
 
@@ -143,10 +155,6 @@ pub struct Resume {
     /// Records the walk received before (its bound counts across runs).
     #[serde(default)]
     pub received: u64,
-    /// Runs in a row whose walk failed at this test and page (KnowBe4's transient
-    /// failures): the test is read after the others, and set aside after a few.
-    #[serde(default, skip_serializing_if = "is_zero")]
-    pub failures: u32,
 }
 
 /// What the phishing stream keeps in the source's state document, apart from the change
@@ -349,19 +357,20 @@ mod tests {
                         stuck_at: u64::MAX,
                         stuck_since: -1,
                         queued_for: i64::MIN + 1,
+                        failures: u32::MAX,
                     },
                 ),
             ],
         };
         assert_eq!(Shard::<TestTrack>::decode(&shard.encode()).unwrap(), shard);
-        // 500 tracks a shard: 37 KB of base64, far inside an item.
+        // 500 tracks a shard: 43 KB of base64, far inside an item.
         assert_eq!(
             Shard {
                 entries: vec![(1, TestTrack::default()); 500]
             }
             .encode()
             .len(),
-            37_336
+            42_668
         );
     }
 

@@ -70,7 +70,7 @@ use crate::domain::changes::{
 };
 use crate::domain::event::{EventTime, RawEvent};
 use crate::domain::phishing_poll::{
-    ListAt, PhishingState, Resume, STUCK_RECHECK_MS, TRACKS_LIST, TestTrack,
+    ListAt, PhishingState, Resume, STUCK_RECHECK_MS, TEST_FAILURES, TRACKS_LIST, TestTrack,
 };
 use crate::domain::quota::utc_day;
 use crate::domain::secrets::SourceSecrets;
@@ -100,11 +100,6 @@ const TESTS_LIST: &str = "tests";
 /// "recipients read" marks of these: those tests are read again, nothing is re-sent).
 const TRACKS_BATCH: usize = 50;
 
-/// Runs in a row failing at the same page of one test (KnowBe4's transient failures,
-/// each after [`PAGE_TRIES`]) before the test is set aside like a stuck one: it is read
-/// after the others from the second, so it cannot keep them from being read.
-const RESUME_FAILURES: u32 = 3;
-
 /// Why a poll ended early without an error; it stays due.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Early {
@@ -117,7 +112,8 @@ enum Early {
 /// One page, or why there is none.
 enum Fetched {
     Page(ReportingPage),
-    /// 404 on a test's recipients: the test is gone.
+    /// 404: on a test's first page of recipients, the test is gone; on the tests list's
+    /// first page, not the Reporting API; past a first page, the list's end.
     Gone,
     Early(Early),
     /// An answer that asking again cannot change (malformed, too large).
@@ -459,21 +455,18 @@ impl Run<'_> {
             })
             .map(|(id, _)| id)
             .collect();
-        to_read.sort_unstable();
-        // The test a run stopped in goes first; one that failed there goes last, so it
-        // cannot keep the others from being read.
-        if let Some(r) = resume
-            && let Some(at) = to_read.iter().position(|id| *id == r.pst_id)
-        {
-            let test = to_read.remove(at);
-            if r.failures == 0 {
-                to_read.insert(0, test);
-            } else {
-                to_read.push(test);
-            }
-        }
+        // The test a run stopped in first; tests whose reading failed in earlier runs
+        // last, so they cannot keep the others from being read.
+        let first = resume.map(|r| r.pst_id);
+        to_read.sort_unstable_by_key(|id| {
+            let failures = tracks.get(*id).map_or(0, |t| t.failures);
+            (failures > 0, Some(*id) != first, *id)
+        });
         poll.tests_to_read = to_read.len() as u64;
         let mut pending: Vec<(u64, TestTrack)> = Vec::new();
+        // A test's own transient failure: the poll goes on with the others, and fails
+        // once they are read (the test is read again by the next run).
+        let mut failed: Option<Error> = None;
         for pst_id in to_read {
             let start = match resume {
                 Some(r) if r.pst_id == pst_id => Cursor {
@@ -489,16 +482,39 @@ impl Run<'_> {
             let walked = match walked {
                 Ok(walked) => walked,
                 Err(err) => {
-                    // Where it stopped is in `resume`; the tracks read so far are kept.
-                    if self.failed_again(resume, pst_id, &err) < RESUME_FAILURES {
+                    // KnowBe4 failed on this test after its tries: one request for the
+                    // tests list's first record tells the test's failure from the
+                    // account's (an outage counts nothing against the test).
+                    let own = matches!(err, Error::KnowBe4 { .. })
+                        && matches!(
+                            self.probe_list(&client, limit, deadline, poll).await,
+                            Ok(Fetched::Page(_))
+                        );
+                    if !own {
+                        // Where it stopped is in `resume`; the tracks so far are kept.
                         self.save_entries(TRACKS_LIST, &mut tracks, &mut pending)
                             .await?;
                         return Err(err);
                     }
-                    self.phishing_mut().resume = None;
+                    track.failures = track.failures.saturating_add(1);
+                    if track.failures < TEST_FAILURES {
+                        // Where it stopped is in `resume` (unless a later test's stop
+                        // takes it: then it starts over, nothing lost).
+                        pending.push((pst_id, track));
+                        failed = Some(err);
+                        continue;
+                    }
+                    if self
+                        .phishing_mut()
+                        .resume
+                        .is_some_and(|r| r.pst_id == pst_id)
+                    {
+                        self.phishing_mut().resume = None;
+                    }
                     Walked::Stuck(err)
                 }
             };
+            track.failures = 0;
             match walked {
                 Walked::Complete => {
                     track.recipients_read = Some(started);
@@ -529,6 +545,9 @@ impl Run<'_> {
         self.save_entries(TRACKS_LIST, &mut tracks, &mut pending)
             .await?;
         self.compact(TRACKS_LIST, &mut tracks).await?;
+        if let Some(err) = failed {
+            return Err(err);
+        }
         let interval_ms = i64::from(spec.poll_interval_hours) * 3_600_000;
         let tests_tracked = tracks.len() as u64;
         let ps = self.phishing_mut();
@@ -536,7 +555,6 @@ impl Run<'_> {
         ps.tests_listed = None;
         ps.resume = None;
         ps.tests_resume = None;
-        ps.rate_limited_runs = 0;
         ps.last_poll = Some(cycle);
         ps.next_poll = Some(cycle + interval_ms);
         ps.tests_tracked = tests_tracked;
@@ -756,15 +774,14 @@ impl Run<'_> {
                     seen.clear();
                     continue;
                 }
-                Ok(Fetched::Refused(err @ ApiError::Unauthorized(_))) => {
+                Ok(Fetched::Refused(ApiError::Unauthorized(status))) => {
                     // The token just served the tests list: its first page (one record)
                     // tells a refused token (the source's) from a refused test (its own).
-                    let probe = Cursor::at(1, 1, 1);
-                    match self
-                        .fetch(client, None, &probe, limit, deadline, poll)
-                        .await
-                    {
-                        Ok(Fetched::Page(_)) => break Walked::Stuck(reporting_error(err)),
+                    let err = ApiError::Unauthorized(status);
+                    match self.probe_list(client, limit, deadline, poll).await {
+                        Ok(Fetched::Page(_)) => {
+                            break Walked::Stuck(ApiError::Status { status }.into_error());
+                        }
                         Ok(Fetched::Early(early)) => {
                             self.resume_at(pst_id, &cursor);
                             break Walked::Early(early);
@@ -850,7 +867,6 @@ impl Run<'_> {
             page: cursor.page,
             per_page: cursor.per_page,
             received: cursor.received,
-            failures: 0,
         });
     }
 
@@ -962,6 +978,20 @@ impl Run<'_> {
         Ok(())
     }
 
+    /// One request (one try) for the tests list's first record: whether the account
+    /// answers now, to tell one test's failure from the token's or the API's.
+    async fn probe_list(
+        &mut self,
+        client: &ReportingClient,
+        limit: u32,
+        deadline: Instant,
+        poll: &mut Poll,
+    ) -> Result<Fetched> {
+        let probe = Cursor::at(1, 1, 1);
+        self.fetch_tries(client, None, &probe, (limit, deadline), poll, 1)
+            .await
+    }
+
     /// Admits and sends one Reporting request (tests when `pst_id` is `None`), retrying
     /// 429s after their `Retry-After` and transient failures, within [`PAGE_TRIES`].
     async fn fetch(
@@ -973,8 +1003,22 @@ impl Run<'_> {
         deadline: Instant,
         poll: &mut Poll,
     ) -> Result<Fetched> {
+        self.fetch_tries(client, pst_id, cursor, (limit, deadline), poll, PAGE_TRIES)
+            .await
+    }
+
+    /// [`fetch`](Self::fetch) within `tries`.
+    async fn fetch_tries(
+        &mut self,
+        client: &ReportingClient,
+        pst_id: Option<u64>,
+        cursor: &Cursor,
+        (limit, deadline): (u32, Instant),
+        poll: &mut Poll,
+        tries: u32,
+    ) -> Result<Fetched> {
         let mut last: Option<ApiError> = None;
-        for attempt in 0..PAGE_TRIES {
+        for attempt in 0..tries {
             let needed = self.ctx.settings.deadline_margin
                 + self.ctx.settings.request_timeout
                 + client.spacing();
@@ -1104,23 +1148,6 @@ impl Run<'_> {
             .await;
     }
 
-    /// Counts a failed walk of test `pst_id` (where it stopped is in `resume`): runs in a
-    /// row failing at the same page for KnowBe4's transient failures. A failure of the
-    /// destination or the state store is not the test's and counts nothing.
-    fn failed_again(&mut self, before: Option<Resume>, pst_id: u64, err: &Error) -> u32 {
-        let Some(now_at) = self.phishing_mut().resume.as_mut() else {
-            return 0;
-        };
-        if now_at.pst_id != pst_id || !matches!(err, Error::KnowBe4 { .. }) {
-            return 0;
-        }
-        now_at.failures = match before {
-            Some(b) if b.pst_id == pst_id && b.page == now_at.page => b.failures + 1,
-            _ => 1,
-        };
-        now_at.failures
-    }
-
     /// A health event for one test whose recipients could not be read; the poll goes on.
     async fn test_health(&mut self, pst_id: u64, err: &Error) {
         let message = format!(
@@ -1173,8 +1200,9 @@ impl Run<'_> {
         let ps = self.phishing_mut();
         ps.streak = None;
         ps.last_success = Some(now);
-        if poll.rate_limited == 0 {
-            // A run without a 429: the next one without a Retry-After waits a minute.
+        if poll.rate_limited == 0 && poll.requests > 0 {
+            // A run served without a 429: the next one without a Retry-After waits a
+            // minute.
             ps.rate_limited_runs = 0;
         }
         ps.last_poll_requests = poll.requests;

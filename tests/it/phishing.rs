@@ -1144,10 +1144,13 @@ async fn a_bad_tests_page_past_the_first_ends_the_list_and_the_recipients_are_re
     assert_eq!(pages, [1, 2], "the next poll asks page 2 again");
 }
 
-/// Fourth review: one test answering 503 run after run (each run's 4 tries) cannot keep
-/// the others from being read: the test a run failed in is read after the others, and
-/// after 3 runs failing at the same page it is set aside like a stuck one (a health event;
-/// asked again when it changes, or in a day) and the poll completes.
+/// Fourth and fifth reviews: one test answering 503 run after run (each run's 4 tries)
+/// cannot keep the others from being read, and is not blamed for an outage: after its
+/// tries, one request for the tests list's first record tells the test's failure from
+/// the account's. Its own failure: the poll reads the other tests, then fails (the test is
+/// read again next run, after the others); an outage (the list refused too) counts
+/// nothing. After 3 runs of its own failures it is set aside like a stuck test (a health
+/// event; asked again when it changes, or in a day) and the poll completes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_test_failing_run_after_run_is_read_last_then_set_aside() {
     let h = harness(SimConfig {
@@ -1171,43 +1174,57 @@ async fn a_test_failing_run_after_run_is_read_last_then_set_aside() {
             None,
         )
     };
-    // Run 1: the list (2), then every try of the first test's recipients fails.
+    let paths_since = |from: usize| -> Vec<String> {
+        h.sim.reporting_requests()[from..]
+            .iter()
+            .map(|r| r.path.clone())
+            .collect()
+    };
+    // Run 1: the list (2); every try of the first test's recipients fails (4); the list
+    // answers the probe; the other test is read (2); the poll fails.
     h.sim.fail_reporting_after(2, 503, 4);
     let first = run().await;
     assert_eq!(first.outcome, Outcome::Failed, "{first:?}");
-    let state = h.app.store.load_state(&id).await.unwrap().unwrap().value;
-    let resume = state.phishing.unwrap().resume.unwrap();
-    assert_eq!(
-        (resume.pst_id, resume.page, resume.failures),
-        (failing, 1, 1)
-    );
-    assert_eq!(Received::of(&h.sink).recipient_messages(), 0);
-
-    // Run 2: the list is not asked again; the other test first (read), then the
-    // failing one fails again.
-    let asked = h.sim.reporting_requests().len();
-    h.sim.fail_reporting_after(2, 503, 4);
-    let second = run().await;
-    assert_eq!(second.outcome, Outcome::Failed, "{second:?}");
-    let paths: Vec<String> = h.sim.reporting_requests()[asked..]
-        .iter()
-        .map(|r| r.path.clone())
-        .collect();
-    assert_eq!(paths.len(), 6, "{paths:?}");
-    assert!(paths[..2].iter().all(|p| p.contains(&format!("/{fine}/"))));
+    let paths = paths_since(0);
+    assert_eq!(paths.len(), 9, "{paths:?}");
     assert!(
-        paths[2..]
+        paths[2..6]
             .iter()
             .all(|p| p.contains(&format!("/{failing}/")))
     );
+    assert_eq!(paths[6], "/v1/phishing/security_tests", "the probe");
+    assert!(paths[7..].iter().all(|p| p.contains(&format!("/{fine}/"))));
     assert_eq!(Received::of(&h.sink).recipient_messages(), 5);
+    let state = h.app.store.load_state(&id).await.unwrap().unwrap().value;
+    let resume = state.phishing.unwrap().resume.unwrap();
+    assert_eq!((resume.pst_id, resume.page), (failing, 1));
 
-    // Run 3: the third failure in a row at that page sets the test aside.
+    // Runs 2 and 3: an outage (the probe fails too) counts nothing; then the test's own
+    // second failure. The list is not asked again (the poll read it).
+    for (outage, failures) in [(true, 5), (false, 4)] {
+        let asked = h.sim.reporting_requests().len();
+        h.sim.fail_reporting_after(0, 503, failures);
+        let report = run().await;
+        assert_eq!(
+            report.outcome,
+            Outcome::Failed,
+            "outage {outage}: {report:?}"
+        );
+        let paths = paths_since(asked);
+        assert_eq!(paths.len(), 5, "{paths:?}");
+        assert!(
+            paths[..4]
+                .iter()
+                .all(|p| p.contains(&format!("/{failing}/")))
+        );
+    }
+
+    // Run 4: the third of its own failures sets the test aside; the poll completes.
     h.sim.fail_reporting_after(0, 503, 4);
-    let third = run().await;
-    assert_eq!(third.outcome, Outcome::Collected, "{third:?}");
-    assert!(third.detail.contains("phishing: polled"), "{third:?}");
-    assert!(third.detail.contains("1 tests unreadable"), "{third:?}");
+    let fourth = run().await;
+    assert_eq!(fourth.outcome, Outcome::Collected, "{fourth:?}");
+    assert!(fourth.detail.contains("phishing: polled"), "{fourth:?}");
+    assert!(fourth.detail.contains("1 tests unreadable"), "{fourth:?}");
     let state = h.app.store.load_state(&id).await.unwrap().unwrap().value;
     let phishing = state.phishing.unwrap();
     assert!(phishing.resume.is_none() && phishing.poll_started.is_none());
