@@ -1237,6 +1237,71 @@ async fn a_test_failing_run_after_run_is_read_last_then_set_aside() {
     );
 }
 
+/// Fifth review: two tests answering 503 every time, and a third that answers: the
+/// first run reads the third (each failing test costs its 4 tries and one request for the
+/// tests list's first record), and after 3 runs both failing tests are set aside; the
+/// poll completes. No run is stopped by one test's failure before the others are read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_failing_tests_do_not_keep_a_third_from_being_read() {
+    let h = harness(SimConfig {
+        events: 0,
+        ..SimConfig::default()
+    })
+    .await;
+    let a = h.sim.add_phishing_test(3);
+    let b = h.sim.add_phishing_test(3);
+    let fine = h.sim.add_phishing_test(5);
+    h.sim.fail_phishing_recipients(a, Some(503));
+    h.sim.fail_phishing_recipients(b, Some(503));
+    let id = h
+        .app
+        .create(middle_example(&h.sim.base_url()), Some("two-flaky".into()))
+        .await
+        .unwrap();
+    let mut outcomes = Vec::new();
+    for _ in 0..3 {
+        let report = collect_source_types(
+            h.app.run_context(),
+            &id,
+            deadline(90),
+            Trigger::Schedule,
+            None,
+        )
+        .await;
+        outcomes.push(report.outcome.clone());
+        if outcomes.len() == 1 {
+            let got = Received::of(&h.sink);
+            assert_eq!(
+                got.recipient_messages(),
+                5,
+                "the third test, in the first run"
+            );
+            assert!(
+                got.recipients
+                    .values()
+                    .all(|m| m[0]["pst_id"].as_u64() == Some(fine))
+            );
+        }
+        if outcomes.len() == 3 {
+            assert!(report.detail.contains("2 tests unreadable"), "{report:?}");
+        }
+    }
+    assert_eq!(
+        outcomes,
+        [Outcome::Failed, Outcome::Failed, Outcome::Collected]
+    );
+    let log = h.sim.reporting_requests();
+    let on = |id: u64| {
+        log.iter()
+            .filter(|r| r.path.contains(&format!("/{id}/")))
+            .count()
+    };
+    assert_eq!((on(a), on(b)), (12, 12), "4 tries a run, 3 runs");
+    assert_eq!(on(fine), 2, "read once");
+    let state = h.app.store.load_state(&id).await.unwrap().unwrap().value;
+    assert!(state.phishing.unwrap().poll_started.is_none());
+}
+
 /// A server ignoring `page` repeats a full page: the walk ends (what it read is
 /// forwarded) and a health event says the rest of the list cannot be read this way.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

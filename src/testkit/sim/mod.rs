@@ -498,6 +498,12 @@ impl Simulator {
         lock(&self.shared).reporting.fail_after(skip, status, count);
     }
 
+    /// Answers every request for test `pst_id`'s recipients with `status` until called
+    /// again with `None`.
+    pub fn fail_phishing_recipients(&self, pst_id: u64, status: Option<u16>) {
+        lock(&self.shared).reporting.fail_recipients(pst_id, status);
+    }
+
     /// Replaces the Reporting API token.
     pub fn set_reporting_token(&self, token: &str) {
         lock(&self.shared).reporting.set_token(token);

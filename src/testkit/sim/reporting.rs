@@ -367,6 +367,9 @@ pub(crate) struct Reporting {
     /// Scheduled failures ([`Reporting::fail_after`]): requests to let through first,
     /// then the status to answer and how many times.
     fail: Option<(u32, u16, u32)>,
+    /// Tests whose recipients are answered with a status, every time
+    /// ([`Reporting::fail_recipients`]).
+    failing_tests: BTreeMap<u64, u16>,
 }
 
 fn now_rfc3339() -> String {
@@ -424,7 +427,27 @@ impl Reporting {
             lists_served: 0,
             throttle_next: 0,
             fail: None,
+            failing_tests: BTreeMap::new(),
         }
+    }
+
+    /// Answers every request for test `pst_id`'s recipients with `status` (a JSON error
+    /// body) until called again with `None`.
+    pub fn fail_recipients(&mut self, pst_id: u64, status: Option<u16>) {
+        match status {
+            Some(status) => self.failing_tests.insert(pst_id, status),
+            None => self.failing_tests.remove(&pst_id),
+        };
+    }
+
+    /// The status test `path`'s recipients are failed with, if any.
+    fn failing_recipients(&self, path: &str) -> Option<u16> {
+        let id = path
+            .strip_prefix("/v1/phishing/security_tests/")?
+            .strip_suffix("/recipients")?
+            .parse::<u64>()
+            .ok()?;
+        self.failing_tests.get(&id).copied()
     }
 
     /// After the next `skip` requests, answers `count` requests with `status` (a JSON
@@ -667,7 +690,10 @@ impl Reporting {
         } else if throttled {
             self.throttle_next = self.throttle_next.saturating_sub(1);
             self.too_many(TooMany::Rate)
-        } else if let Some(status) = self.scheduled_failure() {
+        } else if let Some(status) = self
+            .scheduled_failure()
+            .or_else(|| self.failing_recipients(path))
+        {
             Answer::json(status, format!(r#"{{"message":"HTTP {status}"}}"#))
         } else if !authorized {
             // What KnowBe4 has been seen to answer: a 200 that is not a list.
