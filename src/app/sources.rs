@@ -162,8 +162,20 @@ impl App {
         record.config_version += 1;
         record.updated_at = now_ms();
         self.store.update_source(&record).await?;
-        self.reset_state(id, "Source updated; the next run starts collecting again.")
-            .await?;
+        // The Reporting account the source now names (host + token).
+        let reporting = record.spec.phishing.as_ref().and_then(|p| {
+            let token = secrets.api_key_phishing.as_ref()?;
+            Some(crate::knowbe4::reporting::reporting_account_id(
+                &p.reporting_base,
+                token,
+            ))
+        });
+        self.reset_state(
+            id,
+            "Source updated; the next run starts collecting again.",
+            reporting.as_deref(),
+        )
+        .await?;
         tracing::info!(source_id = %id, config_version = record.config_version, "Source updated.");
         Ok(())
     }
@@ -173,13 +185,20 @@ impl App {
         if self.store.get_source(id).await?.is_none() {
             return Err(Error::NotFound(id.to_string()));
         }
-        self.reset_state(id, "Restarted; the next run starts collecting again.")
+        self.reset_state(id, "Restarted; the next run starts collecting again.", None)
             .await?;
         tracing::info!(source_id = %id, "Source restarted.");
         Ok(())
     }
 
-    pub(super) async fn reset_state(&self, id: &str, reason: &str) -> Result<()> {
+    /// `reporting`: the Reporting account an update names; another than the one the
+    /// phishing stream last used drops that account's `Retry-After` and poll progress.
+    pub(super) async fn reset_state(
+        &self,
+        id: &str,
+        reason: &str,
+        reporting: Option<&str>,
+    ) -> Result<()> {
         for _ in 0..5 {
             let Some(mut state) = self.store.load_state(id).await? else {
                 return Err(Error::NotFound(id.to_string()));
@@ -191,6 +210,18 @@ impl App {
                 phishing.streak = None;
                 phishing.stopped_config_version = None;
                 phishing.quota_exhausted_day = None;
+                if let Some(new) = reporting
+                    && phishing.account.as_deref().is_some_and(|old| old != new)
+                {
+                    phishing.not_before = None;
+                    phishing.rate_limited_runs = 0;
+                    phishing.poll_started = None;
+                    phishing.tests_listed = None;
+                    phishing.tests_resume = None;
+                    phishing.resume = None;
+                    phishing.per_page = None;
+                    phishing.account = Some(new.to_string());
+                }
             }
             if matches!(
                 s.lifecycle,

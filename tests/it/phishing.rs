@@ -887,6 +887,29 @@ async fn a_long_retry_after_holds_every_reporting_request_until_it_passes() {
         "nothing sent before the time"
     );
     assert_eq!(Received::of(&h.sink).events.len(), 15);
+
+    // An update naming the same Reporting account keeps the wait; one naming another
+    // (a new token) drops it: that account never asked for it.
+    let mut json = both_types(&h.sim);
+    let config = json["source"]["config"].as_object_mut().unwrap();
+    config.remove("apiKeyPhishing");
+    config.remove("apiKeyEvent");
+    h.app.update(&id, json.clone()).await.unwrap();
+    let state = h.app.store.load_state(&id).await.unwrap().unwrap().value;
+    assert_eq!(state.phishing.unwrap().not_before, Some(not_before));
+    h.sim.set_reporting_token("another-reporting-token");
+    json["source"]["config"]["apiKeyPhishing"] = "another-reporting-token".into();
+    h.app.update(&id, json).await.unwrap();
+    let report = collect_source_types(
+        h.app.run_context(),
+        &id,
+        deadline(60),
+        Trigger::OnDemand,
+        Some(DataType::Phishing),
+    )
+    .await;
+    assert!(report.detail.contains("phishing: polled"), "{report:?}");
+    assert!(h.sim.reporting_requests().len() > 1);
 }
 
 /// Review (second) defect 3: a transient failure in the middle of a test's recipients
