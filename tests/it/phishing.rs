@@ -119,6 +119,25 @@ impl Received {
     }
 }
 
+/// A harness whose simulator has no user events: the phishing stream alone.
+async fn phishing_harness() -> Harness {
+    harness(SimConfig {
+        events: 0,
+        ..SimConfig::default()
+    })
+    .await
+}
+
+/// One run of source `id` (a 60 s invocation).
+async fn run_once(
+    h: &Harness,
+    id: &str,
+    trigger: Trigger,
+    only: Option<DataType>,
+) -> knowbe4_source::run::RunReport {
+    collect_source_types(h.app.run_context(), id, deadline(60), trigger, only).await
+}
+
 /// The newest generation's example (`example.json`): both data types, hosts pointed at
 /// the simulator.
 fn both_types(sim: &Simulator) -> Value {
@@ -194,14 +213,7 @@ async fn tests_and_recipients_arrive_in_their_latest_state_and_unchanged_ones_ar
     h.sim.add_events(20, 0);
 
     // A scheduled run an instant later: user events at once, phishing not due.
-    let second = collect_source_types(
-        h.app.run_context(),
-        &id,
-        deadline(60),
-        Trigger::Schedule,
-        None,
-    )
-    .await;
+    let second = run_once(&h, &id, Trigger::Schedule, None).await;
     assert_eq!(second.outcome, Outcome::Collected, "{second:?}");
     assert!(second.detail.contains("phishing: not due"), "{second:?}");
     assert_eq!(Received::of(&h.sink).events.len(), 70, "{second:?}");
@@ -282,14 +294,7 @@ async fn a_failing_phishing_poll_does_not_stop_user_events() {
     let mut json = both_types(&h.sim);
     json["source"]["config"]["apiKeyPhishing"] = "a-wrong-reporting-token".into();
     let id = h.app.create(json, Some("half".into())).await.unwrap();
-    let first = collect_source_types(
-        h.app.run_context(),
-        &id,
-        deadline(60),
-        Trigger::Schedule,
-        None,
-    )
-    .await;
+    let first = run_once(&h, &id, Trigger::Schedule, None).await;
     assert_eq!(first.outcome, Outcome::Failed, "{first:?}");
     assert_eq!(
         Received::of(&h.sink).events.len(),
@@ -308,14 +313,7 @@ async fn a_failing_phishing_poll_does_not_stop_user_events() {
     // The phishing stream is stopped until an update; user events go on.
     h.sim.add_events(10, 0);
     let requests = h.sim.reporting_requests().len();
-    let second = collect_source_types(
-        h.app.run_context(),
-        &id,
-        deadline(60),
-        Trigger::Schedule,
-        None,
-    )
-    .await;
+    let second = run_once(&h, &id, Trigger::Schedule, None).await;
     assert_eq!(Received::of(&h.sink).events.len(), 40, "{second:?}");
     assert_eq!(h.sim.reporting_requests().len(), requests, "{second:?}");
     assert!(second.detail.contains("phishing: stopped"), "{second:?}");
@@ -430,11 +428,7 @@ async fn a_crash_between_forwarding_and_saving_digests_repeats_at_most_that_batc
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_poll_stopped_early_is_continued_not_started_over() {
     clear_of_midnight(120).await;
-    let h = harness(SimConfig {
-        events: 0,
-        ..SimConfig::default()
-    })
-    .await;
+    let h = phishing_harness().await;
     let first_test = h.sim.add_phishing_test(30);
     let second_test = h.sim.add_phishing_test(20);
     let mut json = middle_example(&h.sim.base_url());
@@ -444,14 +438,7 @@ async fn a_poll_stopped_early_is_continued_not_started_over() {
         .create(json.clone(), Some("limited".into()))
         .await
         .unwrap();
-    let first = collect_source_types(
-        h.app.run_context(),
-        &id,
-        deadline(60),
-        Trigger::Schedule,
-        None,
-    )
-    .await;
+    let first = run_once(&h, &id, Trigger::Schedule, None).await;
     assert_eq!(first.outcome, Outcome::Collected, "{first:?}");
     assert!(first.detail.contains("daily limit"), "{first:?}");
     // The tests list (2) and the first test's recipients (2): the limit.
@@ -465,14 +452,7 @@ async fn a_poll_stopped_early_is_continued_not_started_over() {
         .unwrap()
         .remove("apiKey");
     h.app.update(&id, json).await.unwrap();
-    let second = collect_source_types(
-        h.app.run_context(),
-        &id,
-        deadline(60),
-        Trigger::Schedule,
-        None,
-    )
-    .await;
+    let second = run_once(&h, &id, Trigger::Schedule, None).await;
     assert_eq!(second.outcome, Outcome::Collected, "{second:?}");
     assert!(second.detail.contains("phishing: polled"), "{second:?}");
     let paths: Vec<String> = h
@@ -658,11 +638,7 @@ fn page_of(record: &RequestRecord) -> u32 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_test_larger_than_one_run_goes_on_where_it_stopped() {
     clear_of_midnight(180).await;
-    let h = harness(SimConfig {
-        events: 0,
-        ..SimConfig::default()
-    })
-    .await;
+    let h = phishing_harness().await;
     let big = h.sim.add_phishing_test(1_200);
     let mut json = middle_example(&h.sim.base_url());
     json["source"]["config"]
@@ -680,14 +656,7 @@ async fn a_test_larger_than_one_run_goes_on_where_it_stopped() {
             json["source"]["config"]["reportingDailyRequestLimit"] = limit.into();
             h.app.update(&id, json.clone()).await.unwrap();
         }
-        let report = collect_source_types(
-            h.app.run_context(),
-            &id,
-            deadline(60),
-            Trigger::Schedule,
-            None,
-        )
-        .await;
+        let report = run_once(&h, &id, Trigger::Schedule, None).await;
         assert_eq!(report.outcome, Outcome::Collected, "run {run}: {report:?}");
         let state = h.app.store.load_state(&id).await.unwrap().unwrap().value;
         let phishing = state.phishing.expect("phishing state");
@@ -736,14 +705,7 @@ async fn a_test_larger_than_one_run_goes_on_where_it_stopped() {
     }
     json["source"]["config"]["reportingDailyRequestLimit"] = 1_000.into();
     h.app.update(&id, json).await.unwrap();
-    let report = collect_source_types(
-        h.app.run_context(),
-        &id,
-        deadline(60),
-        Trigger::OnDemand,
-        Some(DataType::Phishing),
-    )
-    .await;
+    let report = run_once(&h, &id, Trigger::OnDemand, Some(DataType::Phishing)).await;
     assert!(report.detail.contains("phishing: polled"), "{report:?}");
     let state = h.app.store.load_state(&id).await.unwrap().unwrap().value;
     let phishing = state.phishing.unwrap();
@@ -767,11 +729,7 @@ async fn a_test_larger_than_one_run_goes_on_where_it_stopped() {
 /// once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_change_log_is_compacted_and_every_change_forwarded_once() {
-    let h = harness(SimConfig {
-        events: 0,
-        ..SimConfig::default()
-    })
-    .await;
+    let h = phishing_harness().await;
     let test = h.sim.add_phishing_test(40);
     let id = h
         .app
@@ -784,14 +742,7 @@ async fn the_change_log_is_compacted_and_every_change_forwarded_once() {
         if poll > 0 {
             moved += h.sim.progress_phishing(Some(test), 3).len();
         }
-        let report = collect_source_types(
-            h.app.run_context(),
-            &id,
-            deadline(60),
-            Trigger::OnDemand,
-            Some(DataType::Phishing),
-        )
-        .await;
+        let report = run_once(&h, &id, Trigger::OnDemand, Some(DataType::Phishing)).await;
         assert!(report.detail.contains("phishing: polled"), "{report:?}");
         let shards = h
             .app
@@ -839,14 +790,7 @@ async fn a_long_retry_after_holds_every_reporting_request_until_it_passes() {
         .create(both_types(&h.sim), Some("held".into()))
         .await
         .unwrap();
-    let first = collect_source_types(
-        h.app.run_context(),
-        &id,
-        deadline(60),
-        Trigger::Schedule,
-        None,
-    )
-    .await;
+    let first = run_once(&h, &id, Trigger::Schedule, None).await;
     assert_eq!(
         first.outcome,
         Outcome::Collected,
@@ -871,14 +815,7 @@ async fn a_long_retry_after_holds_every_reporting_request_until_it_passes() {
 
     h.sim.add_events(5, 0);
     for only in [None, Some(DataType::Phishing)] {
-        let report = collect_source_types(
-            h.app.run_context(),
-            &id,
-            deadline(60),
-            Trigger::OnDemand,
-            only,
-        )
-        .await;
+        let report = run_once(&h, &id, Trigger::OnDemand, only).await;
         assert!(report.detail.contains("no request before"), "{report:?}");
     }
     assert_eq!(
@@ -900,14 +837,7 @@ async fn a_long_retry_after_holds_every_reporting_request_until_it_passes() {
     h.sim.set_reporting_token("another-reporting-token");
     json["source"]["config"]["apiKeyPhishing"] = "another-reporting-token".into();
     h.app.update(&id, json).await.unwrap();
-    let report = collect_source_types(
-        h.app.run_context(),
-        &id,
-        deadline(60),
-        Trigger::OnDemand,
-        Some(DataType::Phishing),
-    )
-    .await;
+    let report = run_once(&h, &id, Trigger::OnDemand, Some(DataType::Phishing)).await;
     assert!(report.detail.contains("phishing: polled"), "{report:?}");
     assert!(h.sim.reporting_requests().len() > 1);
 }
@@ -917,11 +847,7 @@ async fn a_long_retry_after_holds_every_reporting_request_until_it_passes() {
 /// and the next run goes on at that page: the first page is not asked for again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failure_in_the_middle_of_a_test_goes_on_at_that_page() {
-    let h = harness(SimConfig {
-        events: 0,
-        ..SimConfig::default()
-    })
-    .await;
+    let h = phishing_harness().await;
     let big = h.sim.add_phishing_test(1_200);
     let id = h
         .app
@@ -931,14 +857,7 @@ async fn a_failure_in_the_middle_of_a_test_goes_on_at_that_page() {
     // The tests list (2 requests) and the first page of recipients pass; every try of
     // the second page answers 503.
     h.sim.fail_reporting_after(3, 503, 4);
-    let first = collect_source_types(
-        h.app.run_context(),
-        &id,
-        deadline(60),
-        Trigger::Schedule,
-        None,
-    )
-    .await;
+    let first = run_once(&h, &id, Trigger::Schedule, None).await;
     assert_eq!(first.outcome, Outcome::Failed, "{first:?}");
     let state = h.app.store.load_state(&id).await.unwrap().unwrap().value;
     let phishing = state.phishing.unwrap();
@@ -949,14 +868,7 @@ async fn a_failure_in_the_middle_of_a_test_goes_on_at_that_page() {
     );
     assert_eq!(Received::of(&h.sink).recipient_messages(), 500);
 
-    let second = collect_source_types(
-        h.app.run_context(),
-        &id,
-        deadline(60),
-        Trigger::Schedule,
-        None,
-    )
-    .await;
+    let second = run_once(&h, &id, Trigger::Schedule, None).await;
     assert!(second.detail.contains("phishing: polled"), "{second:?}");
     let pages: Vec<u32> = h
         .sim
@@ -976,11 +888,7 @@ async fn a_failure_in_the_middle_of_a_test_goes_on_at_that_page() {
 /// is not asked for again while its object is unchanged (the next day at the latest).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_test_whose_recipients_are_refused_does_not_stop_the_others() {
-    let h = harness(SimConfig {
-        events: 0,
-        ..SimConfig::default()
-    })
-    .await;
+    let h = phishing_harness().await;
     let refused = h.sim.add_phishing_test(5);
     let fine = h.sim.add_phishing_test(5);
     let id = h
@@ -991,14 +899,7 @@ async fn a_test_whose_recipients_are_refused_does_not_stop_the_others() {
     // The tests list passes (2 requests); the first test's recipients answer 403 (the
     // tests list, asked again for one record, is still served: the test's answer).
     h.sim.fail_reporting_after(2, 403, 1);
-    let first = collect_source_types(
-        h.app.run_context(),
-        &id,
-        deadline(60),
-        Trigger::Schedule,
-        None,
-    )
-    .await;
+    let first = run_once(&h, &id, Trigger::Schedule, None).await;
     assert_eq!(first.outcome, Outcome::Collected, "{first:?}");
     assert!(first.detail.contains("phishing: polled"), "{first:?}");
     assert!(
@@ -1017,14 +918,7 @@ async fn a_test_whose_recipients_are_refused_does_not_stop_the_others() {
     );
 
     let requests = h.sim.reporting_requests().len();
-    let second = collect_source_types(
-        h.app.run_context(),
-        &id,
-        deadline(60),
-        Trigger::OnDemand,
-        Some(DataType::Phishing),
-    )
-    .await;
+    let second = run_once(&h, &id, Trigger::OnDemand, Some(DataType::Phishing)).await;
     assert!(second.detail.contains("phishing: polled"), "{second:?}");
     let asked: Vec<String> = h.sim.reporting_requests()[requests..]
         .iter()
@@ -1048,11 +942,7 @@ async fn a_test_whose_recipients_are_refused_does_not_stop_the_others() {
 /// deterministic answer is not retried).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_refused_on_a_tests_recipients_stops_the_poll_where_it_is() {
-    let h = harness(SimConfig {
-        events: 0,
-        ..SimConfig::default()
-    })
-    .await;
+    let h = phishing_harness().await;
     let first_test = h.sim.add_phishing_test(5);
     h.sim.add_phishing_test(5);
     let id = h
@@ -1061,14 +951,7 @@ async fn a_token_refused_on_a_tests_recipients_stops_the_poll_where_it_is() {
         .await
         .unwrap();
     h.sim.fail_reporting_after(2, 401, 2);
-    let first = collect_source_types(
-        h.app.run_context(),
-        &id,
-        deadline(60),
-        Trigger::Schedule,
-        None,
-    )
-    .await;
+    let first = run_once(&h, &id, Trigger::Schedule, None).await;
     assert_eq!(first.outcome, Outcome::Failed, "{first:?}");
     assert_eq!(
         first.health,
@@ -1092,14 +975,7 @@ async fn a_token_refused_on_a_tests_recipients_stops_the_poll_where_it_is() {
     assert!(phishing.stopped_config_version.is_some());
     assert_eq!(Received::of(&h.sink).recipient_messages(), 0);
 
-    let second = collect_source_types(
-        h.app.run_context(),
-        &id,
-        deadline(60),
-        Trigger::Schedule,
-        None,
-    )
-    .await;
+    let second = run_once(&h, &id, Trigger::Schedule, None).await;
     // A source collecting only phishing tests is in Error (its only stream stopped).
     assert_eq!(second.outcome, Outcome::Skipped, "{second:?}");
     assert!(second.detail.contains("restart or update"), "{second:?}");
@@ -1116,11 +992,7 @@ async fn a_token_refused_on_a_tests_recipients_stops_the_poll_where_it_is() {
 /// asks the page again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bad_tests_page_past_the_first_ends_the_list_and_the_recipients_are_read() {
-    let h = harness(SimConfig {
-        events: 0,
-        ..SimConfig::default()
-    })
-    .await;
+    let h = phishing_harness().await;
     h.sim.add_phishing_test(5);
     h.sim.add_phishing_test(5);
     let id = h
@@ -1129,14 +1001,7 @@ async fn a_bad_tests_page_past_the_first_ends_the_list_and_the_recipients_are_re
         .await
         .unwrap();
     h.sim.fail_reporting_after(1, 400, 1);
-    let first = collect_source_types(
-        h.app.run_context(),
-        &id,
-        deadline(60),
-        Trigger::Schedule,
-        None,
-    )
-    .await;
+    let first = run_once(&h, &id, Trigger::Schedule, None).await;
     assert_eq!(first.outcome, Outcome::Collected, "{first:?}");
     assert!(first.detail.contains("phishing: polled"), "{first:?}");
     let health = h.app.health(&id).await.unwrap();
@@ -1150,14 +1015,7 @@ async fn a_bad_tests_page_past_the_first_ends_the_list_and_the_recipients_are_re
     got.assert_latest(&h.sim);
 
     let asked = h.sim.reporting_requests().len();
-    let second = collect_source_types(
-        h.app.run_context(),
-        &id,
-        deadline(60),
-        Trigger::OnDemand,
-        Some(DataType::Phishing),
-    )
-    .await;
+    let second = run_once(&h, &id, Trigger::OnDemand, Some(DataType::Phishing)).await;
     assert!(second.detail.contains("phishing: polled"), "{second:?}");
     let pages: Vec<u32> = h.sim.reporting_requests()[asked..]
         .iter()
@@ -1176,11 +1034,7 @@ async fn a_bad_tests_page_past_the_first_ends_the_list_and_the_recipients_are_re
 /// event; asked again when it changes, or in a day) and the poll completes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_test_failing_run_after_run_is_read_last_then_set_aside() {
-    let h = harness(SimConfig {
-        events: 0,
-        ..SimConfig::default()
-    })
-    .await;
+    let h = phishing_harness().await;
     let failing = h.sim.add_phishing_test(5);
     let fine = h.sim.add_phishing_test(5);
     let id = h
@@ -1266,11 +1120,7 @@ async fn a_test_failing_run_after_run_is_read_last_then_set_aside() {
 /// poll completes. No run is stopped by one test's failure before the others are read.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_failing_tests_do_not_keep_a_third_from_being_read() {
-    let h = harness(SimConfig {
-        events: 0,
-        ..SimConfig::default()
-    })
-    .await;
+    let h = phishing_harness().await;
     let a = h.sim.add_phishing_test(3);
     let b = h.sim.add_phishing_test(3);
     let fine = h.sim.add_phishing_test(5);
@@ -1329,11 +1179,7 @@ async fn two_failing_tests_do_not_keep_a_third_from_being_read() {
 /// forwarded) and a health event says the rest of the list cannot be read this way.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_repeated_full_page_ends_the_walk_with_a_health_event() {
-    let h = harness(SimConfig {
-        events: 0,
-        ..SimConfig::default()
-    })
-    .await;
+    let h = phishing_harness().await;
     h.sim.set_reporting_reading(
         knowbe4_source::testkit::sim::ReportingReading::by_name("page-ignored").unwrap(),
     );
@@ -1343,14 +1189,7 @@ async fn a_repeated_full_page_ends_the_walk_with_a_health_event() {
         .create(middle_example(&h.sim.base_url()), Some("ignored".into()))
         .await
         .unwrap();
-    let report = collect_source_types(
-        h.app.run_context(),
-        &id,
-        deadline(60),
-        Trigger::Schedule,
-        None,
-    )
-    .await;
+    let report = run_once(&h, &id, Trigger::Schedule, None).await;
     assert!(report.detail.contains("phishing: polled"), "{report:?}");
     // The tests list (one test: a short page, then the same again) and the recipients'
     // first page, then that page again.
