@@ -113,6 +113,28 @@ pub struct RetryStreak {
     pub failures: u32,
 }
 
+impl RetryStreak {
+    /// Counts one more retryable failure of `kind` at `now` in `streak` (a new streak
+    /// with a retry window of `window_ms` when there is none); returns the streak's
+    /// deadline and whether it has passed.
+    pub fn count(
+        streak: &mut Option<RetryStreak>,
+        kind: HealthKind,
+        now: Millis,
+        window_ms: Millis,
+    ) -> (Millis, bool) {
+        let streak = streak.get_or_insert(RetryStreak {
+            kind,
+            first_failure: now,
+            deadline: now + window_ms,
+            failures: 0,
+        });
+        streak.kind = kind;
+        streak.failures += 1;
+        (streak.deadline, now >= streak.deadline)
+    }
+}
+
 /// Counters shown by `status`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RunCounters {
@@ -281,6 +303,29 @@ impl HealthEvent {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_retry_streak_counts_from_its_first_failure_until_its_deadline() {
+        let mut streak = None;
+        let kind = HealthKind::ThirdPartyGenericError;
+        assert_eq!(
+            RetryStreak::count(&mut streak, kind, 1_000, 500),
+            (1_500, false)
+        );
+        assert_eq!(
+            RetryStreak::count(&mut streak, HealthKind::FirstPartyGenericError, 1_499, 500),
+            (1_500, false)
+        );
+        assert_eq!(
+            RetryStreak::count(&mut streak, kind, 1_500, 500),
+            (1_500, true)
+        );
+        let streak = streak.unwrap();
+        assert_eq!(
+            (streak.failures, streak.first_failure, streak.kind),
+            (3, 1_000, kind)
+        );
+    }
 
     #[test]
     fn transitions_are_recorded_and_bounded() {

@@ -635,16 +635,8 @@ impl Run<'_> {
         let config_version = self.record.config_version;
         let state = self.state_mut();
         let (retry_at, retry_deadline) = if kind.retried() {
-            let streak = state.streak.get_or_insert(RetryStreak {
-                kind,
-                first_failure: now,
-                deadline: now + window_ms,
-                failures: 0,
-            });
-            streak.kind = kind;
-            streak.failures += 1;
-            let deadline = streak.deadline;
-            if now >= deadline {
+            let (deadline, passed) = RetryStreak::count(&mut state.streak, kind, now, window_ms);
+            if passed {
                 state.transition(Lifecycle::Error, now, format!("{} for longer than the retry window; collection stopped until restart or update.", kind.as_str()));
                 (None, Some(deadline))
             } else {

@@ -1290,16 +1290,8 @@ impl Run<'_> {
         let phishing_only = !self.record.spec.collect_events;
         let ps = self.phishing_mut();
         let (retry_at, retry_deadline, stopped) = if kind.retried() {
-            let streak = ps.streak.get_or_insert(RetryStreak {
-                kind,
-                first_failure: now,
-                deadline: now + window_ms,
-                failures: 0,
-            });
-            streak.kind = kind;
-            streak.failures += 1;
-            let deadline = streak.deadline;
-            if now >= deadline {
+            let (deadline, passed) = RetryStreak::count(&mut ps.streak, kind, now, window_ms);
+            if passed {
                 ps.stopped_config_version = Some(config_version);
                 (None, Some(deadline), true)
             } else {

@@ -316,28 +316,45 @@ impl DynamoStore {
     /// Every item of source `id` (all pages), optionally only those whose sort key
     /// starts with `prefix`.
     async fn query_partition(&self, id: &str, prefix: Option<&str>) -> Result<Vec<Item>> {
+        self.query_source(&self.table, id, prefix, false).await
+    }
+
+    /// Every item of source `id` in `table` (all pages of a consistent Query), only those
+    /// whose sort key starts with `prefix` when given; only their keys when `keys_only`.
+    async fn query_source(
+        &self,
+        table: &str,
+        id: &str,
+        prefix: Option<&str>,
+        keys_only: bool,
+    ) -> Result<Vec<Item>> {
         let mut items = Vec::new();
         let mut start: Option<Item> = None;
         loop {
             let mut query = self
                 .client
                 .query()
-                .table_name(&self.table)
+                .table_name(table)
                 .consistent_read(true)
                 .expression_attribute_names("#pk", PK)
                 .expression_attribute_values(":pk", s(source_pk(id)))
                 .set_exclusive_start_key(start.take());
+            if prefix.is_some() || keys_only {
+                query = query.expression_attribute_names("#sk", SK);
+            }
             query = match prefix {
                 Some(prefix) => query
                     .key_condition_expression("#pk = :pk AND begins_with(#sk, :prefix)")
-                    .expression_attribute_names("#sk", SK)
                     .expression_attribute_values(":prefix", s(prefix)),
                 None => query.key_condition_expression("#pk = :pk"),
             };
+            if keys_only {
+                query = query.projection_expression("#pk, #sk");
+            }
             let out = query
                 .send()
                 .await
-                .map_err(|e| Error::store(format!("DynamoDB Query on {id}"), e))?;
+                .map_err(|e| Error::store(format!("DynamoDB Query on {id} in {table}"), e))?;
             start = out.last_evaluated_key;
             items.extend(out.items.unwrap_or_default());
             if start.is_none() {
@@ -1071,9 +1088,14 @@ impl StateStore for DynamoStore {
 }
 
 impl DynamoStore {
-    /// The two checks that fence a digest write like `save_state`: the lease still held
-    /// and the source not deleted.
-    fn digest_fence(&self, id: &str, lease: &Lease) -> Result<[ConditionCheck; 2]> {
+    /// `writes` behind the two checks that fence a digest write like `save_state` (the
+    /// lease still held, the source not deleted): the items of one transaction.
+    fn digest_fence(
+        &self,
+        id: &str,
+        lease: &Lease,
+        writes: impl IntoIterator<Item = TransactWriteItem>,
+    ) -> Result<Vec<TransactWriteItem>> {
         let lease_held = ConditionCheck::builder()
             .table_name(&self.table)
             .set_key(Some(Self::key(id, SK_LEASE)))
@@ -1091,7 +1113,9 @@ impl DynamoStore {
             .expression_attribute_names("#pk", PK)
             .build()
             .map_err(|e| Error::store("building the source check", e))?;
-        Ok([lease_held, config_exists])
+        let checks = [lease_held, config_exists]
+            .map(|check| TransactWriteItem::builder().condition_check(check).build());
+        Ok(checks.into_iter().chain(writes).collect())
     }
 }
 

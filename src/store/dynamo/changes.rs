@@ -36,7 +36,6 @@ impl DynamoStore {
         lease: &Lease,
     ) -> Result<()> {
         crate::store::check_digest_shard_size(id, list, page, shard)?;
-        let [lease_held, config_exists] = self.digest_fence(id, lease)?;
         let mut item = Self::key(id, crate::store::digest_shard_key(list, page));
         item.insert(DIGESTS.into(), s(shard));
         let put = Put::builder()
@@ -44,19 +43,11 @@ impl DynamoStore {
             .set_item(Some(item))
             .build()
             .map_err(|e| Error::store("building the digest shard put", e))?;
+        let items =
+            self.digest_fence(id, lease, [TransactWriteItem::builder().put(put).build()])?;
         self.client
             .transact_write_items()
-            .transact_items(
-                TransactWriteItem::builder()
-                    .condition_check(lease_held)
-                    .build(),
-            )
-            .transact_items(
-                TransactWriteItem::builder()
-                    .condition_check(config_exists)
-                    .build(),
-            )
-            .transact_items(TransactWriteItem::builder().put(put).build())
+            .set_transact_items(Some(items))
             .send()
             .await
             .map_err(|e| {
@@ -86,32 +77,25 @@ impl DynamoStore {
         lease: &Lease,
     ) -> Result<()> {
         for chunk in pages.chunks(DELETES_PER_TRANSACTION) {
-            let [lease_held, config_exists] = self.digest_fence(id, lease)?;
-            let mut request = self
+            let deletes = chunk
+                .iter()
+                .map(|page| {
+                    Delete::builder()
+                        .table_name(&self.change_table)
+                        .set_key(Some(Self::key(
+                            id,
+                            crate::store::digest_shard_key(list, *page),
+                        )))
+                        .build()
+                        .map(|delete| TransactWriteItem::builder().delete(delete).build())
+                        .map_err(|e| Error::store("building the digest shard delete", e))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let items = self.digest_fence(id, lease, deletes)?;
+            let request = self
                 .client
                 .transact_write_items()
-                .transact_items(
-                    TransactWriteItem::builder()
-                        .condition_check(lease_held)
-                        .build(),
-                )
-                .transact_items(
-                    TransactWriteItem::builder()
-                        .condition_check(config_exists)
-                        .build(),
-                );
-            for page in chunk {
-                let delete = Delete::builder()
-                    .table_name(&self.change_table)
-                    .set_key(Some(Self::key(
-                        id,
-                        crate::store::digest_shard_key(list, *page),
-                    )))
-                    .build()
-                    .map_err(|e| Error::store("building the digest shard delete", e))?;
-                request =
-                    request.transact_items(TransactWriteItem::builder().delete(delete).build());
-            }
+                .set_transact_items(Some(items));
             request.send().await.map_err(|e| {
                 transaction_error(
                     format!(
@@ -137,7 +121,7 @@ impl DynamoStore {
     ) -> Result<Vec<(u32, String)>> {
         let prefix = crate::store::digest_list_prefix(list);
         let mut shards = self
-            .query_changes(id, Some(&prefix))
+            .query_source(&self.change_table, id, Some(&prefix), false)
             .await?
             .iter()
             .map(|item| {
@@ -169,7 +153,7 @@ impl DynamoStore {
     /// `create_source` before `CONFIG` exists (leftovers of an interrupted delete).
     pub(super) async fn purge_digests(&self, id: &str) -> Result<usize> {
         let keys: Vec<Item> = self
-            .query_changes(id, None)
+            .query_source(&self.change_table, id, None, true)
             .await?
             .into_iter()
             .map(|item| {
@@ -181,43 +165,5 @@ impl DynamoStore {
         let count = keys.len();
         self.batch_delete(&self.change_table, id, keys).await?;
         Ok(count)
-    }
-
-    /// The items of source `id` in the change table (all pages of the Query), only those
-    /// whose sort key starts with `prefix` when given; keys only when `prefix` is `None`
-    /// (the purge needs nothing else).
-    async fn query_changes(&self, id: &str, prefix: Option<&str>) -> Result<Vec<Item>> {
-        let mut items = Vec::new();
-        let mut start: Option<Item> = None;
-        loop {
-            let mut query = self
-                .client
-                .query()
-                .table_name(&self.change_table)
-                .consistent_read(true)
-                .expression_attribute_names("#pk", PK)
-                .expression_attribute_names("#sk", SK)
-                .expression_attribute_values(":pk", s(super::source_pk(id)))
-                .set_exclusive_start_key(start.take());
-            query = match prefix {
-                Some(prefix) => query
-                    .key_condition_expression("#pk = :pk AND begins_with(#sk, :prefix)")
-                    .expression_attribute_values(":prefix", s(prefix)),
-                None => query
-                    .key_condition_expression("#pk = :pk")
-                    .projection_expression("#pk, #sk"),
-            };
-            let out = query.send().await.map_err(|e| {
-                Error::store(
-                    format!("DynamoDB Query on {id} in {}", self.change_table),
-                    e,
-                )
-            })?;
-            start = out.last_evaluated_key;
-            items.extend(out.items.unwrap_or_default());
-            if start.is_none() {
-                return Ok(items);
-            }
-        }
     }
 }
