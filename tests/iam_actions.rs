@@ -414,7 +414,16 @@ fn the_change_table_is_granted_exactly_what_its_code_calls() {
             .into_iter()
             .rev()
             .collect();
-        if !changes[..at].ends_with(&format!("self.{name}")) {
+        // `self.helper(` possibly split over lines by rustfmt (`self\n    .helper(`).
+        let from = (0..=at.saturating_sub(200))
+            .rev()
+            .find(|i| changes.is_char_boundary(*i))
+            .unwrap_or(0);
+        let before: String = changes[from..at]
+            .chars()
+            .filter(|c| !c.is_whitespace())
+            .collect();
+        if !before.ends_with(&format!("self.{name}")) {
             // An SDK builder's argument (`.table_name(&self.change_table)`).
             continue;
         }
